@@ -1,0 +1,218 @@
+"""The verbs over a model: inject, set_adapter, merge, delete_adapter, remove, disable_adapters.
+
+Every verb checks everything first and changes the model only once nothing can fail any more: an error leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lora.layers import AdapterBranch, AdapterConfig, AdapterLayer, dense_weight, is_quantized, merged_base_layer
+from lightning_lora.targets import find_targets
+
+_REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapted layer of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were added."""
+    names: dict[str, None] = {}
+    for layer in adapter_layers(model).values():
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> dict[str, float]:
+    for layer in adapter_layers(model).values():
+        return dict(layer.active)
+    return {}
+
+
+def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[tuple[str, AdapterBranch]]:
+    """The branches ``inject`` would add, one per target layer, built but not yet attached."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(config).__name__}.")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}.")
+    if name in adapter_names(model):
+        raise ValueError(
+            f"an adapter named {name!r} is already on the model; choose another name or delete_adapter(model, {name!r})."
+        )
+    targets = find_targets(model, config.target_modules, config.exclude_modules, config.supports, config.method)
+    modules = dict(model.named_modules())
+    bases = [modules[t].base_layer if isinstance(modules[t], AdapterLayer) else modules[t] for t in targets]
+    shared = config.shared_state(bases)
+    return [(t, config.build(base, shared)) for t, base in zip(targets, bases)]
+
+
+def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -> nn.Module:
+    """Attach planned branches under ``name``; freeze everything else. The first adapter on a model becomes active."""
+    if not hasattr(model, _REQUIRES_GRAD):
+        setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
+    first = not adapter_names(model)
+    model.requires_grad_(False)
+    for target, branch in plan:
+        layer = model.get_submodule(target)
+        if not isinstance(layer, AdapterLayer):
+            layer = AdapterLayer(layer)
+            _set_submodule(model, target, layer)
+        layer.adapters[name] = branch
+    set_adapter(model, name if first else active_adapters(model))
+    return model
+
+
+def inject(model: nn.Module, adapter: AdapterConfig, name: str = "default") -> nn.Module:
+    """Wrap every layer ``adapter.target_modules`` selects with an adapter called ``name``; freeze the rest.
+
+    The model's output is unchanged right after injection. The first adapter injected becomes active; later ones
+    are added inactive (``set_adapter`` picks). Returns ``model`` (changed in place).
+
+    Raises:
+        ValueError: no layer matches, a matched layer cannot be adapted, or ``name`` is taken.
+    """
+    return attach(model, plan_injection(model, adapter, name), name)
+
+
+def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float]) -> nn.Module:
+    """Make ``adapters`` the active ones: a name, a list of names, or ``{name: weight}`` for base + sum w_a dW_a.
+
+    Only active adapters train (``requires_grad``); no base weight changes, so swapping is cheap.
+    """
+    weights = {adapters: 1.0} if isinstance(adapters, str) else dict(adapters) if isinstance(adapters, Mapping) else dict.fromkeys(adapters, 1.0)
+    layers = adapter_layers(model)
+    known = adapter_names(model)
+    unknown = [n for n in weights if n not in known]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown} on the model; it has {known}.")
+    for layer in layers.values():
+        for n, w in weights.items():
+            if n in layer.adapters and w != 1.0 and not layer.adapters[n].additive:
+                raise ValueError(f"adapter {n!r} ({layer.adapters[n].config.method}) cannot be weighted; use weight 1.")
+    for layer in layers.values():
+        layer.active = dict(weights)
+        for n, branch in layer.adapters.items():
+            branch.requires_grad_(n in weights)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name``; layers left without adapters get their plain base layer back."""
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}.")
+    for target, layer in adapter_layers(model).items():
+        if name in layer.adapters:
+            del layer.adapters[name]
+            layer.active.pop(name, None)
+            if not len(layer.adapters):
+                _set_submodule(model, target, layer.base_layer)
+    _restore_requires_grad(model)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Drop every adapter and put the original layers back, bit for bit, with their original ``requires_grad``."""
+    for target, layer in adapter_layers(model).items():
+        _set_submodule(model, target, layer.base_layer)
+    _restore_requires_grad(model)
+    return model
+
+
+def merge(
+    model: nn.Module, base_weights: Mapping[str, Tensor] | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Fold the active adapters into their base weights and put plain layers back: W' = W + sum_a w_a dW_a (DoRA:
+    its merged weight). Inactive adapters are dropped.
+
+    Args:
+        base_weights: high-precision base weights by adapted-layer name, (out, in), for quantized bases (QLoRA):
+            merging against them avoids the NF4 rounding. Without them a quantized base is dequantized, with a warning.
+        dtype: dtype of layers rebuilt from a quantized base (default: that of the merged weight).
+
+    Raises:
+        ValueError: no adapters, or a merged weight would hold NaN/inf; the model is then left unchanged.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
+    merged: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for target, layer in layers.items():
+            weight = _original_weight(target, layer.base_layer, base_weights)
+            for name, scale in layer.active.items():
+                if name in layer.adapters:
+                    weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
+            if not torch.isfinite(weight).all():
+                raise ValueError(
+                    f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
+                    f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
+                )
+            merged[target] = weight
+    for target, weight in merged.items():
+        _set_submodule(model, target, merged_base_layer(layers[target].base_layer, weight, dtype))
+    _restore_requires_grad(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base outputs exactly, as if no adapter were there."""
+    layers = list(adapter_layers(model).values())
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.enabled = enabled
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """Adapter tensors of ``model`` (all adapters, or only ``name``) under their names in ``model.state_dict()``."""
+    out = {}
+    for target, layer in adapter_layers(model).items():
+        for adapter, branch in layer.adapters.items():
+            if name is None or adapter == name:
+                prefix = f"{target}.adapters.{adapter}." if target else f"adapters.{adapter}."
+                out.update({prefix + k: v for k, v in branch.state_dict().items()})
+    return out
+
+
+def _original_weight(target: str, base: nn.Module, base_weights: Mapping[str, Tensor] | None) -> Tensor:
+    current = dense_weight(base)
+    if base_weights is not None and target in base_weights:
+        given = base_weights[target]
+        if tuple(given.shape) != tuple(current.shape):
+            raise ValueError(f"merge: base weight for {target!r} has shape {tuple(given.shape)}, expected {tuple(current.shape)}.")
+        return given.to(current.device)
+    if is_quantized(base):
+        warnings.warn(
+            f"merge: {target!r} is quantized and no high-precision weight was given; merging into the dequantized "
+            "NF4 weight keeps its rounding error (pass base_weights=... to avoid it).",
+            stacklevel=3,
+        )
+    return current.detach().clone()
+
+
+def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
+    if adapter_layers(model) or not hasattr(model, _REQUIRES_GRAD):
+        return
+    flags = getattr(model, _REQUIRES_GRAD)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+    delattr(model, _REQUIRES_GRAD)

@@ -1,0 +1,66 @@
+"""LoRA+ optimizer parameter groups (Hayou et al. 2024, arXiv:2402.12354, section 4).
+
+LoRA+ trains B with a learning rate ``lr_ratio`` times A's (the paper shows lr_B / lr_A >> 1 is needed for efficient
+feature learning at large width; PEFT's docs suggest 16, the authors' README 20). Where each tensor goes:
+
+| tensor | group | lr | weight decay |
+|---|---|---|---|
+| LoRA/DoRA ``lora_A`` (linear) | ``lora_A`` | lr | weight_decay |
+| LoRA/DoRA ``lora_B`` (linear) | ``lora_B`` | lr * lr_ratio | weight_decay |
+| embedding adapters (``lora_A``, ``lora_B`` on ``nn.Embedding``) | ``embedding`` | ``embedding_lr`` (default lr) | weight_decay |
+| 1-D tensors (DoRA magnitudes, VeRA lambda_d / lambda_b) | ``vectors`` | lr | 0 |
+| any other trainable parameter (e.g. a head the user unfroze) | ``other`` | lr | weight_decay |
+
+1-D vectors get A's rate, not B's: they are scales, not the "output side" of a low-rank product, and giving DoRA
+magnitudes B's rate (as PEFT's helper does) makes them move ``lr_ratio`` times faster than the paper intends.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_lora.lora import LoRABranch
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    lr_ratio: float = 16.0,
+    weight_decay: float = 0.0,
+    embedding_lr: float | None = None,
+) -> list[dict]:
+    """Named optimizer groups for LoRA+ (see the module docstring); empty groups are left out.
+
+    Example::
+
+        torch.optim.AdamW(param_groups(model, lr=2e-4, lr_ratio=16))
+    """
+    if not lr > 0:
+        raise ValueError(f"param_groups: lr must be > 0, got {lr}.")
+    if not lr_ratio > 0:
+        raise ValueError(f"param_groups: lr_ratio must be > 0 (LoRA+ uses 16 to 20; 1 is plain LoRA), got {lr_ratio}.")
+    if embedding_lr is not None and not embedding_lr > 0:
+        raise ValueError(f"param_groups: embedding_lr must be > 0 or None, got {embedding_lr}.")
+    role: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, LoRABranch):
+            kind = "embedding" if module.embedding else None
+            role[id(module.lora_A)] = kind or "lora_A"
+            role[id(module.lora_B)] = kind or "lora_B"
+    settings = {
+        "lora_A": (lr, weight_decay),
+        "lora_B": (lr * lr_ratio, weight_decay),
+        "embedding": (embedding_lr or lr, weight_decay),
+        "vectors": (lr, 0.0),
+        "other": (lr, weight_decay),
+    }
+    grouped: dict[str, list] = {name: [] for name in settings}
+    for param in model.parameters():
+        if param.requires_grad:
+            name = role.get(id(param)) or ("vectors" if param.ndim == 1 else "other")
+            grouped[name].append(param)
+    return [
+        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name, params in grouped.items()
+        if params
+    ]

@@ -1,0 +1,123 @@
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al. 2024, arXiv:2310.11454, section 3).
+
+One pair of frozen random matrices A (r, max_in) and B (max_out, r) is shared by every adapted layer; each layer
+uses the top-left slices A_s (r, in), B_s (out, r) and trains only two vectors:
+
+    y = W x + lambda_b * (B_s (lambda_d * (A_s dropout(x)))),   lambda_d (r,) = d_initial, lambda_b (out,) = 0
+
+A and B are drawn exactly as PEFT draws them (Kaiming-uniform with gain sqrt(2), fan-in mode, from
+``torch.Generator("cpu").manual_seed(seed)``, A first, fp32), so they can be regenerated from the seed instead of saved
+and files interoperate with PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_lora.layers import AdapterBranch, AdapterConfig, in_out_features
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])  # fan_in = shape[1]
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class Projections:
+    """The shared frozen A and B of one VeRA adapter: one copy per device/dtype, never a module buffer per layer."""
+
+    def __init__(self, A: Tensor, B: Tensor):
+        self.A, self.B = A, B
+        self._copies: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def generate(cls, seed: int, r: int, max_in: int, max_out: int) -> Projections:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        A = _kaiming_uniform((r, max_in), generator)
+        B = _kaiming_uniform((max_out, r), generator)
+        return cls(A, B)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (device, dtype)
+        if key not in self._copies:
+            self._copies[key] = (self.A.to(device, dtype), self.B.to(device, dtype))
+        return self._copies[key]
+
+
+@dataclasses.dataclass
+class VeRA(AdapterConfig):
+    """VeRA adapter config. ``save_projection`` also writes A and B into adapter files (PEFT's default)."""
+
+    r: int = 256
+    d_initial: float = 0.1
+    seed: int = 0
+    save_projection: bool = False
+
+    method: ClassVar[str] = "VeRA"
+    supports: ClassVar[tuple] = (nn.Linear, Conv1D)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_rank(self.r)
+
+    def shared_state(self, layers: list[nn.Module]) -> Projections:
+        dims = [in_out_features(layer) for layer in layers]
+        return Projections.generate(self.seed, self.r, max(d[0] for d in dims), max(d[1] for d in dims))
+
+    def build(self, base_layer: nn.Module, shared: Projections) -> VeRABranch:
+        return VeRABranch(self, base_layer, shared)
+
+    def to_peft(self, targets: list[str]) -> dict:
+        return {
+            "peft_type": "VERA",
+            "r": self.r,
+            "target_modules": targets,
+            "projection_prng_key": self.seed,
+            "save_projection": self.save_projection,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "init_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "task_type": None,
+        }
+
+
+class VeRABranch(AdapterBranch):
+    """VeRA on one layer: trained ``lambda_d`` (r,) and ``lambda_b`` (out,), shared frozen projections."""
+
+    def __init__(self, config: VeRA, base_layer: nn.Module, projections: Projections):
+        super().__init__(config)
+        self.n_in, self.n_out = in_out_features(base_layer)
+        self.projections = projections
+        device = base_layer.weight.device
+        self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), device=device))
+        self.lambda_b = nn.Parameter(torch.zeros(self.n_out, device=device))
+        self.p = config.dropout
+
+    def sliced(self) -> tuple[Tensor, Tensor]:
+        A, B = self.projections.on(self.lambda_d.device, self.lambda_d.dtype)
+        return A[:, : self.n_in], B[: self.n_out, :]
+
+    def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
+        A, B = self.sliced()
+        x = x.to(self.lambda_d.dtype)
+        if self.training and self.p > 0:
+            x = nn.functional.dropout(x, self.p)
+        h = (x @ A.t()) * self.lambda_d
+        delta = (h @ B.t()) * (self.lambda_b * weight)
+        return base_out + delta.to(base_out.dtype)
+
+    def delta_weight(self, base_layer: nn.Module) -> Tensor:
+        A, B = self.sliced()
+        return (self.lambda_b[:, None] * B) @ (self.lambda_d[:, None] * A)
+
+    def peft_tensors(self) -> dict[str, Tensor]:
+        return {"vera_lambda_b": self.lambda_b, "vera_lambda_d": self.lambda_d}
