@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_lora.dora import DoRA
 from lightning_lora.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -39,8 +40,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if isinstance(first, VeRABranch) and config.save_projection:
         tensors["base_model.vera_A"] = first.projections.A
         tensors["base_model.vera_B"] = first.projections.B
+    peft_config = config.to_peft(sorted(branches))
+    layers = adapter_layers(model)
+    peft_config["fan_in_fan_out"] = any(isinstance(layers[t].base_layer, Conv1D) for t in branches)  # GPT-2
     with atomic_dir(path) as tmp:
-        write_json(config.to_peft(sorted(branches)), tmp / CONFIG_FILE)
+        write_json(peft_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
     return Path(path)
 
@@ -103,6 +107,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config = config_from_peft(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
     projections = {k: tensors.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in tensors}
+    _drop_saved_embeddings(model, tensors, weights_path)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer, suffix = _split_key(key, weights_path)
@@ -136,6 +141,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             for suffix, param in branch.peft_tensors().items():
                 param.copy_(by_layer[target][suffix])
     return attach(model, plan, name)
+
+
+def _drop_saved_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """PEFT also saves the full weight of adapted embeddings (``...embed_tokens.base_layer.weight``). They are
+    accepted when equal to the model's own; different ones (a resized vocabulary) are refused, not loaded silently."""
+    state = model.state_dict()
+    for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
+        name = key[len(PREFIX) : -len(".base_layer.weight")] + ".weight"
+        name = name if name in state else name.replace(".weight", ".base_layer.weight")
+        if name not in state or not torch.equal(state[name].to(tensors[key].dtype), tensors[key]):
+            raise ValueError(
+                f"{source}: {key} carries base weights that differ from this model's (a resized vocabulary?); "
+                "lightning_lora loads adapters only. Load that base model first."
+            )
+        del tensors[key]
 
 
 def _use_saved_projections(plan, projections: dict[str, torch.Tensor], source: Path) -> None:
