@@ -1,0 +1,291 @@
+"""``python -m lightning_lora estimate``: will a fine-tune fit? Memory of an adapter fine-tune from architecture numbers.
+
+Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
+``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real LoRA/DoRA/VeRA branches on it,
+so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
+
+- weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
+  selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
+  double quantization (QLoRA, arXiv:2305.14314, section 3), 8-bit absmax + one fp32 per 256 blocks
+  (4 + 8/64 + 32/(64*256) = 4.127 bits/param). Embeddings, norms and lm_head stay at ``--dtype``.
+- adapters, gradients: trainable parameters at ``--adapter-dtype`` (default ``--dtype``, as the QLoRA reference code
+  casts its LoRA modules to bf16); VeRA adds its shared frozen projections (r x max_in + max_out x r).
+- optimizer: torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x adapter bytes per param, plus a
+  4-byte step per tensor); bitsandbytes AdamW8bit 2 bytes + fp32 absmax per 256-block per state; SGD (no momentum) 0.
+- activations, per decoder layer and token, for a Llama block with SDPA/flash attention (no s^2 score matrix; eager
+  attention would add 4 x heads x seq bytes per token), a = activation bytes (``--dtype``), counting the tensors
+  autograd keeps for backward (the approach of Korthikanti et al., arXiv:2205.05198, section 4, redone for Llama):
+
+      8h                  two RMSNorms keep their fp32 input (HF upcasts)
+    + a (2h)              the two normalized tensors (before the weight multiply)
+    + a (h + h + 2 kv)    q/k/v input, q and k after RoPE, v (kv = kv_heads x head_dim)
+    + a (2h) + 4 heads    attention output (SDPA's and the o_proj input copy) + fp32 logsumexp
+    + a (h + 4m)          gate/up input; gate, silu(gate), up, product (m = intermediate size)
+    + per adapted linear  LoRA: a r; DoRA: a (r + out); VeRA: a (2r + out); an adapter dtype other than ``--dtype``
+                          adds the input cast to it (in x adapter bytes)
+
+  i.e. 8h + a (7h + 2kv + 4m) + 4 heads, ~414 kB per token per layer for Llama-2-70B in bf16. Without checkpointing
+  all L layers are kept; with gradient checkpointing (every decoder layer) only each layer's input (a h per token)
+  plus one layer recomputed in backward. Always added: the final norm (8h + 2a h) and the logits, batch x seq x
+  vocab, at ``--dtype``, plus an fp32 copy for the loss and its fp32 log-softmax/gradient (a + 8 bytes, 8 in fp32).
+  Assumed: no dropout (a mask would add 1 byte per adapted input), frozen linears' inputs kept (upper bound).
+- overhead: a fixed 0.5 GB for the CUDA context, cuBLAS workspace and allocator slack (``--overhead-gb``); the
+  context alone is ~0.3-0.5 GB on recent GPUs with lazy module loading. Fragmentation beyond that is not modelled.
+
+It fits when the total is at most ``--gpu-memory`` GB (1e9 bytes; note a "48 GB" card holds 48 GiB = 51.5 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_lora.inject import adapter_layers, inject, remove
+from lightning_lora.layers import in_out_features
+from lightning_lora.targets import find_targets
+
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
+              tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+_L2 = dict(_LLAMA, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0)
+_L3 = dict(_LLAMA, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+PRESETS: dict[str, dict] = {  # values from the models' published config.json files
+    "llama-2-7b": dict(_L2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32),
+    "llama-2-13b": dict(_L2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40),
+    "llama-2-70b": dict(_L2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8),
+    "llama-3-8b": dict(_L3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8),
+    "llama-3-70b": dict(_L3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8),
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ADAPTERS = ("lora", "dora", "vera")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+GB, GIB = 10**9, 2**30
+
+
+def model_config(model: str):
+    """A transformers config from a preset name/alias, a ``config.json`` path or a local model folder."""
+    from transformers import AutoConfig
+
+    key = ALIASES.get(model.lower(), model.lower())
+    if key in PRESETS:
+        fields = dict(PRESETS[key])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file():
+        fields = json.loads(path.read_text())
+        if "model_type" not in fields:
+            raise ValueError(f"{path} has no 'model_type'; it is not a transformers config.json.")
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    raise ValueError(
+        f"unknown model {model!r}: not a preset and not a config.json or a folder holding one. "
+        f"Presets: {', '.join(sorted([*PRESETS, *ALIASES]))}."
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_model(config_json: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(config_json)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def adapter_config(adapter: str, r: int, target_modules):
+    from lightning_lora import DoRA, LoRA, VeRA
+
+    if adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}.")
+    return {"lora": LoRA, "dora": DoRA, "vera": VeRA}[adapter](r=r, target_modules=target_modules)
+
+
+def count(config, adapter) -> dict:
+    """Exact counts on a meta-device model with ``adapter`` injected (then removed again)."""
+    model = _meta_model(config.to_json_string(use_diff=False))
+    base = sum(p.numel() for p in model.parameters())
+    linears = find_targets(model, "all-linear", None)
+    quantizable = [model.get_submodule(n).weight.numel() for n in linears]
+    inject(model, adapter)
+    try:
+        layers = adapter_layers(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        tensors = sum(1 for p in model.parameters() if p.requires_grad)
+        shapes = {n: in_out_features(m.base_layer) for n, m in layers.items()}
+        frozen = 0
+        if adapter.method == "VeRA":
+            proj = next(iter(layers.values())).adapters["default"].projections
+            frozen = proj.A.numel() + proj.B.numel()
+    finally:
+        remove(model)
+    return dict(base=base, trainable=trainable, tensors=tensors, quantizable=quantizable, shapes=shapes, frozen=frozen)
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
+    """Bytes of one NF4 tensor: packed 4-bit data + absmax per block (fp32, or 8-bit + fp32 per 256 blocks)."""
+    blocks = math.ceil(numel / blocksize)
+    absmax = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + absmax
+
+
+def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq: int, a: int, adapter_b: int,
+                     checkpointing: bool) -> int:
+    """Peak activation bytes kept for backward (formula in the module docstring)."""
+    h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
+    kv = getattr(config, "head_dim", None) or h // heads
+    kv *= getattr(config, "num_key_value_heads", None) or heads
+    per_layer = [8 * h + a * (7 * h + 2 * kv + 4 * m) + 4 * heads] * L
+    for name, (n_in, n_out) in shapes.items():
+        found = re.search(r"\.layers\.(\d+)\.", "." + name)
+        extra = {"LoRA": a * r, "DoRA": a * (r + n_out), "VeRA": a * (2 * r + n_out)}[method]
+        if adapter_b != a and method != "VeRA":
+            extra += adapter_b * n_in
+        if found:
+            per_layer[int(found.group(1))] += extra
+    tokens = batch * seq
+    layers = L * a * h + max(per_layer) if checkpointing else sum(per_layer)
+    head = 8 * h + 2 * a * h + config.vocab_size * (8 if a == 4 else a + 8)
+    return tokens * (layers + head)
+
+
+def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, target_modules="all-linear",
+             quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
+             gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
+             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5) -> dict:
+    """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r (the rank) must be a positive integer, got {r!r}.")
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"batch size and sequence length must be positive, got {batch_size} x {seq_len}.")
+    adapter_dtype = adapter_dtype or dtype
+    for d in (dtype, adapter_dtype):
+        if d not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPE_BYTES)}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    if quantize not in (None, "none", "nf4"):
+        raise ValueError(f"unknown quantization {quantize!r}; use nf4 (or leave it out).")
+    quantize = None if quantize == "none" else quantize
+    config, cfg = model_config(model), adapter_config(adapter, r, target_modules)
+    c = count(config, cfg)
+    a, ab = DTYPE_BYTES[dtype], DTYPE_BYTES[adapter_dtype]
+    quantized = sum(c["quantizable"]) if quantize else 0
+    weights = (c["base"] - quantized) * a + sum(nf4_bytes(n, double_quant) for n in c["quantizable"] if quantize)
+    adapters = (c["trainable"] + c["frozen"]) * ab
+    states = {"adamw": 2 * c["trainable"] * ab + 4 * c["tensors"],
+              "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
+    act = {ckpt: activation_bytes(config, c["shapes"], cfg.method, r, batch_size, seq_len, a, ab, ckpt)
+           for ckpt in (False, True)}
+    kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
+                 optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
+                 overhead_bytes=int(overhead_gb * GB))
+    total = sum(kinds.values())
+    naive = 2 * config.hidden_size * r * len(c["shapes"])
+    kinds_shapes = {}
+    for name, (n_in, n_out) in c["shapes"].items():
+        kinds_shapes.setdefault(f"{n_in}x{n_out}", []).append(name.rsplit(".", 1)[-1])
+    notes = []
+    if cfg.method != "VeRA" and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
+        shapes = ", ".join(f"{','.join(dict.fromkeys(v))} {k}" for k, v in kinds_shapes.items())
+        notes.append(
+            f"Why not {naive:,}? That popular figure ({len(c['shapes'])} matrices x 2 x {config.hidden_size} x {r}) "
+            f"treats every adapted matrix as {config.hidden_size} x {config.hidden_size}; the real (in x out) shapes "
+            f"are {shapes}, and a rank-r adapter on in x out has r (in + out) parameters: {c['trainable']:,} here."
+        )
+    return dict(
+        model=model, adapter=adapter, r=r, target_modules=target_modules, quantize=quantize,
+        double_quant=bool(quantize) and double_quant, dtype=dtype, adapter_dtype=adapter_dtype, optimizer=optimizer,
+        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+        base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
+        quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
+        activation_bytes_checkpointing=act[True], total_bytes=total,
+        gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),
+        fits=None if gpu_memory is None else total <= gpu_memory * GB, notes=notes,
+    )
+
+
+def render(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    quant = "bf16/fp16/fp32" if not res["quantize"] else "NF4 + double quant" if res["double_quant"] else "NF4"
+    console = Console(width=max(Console().width, 110))
+    console.print(f"[bold]{res['model']}[/bold]: {res['base_params']:,} base parameters; {res['adapter']} r={res['r']} "
+                  f"on {res['adapted_layers']} layers: {res['trainable_params']:,} trainable "
+                  f"({100 * res['trainable_params'] / res['base_params']:.3f}%)")
+    table = Table(title=f"memory, batch {res['batch_size']} x {res['seq_len']} tokens")
+    for col in ("kind", "bytes", "GB (1e9)", "GiB (2^30)", "note"):
+        table.add_column(col, justify="left" if col in ("kind", "note") else "right")
+    ckpt = res["gradient_checkpointing"]
+    other = res["activation_bytes_no_checkpointing" if ckpt else "activation_bytes_checkpointing"]
+    linear = f"linears {quant}, rest {res['dtype']}" if res["quantize"] else res["dtype"]
+    rows = [
+        ("base weights", res["weights_bytes"], linear),
+        ("adapters", res["adapter_bytes"], res["adapter_dtype"]),
+        ("gradients", res["gradient_bytes"], f"adapters only, {res['adapter_dtype']}"),
+        ("optimizer state", res["optimizer_bytes"], res["optimizer"]),
+        ("activations", res["activation_bytes"],
+         f"{'with' if ckpt else 'no'} checkpointing ({'without' if ckpt else 'with'}: {other / GB:.2f} GB)"),
+        ("CUDA/framework overhead", res["overhead_bytes"], "context, workspace, allocator slack"),
+    ]
+    for name, n, note in rows:
+        table.add_row(name, f"{n:,}", f"{n / GB:.2f}", f"{n / GIB:.2f}", note)
+    total = res["total_bytes"]
+    table.add_row("total", f"{total:,}", f"{total / GB:.2f}", f"{total / GIB:.2f}", "", style="bold")
+    console.print(table)
+    if res["fits"] is not None:
+        word = "[green]fits[/green]" if res["fits"] else "[red]does not fit[/red]"
+        console.print(f"{word} in {res['gpu_memory_bytes'] / GB:g} GB ({res['gpu_memory_bytes'] / GIB:.2f} GiB): "
+                      f"headroom {(res['gpu_memory_bytes'] - total) / GB:+.2f} GB")
+    for note in res["notes"]:
+        console.print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = argv[1:] if argv[:1] == ["estimate"] else argv
+    p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
+    p.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    p.add_argument("--r", type=int, default=64, help="rank (> 0)")
+    p.add_argument("--target-modules", nargs="+", default=["all-linear"], help='names, globs, regexes or "all-linear"')
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GPU memory in GB (1e9 bytes)")
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="base weights and activations")
+    p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--overhead-gb", type=float, default=0.5)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    if args.r <= 0:
+        p.error(f"--r must be a positive integer (the LoRA rank), got {args.r}.")
+    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    try:
+        res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
+                       args.seq_len, args.gradient_checkpointing, args.gpu_memory, args.dtype, args.adapter_dtype,
+                       args.optimizer, args.overhead_gb)
+    except ValueError as err:
+        p.error(str(err))
+    print(json.dumps(res)) if args.json else render(res)
