@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_lora.dora import DoRA
 from lightning_lora.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from lightning_lora.inject import adapter_layers, adapter_names, attach, plan_injection
+from lightning_lora.inject import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
 from lightning_lora.vera import VeRA, VeRABranch
@@ -47,6 +47,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         write_json(peft_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
     return Path(path)
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write every adapter of ``model`` as PEFT's ``save_pretrained`` lays several out: adapter ``"default"`` at the
+    root of ``path``, each other one in the subfolder ``path/<name>`` (atomically, as one folder). PEFT reads it with
+    ``PeftModel.from_pretrained(base, path)`` and ``.load_adapter(path/<name>, adapter_name=<name>)``."""
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("save_adapters: the model has no adapters (inject or load_adapter first).")
+    bad = [n for n in names if n != "default" and (n != Path(n).name or n in (CONFIG_FILE, WEIGHTS_FILE))]
+    if bad:
+        raise ValueError(f"save_adapters: adapter names {bad} cannot be folder names; rename them before saving.")
+    with atomic_dir(path) as tmp:
+        for name in sorted(names, key=lambda n: n != "default"):  # the root first: save_adapter replaces its folder
+            save_adapter(model, tmp if name == "default" else tmp / name, name)
+    return Path(path)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load every adapter of a folder written by ``save_adapters`` (or PEFT): the root as ``"default"`` if it holds
+    one, each subfolder holding an adapter under the subfolder's name. On any error the adapters loaded so far are
+    deleted again, so the model is left as it was. Returns the names loaded."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist.")
+    folders = {"default": path} if (path / CONFIG_FILE).exists() else {}
+    folders.update({sub.name: sub for sub in sorted(path.iterdir()) if (sub / CONFIG_FILE).exists()})
+    if not folders:
+        raise ValueError(f"{path} holds no adapter ({CONFIG_FILE} at the root or in a subfolder).")
+    loaded: list[str] = []
+    try:
+        for name, folder in folders.items():
+            load_adapter(model, folder, name)
+            loaded.append(name)
+    except Exception:
+        for name in reversed(loaded):
+            delete_adapter(model, name)
+        raise
+    return loaded
 
 
 def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> AdapterConfig:
