@@ -1,0 +1,194 @@
+"""Composing adapters: fold a weighted set into one new LoRA, and run each sample of a batch with its own adapter.
+
+Every additive branch here factors as a product: LoRA ``dW = s B A``, VeRA ``dW = (lambda_b * B_s)(lambda_d * A_s)``
+(Hu et al. 2021, arXiv:2106.09685; Kopiczko et al. 2024, arXiv:2310.11454). A weighted sum of them is therefore
+
+    sum_i w_i dW_i = [w_1 s_1 B_1, ..., w_n s_n B_n] [A_1; ...; A_n]  =  B_cat A_cat      (rank R = sum_i r_i)
+
+``combine(..., method="cat")`` stores exactly that as a plain LoRA with ``alpha = R`` (so ``s = 1``): the weights and
+each adapter's own scaling go into B, nothing is rescaled afterwards. That is also why rsLoRA inputs are handled
+correctly (PEFT's ``add_weighted_adapter`` re-applies the new rank's rsLoRA scale and over-scales by sqrt(rank)).
+VeRA adapters combine exactly too, whatever their seeds, because the result holds explicit A and B (it is a LoRA, not
+a VeRA). ``method="svd"`` keeps the best rank-k approximation of ``B_cat A_cat`` per layer (Eckart-Young), computed
+from the factors via two thin QRs and an SVD of the R x R core, never an SVD of the dense (out x in) matrix.
+
+DoRA cannot be combined: its output rescales W + s B A row-wise by a learned magnitude, which is not additive, so
+no weighted sum of DoRA adapters is a DoRA or a LoRA (PEFT's weighted combination is wrong for DoRA). ``combine``
+raises instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lora.inject import adapter_layers, adapter_names, attach
+from lightning_lora.layers import AdapterBranch, AdapterLayer
+from lightning_lora.lora import LoRA, LoRABranch
+from lightning_lora.vera import VeRABranch
+
+log = logging.getLogger(__name__)
+
+
+def factors(branch: AdapterBranch) -> tuple[Tensor, Tensor]:
+    """(B', A') with ``B' @ A' == dW`` in LoRA's parameter orientation ((out, in); (dim, vocab) for an embedding).
+
+    Raises:
+        ValueError: the branch is not additive (DoRA) or of a kind this module does not know.
+    """
+    if not branch.additive:
+        raise ValueError(
+            f"{branch.config.method} adapters cannot be combined: the magnitude rescales W + s B A row by row, so a "
+            "weighted sum is not a low-rank update. Merge it alone (lightning_lora.merge) or combine LoRA/VeRA adapters."
+        )
+    if isinstance(branch, LoRABranch):
+        return branch.lora_B * branch.scale, branch.lora_A
+    if isinstance(branch, VeRABranch):
+        A, B = branch.sliced()
+        return branch.lambda_b[:, None] * B, branch.lambda_d[:, None] * A
+    raise ValueError(f"combine: adapters of kind {type(branch).__name__} are not supported (LoRA, rsLoRA, VeRA are).")
+
+
+def combine(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    name: str,
+    method: str = "cat",
+    rank: int | None = None,
+) -> float | None:
+    """Add a new LoRA adapter ``name`` equal to ``sum_a weights[a] * dW_a`` (see module docstring). It is added
+    inactive; ``set_adapter(model, name)`` uses it and ``save_adapter`` writes it in PEFT's format.
+
+    Args:
+        weights: ``{adapter name: weight}``; weights may be negative (task arithmetic).
+        method: ``"cat"`` (exact, rank = sum of the ranks) or ``"svd"`` (rank ``rank`` per layer, approximate).
+        rank: only for ``"svd"``; default: the largest rank among the inputs.
+
+    Returns:
+        ``None`` for ``"cat"``; for ``"svd"`` the relative Frobenius error ``||dW - dW_k|| / ||dW||`` over all layers
+        (also logged, with the worst layer's).
+
+    Raises:
+        ValueError: unknown or taken names, empty or non-finite weights, a DoRA input, a bad method or rank. The model
+            is left unchanged.
+    """
+    weights = dict(weights)
+    known = adapter_names(model)
+    if not weights:
+        raise ValueError("combine: give at least one adapter, e.g. {'a': 0.7, 'b': 0.3}.")
+    unknown = [a for a in weights if a not in known]
+    if unknown:
+        raise ValueError(f"combine: no adapter named {unknown} on the model; it has {known}.")
+    if name in known:
+        raise ValueError(f"combine: an adapter named {name!r} already exists; choose another name or delete it first.")
+    bad = {a: w for a, w in weights.items() if not math.isfinite(float(w))}
+    if bad:
+        raise ValueError(f"combine: weights must be finite numbers, got {bad}.")
+    if method not in ("cat", "svd"):
+        raise ValueError(f"combine: method must be 'cat' (exact) or 'svd' (truncated), got {method!r}.")
+
+    layers = {t: layer for t, layer in adapter_layers(model).items() if any(a in layer.adapters for a in weights)}
+    ranks = {a: next(factors(layer.adapters[a])[1].shape[0] for layer in layers.values() if a in layer.adapters) for a in weights}
+    total = sum(ranks.values())
+    if method == "cat" and rank is not None and rank != total:
+        raise ValueError(f"combine: 'cat' gives rank {total} (the sum of {ranks}); leave rank=None or use method='svd'.")
+    if method == "svd":
+        rank = max(ranks.values()) if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"combine: rank must be a positive integer, got {rank!r}.")
+
+    new_rank = total if method == "cat" else rank
+    config = LoRA(r=new_rank, alpha=float(new_rank), target_modules=sorted(layers))  # s = alpha / r = 1
+    plan, err2, norm2, worst = [], 0.0, 0.0, (0.0, "")
+    with torch.no_grad():
+        for target, layer in layers.items():
+            B, A = _concatenated(layer, weights, ranks)
+            if method == "svd":
+                B, A, lost2, kept2 = _truncate(B, A, rank)
+                err2, norm2 = err2 + lost2, norm2 + lost2 + kept2
+                worst = max(worst, (math.sqrt(lost2 / max(lost2 + kept2, 1e-300)), target))
+            branch = config.build(layer.base_layer)
+            branch.lora_B.copy_(B)
+            branch.lora_A.copy_(A)
+            plan.append((target, branch))
+    attach(model, plan, name)
+    if method == "cat":
+        return None
+    error = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+    log.info("combine %s -> %r: svd rank %d, relative Frobenius error %.3e (worst layer %s: %.3e)",
+             weights, name, rank, error, worst[1], worst[0])  # fmt: skip
+    return error
+
+
+def _concatenated(layer: AdapterLayer, weights: Mapping[str, float], ranks: Mapping[str, int]) -> tuple[Tensor, Tensor]:
+    """B_cat, A_cat of one layer; an input adapter missing on this layer contributes zero blocks (exact)."""
+    n_out, n_in = None, None
+    parts = {}
+    for a in weights:
+        if a in layer.adapters:
+            B, A = factors(layer.adapters[a])
+            parts[a] = (B.float() * float(weights[a]), A.float())
+            n_out, n_in = B.shape[0], A.shape[1]
+    Bs, As = [], []
+    for a, r in ranks.items():
+        B, A = parts.get(a, (torch.zeros(n_out, r, device=_device(layer)), torch.zeros(r, n_in, device=_device(layer))))
+        Bs.append(B.to(_device(layer)))
+        As.append(A.to(_device(layer)))
+    return torch.cat(Bs, 1), torch.cat(As, 0)
+
+
+def _device(layer: AdapterLayer) -> torch.device:
+    return layer.base_layer.weight.device
+
+
+def _truncate(B: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
+    """Best rank-k factors of B A (Eckart-Young) via QR(B), QR(A^T) and an SVD of the small core; returns
+    (B_k, A_k, squared Frobenius norm lost, kept). Singular values are split evenly: B_k = U sqrt(S), A_k = sqrt(S) V^T."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().t())
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())
+    k_eff = min(k, S.shape[0])
+    root = S[:k_eff].sqrt()
+    B_k = torch.zeros(B.shape[0], k, dtype=torch.float64, device=B.device)
+    A_k = torch.zeros(k, A.shape[1], dtype=torch.float64, device=A.device)
+    B_k[:, :k_eff] = (Qb @ U[:, :k_eff]) * root
+    A_k[:k_eff] = root[:, None] * (Vh[:k_eff] @ Qa.t())
+    return B_k.float(), A_k.float(), float(S[k_eff:].pow(2).sum()), float(S[:k_eff].pow(2).sum())
+
+
+@contextlib.contextmanager
+def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block row i of every batch runs with adapter ``names[i]`` alone (weight 1; ``None``: the base).
+
+    Inference only: the same outputs as running each sample alone with ``set_adapter(model, names[i])``, with one
+    forward pass of the frozen base for the whole batch. The batch size must equal ``len(names)`` (else ValueError
+    from the first adapted layer).
+
+    Raises:
+        RuntimeError: the model is in training mode (call ``model.eval()``).
+        ValueError: an unknown adapter name.
+    """
+    if model.training:
+        raise RuntimeError(
+            "per_sample_adapters is for inference only; call model.eval() first (train one adapter at a time with "
+            "set_adapter)."
+        )
+    names = list(names)
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"per_sample_adapters: no adapter named {unknown} on the model; it has {known} (or None).")
+    layers = list(adapter_layers(model).values())
+    before = [layer.sample_adapters for layer in layers]
+    for layer in layers:
+        layer.sample_adapters = names
+    try:
+        yield model
+    finally:
+        for layer, old in zip(layers, before):
+            layer.sample_adapters = old
