@@ -1,0 +1,295 @@
+"""``LoRAModule``: fine-tune a Hugging Face causal LM with an adapter (LoRA, DoRA, VeRA; optionally over NF4).
+
+The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` (idempotent), so under sharded
+strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
+(-100 = ignored); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
+only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
+
+Example::
+
+    module = LoRAModule("smollm2-135m-instruct", adapter=LoRA(r=8), export_dir="out")
+    Trainer(max_steps=100).fit(module, InstructionDataModule(source="chatterbot"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_lora.inject import adapter_state_dict, inject
+from lightning_lora.layers import AdapterConfig
+from lightning_lora.lora import LoRA
+from lightning_lora.optim import param_groups
+
+try:  # NF4 lands with the QLoRA work; without it ``quantize`` can only be None.
+    from lightning_lora.quantize import NF4
+except ImportError:  # pragma: no cover
+    NF4 = None  # type: ignore[assignment,misc]
+
+CKPT_KEY = "lightning_lora"  # plain-typed run facts stored in checkpoints (readable with weights_only=True)
+
+
+def enable_adapter_subclass_mode() -> None:
+    """Let jsonargparse (LightningCLI) parse ``adapter:`` as ``class_path``/``init_args``.
+
+    jsonargparse treats dataclasses as fixed nested groups by default; our adapter configs are dataclasses with
+    subclasses (LoRA, DoRA, VeRA), so we enable subclass mode for ``AdapterConfig`` (and NF4 stays a plain group).
+    """
+    try:
+        from jsonargparse import set_parsing_settings
+    except ImportError:  # pragma: no cover - jsonargparse is only needed for the CLI
+        return
+    set_parsing_settings(subclasses_enabled=[AdapterConfig])
+
+
+enable_adapter_subclass_mode()
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` with the usual LoRA learning rate (2e-4) as its default; the default ``optimizer``."""
+
+    def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):  # fmt: skip
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def optimizer_defaults(optimizer: Any) -> dict[str, Any]:
+    """``lr`` and ``weight_decay`` an optimizer callable would use: its bound keywords, else its signature defaults."""
+    keywords = dict(getattr(optimizer, "keywords", None) or {})
+    target = optimizer
+    while hasattr(target, "func"):  # functools.partial, possibly nested (jsonargparse wraps the class twice)
+        target = target.args[-1] if target.args and inspect.isclass(target.args[-1]) else target.func
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        params = {}
+    out = {}
+    for key in ("lr", "weight_decay"):
+        if key in keywords:
+            out[key] = keywords[key]
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            out[key] = params[key].default
+    if not isinstance(out.get("lr"), (int, float)):
+        raise ValueError(
+            f"lr_ratio (LoRA+) needs the optimizer's learning rate, but {optimizer!r} does not give a numeric lr; "
+            "set it explicitly, e.g. `optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 2e-4}}`."
+        )
+    out.setdefault("weight_decay", 0.0)
+    return out
+
+
+def trainable_keys(module: nn.Module, model: nn.Module, prefix: str) -> set[str]:
+    """State-dict keys of ``module`` to checkpoint: the adapters of ``model`` (under ``prefix``) and every
+    parameter that still requires grad (e.g. a head the user unfroze)."""
+    keys = {prefix + k for k in adapter_state_dict(model)}
+    keys |= {n for n, p in module.named_parameters() if p.requires_grad}
+    return keys
+
+
+class LoRAModule(LightningModule):
+    """Adapter fine-tuning of a causal LM (see the module docstring).
+
+    Args:
+        base_model: a built-in alias (``smollm2-135m-instruct``), a local Hugging Face folder, or a cached hub id.
+        adapter: the adapter config (``LoRA()``, ``DoRA(...)``, ``VeRA(...)``); default LoRA r=8 on all linear layers.
+        quantize: ``NF4(...)`` to quantize the base before injecting (QLoRA), or None.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI: ``class_path``/``init_args``); default AdamW
+            with lr 2e-4.
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``, stepped every optimizer step.
+        lr_ratio: LoRA+ (arXiv:2402.12354): when set, the optimizer gets ``param_groups(model, lr, lr_ratio,
+            weight_decay)`` with ``lr``/``weight_decay`` taken from the optimizer callable's arguments (or its
+            defaults), so B matrices learn ``lr_ratio`` times faster than A.
+        gradient_checkpointing: recompute activations in backward (Hugging Face ``gradient_checkpointing_enable``).
+        export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
+            end of training.
+        dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
+        trust_remote_code: allow code shipped with the model (off by default).
+        adapter_name: the adapter's name on the model.
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        adapter: AdapterConfig = LoRA(),
+        quantize: NF4 | None = None,  # type: ignore[valid-type]
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_ratio: float | None = None,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        adapter_name: str = "default",
+    ):
+        super().__init__()
+        if not isinstance(adapter, AdapterConfig):
+            raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+        if lr_ratio is not None and not lr_ratio > 0:
+            raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
+        self.base_model = str(base_model)
+        self.adapter = dataclasses.replace(adapter)  # own copy: the default instance is shared
+        self.quantize = quantize
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_ratio = lr_ratio
+        self.gradient_checkpointing = gradient_checkpointing
+        self.export_dir = export_dir
+        self.dtype_name = dtype
+        self.trust_remote_code = trust_remote_code
+        self.adapter_name = adapter_name
+        self.model: nn.Module | None = None
+        self._tokenizer = None
+        self.strict_loading = False  # checkpoints hold only the adapter
+        self.val_loss = MeanMetric()
+        self._step_start: float | None = None
+
+    # ---------------------------------------------------------------- model
+    @property
+    def tokenizer(self):
+        """The base model's tokenizer, loaded on first use (data modules read it in their ``setup``)."""
+        if self._tokenizer is None:
+            from lightning_lora.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.base_model, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        """Load the base, quantize it (if asked), inject the adapter. A second call does nothing."""
+        if self.model is not None:
+            return
+        from lightning_lora.models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer
+        if self.quantize is not None:
+            from lightning_lora.quantize import quantize
+
+            model = quantize(model, self.quantize)
+        inject(model, self.adapter, self.adapter_name)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return out.loss
+
+    # ---------------------------------------------------------------- steps
+    def on_fit_start(self) -> None:
+        try:
+            from lightning_lora.memory import memory_report
+        except ImportError:
+            return
+        if self.trainer.is_global_zero:
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            memory_report(self.model, optimizer)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_start is None:
+            return
+        seconds = time.perf_counter() - self._step_start
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.log("tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        # HF averages over the predicted tokens (labels shifted by one); weight batches by that count.
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        if tokens > 0:
+            self.val_loss.update(loss.detach(), weight=tokens)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        mean = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val_loss", mean, prog_bar=True, sync_dist=False)
+        self.log("val_ppl", torch.exp(mean), prog_bar=True, sync_dist=False)
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        mean = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test_loss", mean)
+        self.log("test_ppl", torch.exp(mean))
+
+    # ---------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        if self.lr_ratio is not None:
+            defaults = optimizer_defaults(self.optimizer)
+            params = param_groups(self.model, defaults["lr"], self.lr_ratio, defaults["weight_decay"])
+        else:
+            params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("LoRAModule: nothing to train (no parameter requires grad); check adapter.target_modules.")
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints and export
+    def run_facts(self) -> dict:
+        """What an offline export needs to rebuild the model, in plain types (safe for ``weights_only`` loading)."""
+        quant = None
+        if self.quantize is not None and dataclasses.is_dataclass(self.quantize):
+            quant = {"class_path": f"{type(self.quantize).__module__}.{type(self.quantize).__qualname__}",
+                     "init_args": _plain(dataclasses.asdict(self.quantize))}  # fmt: skip
+        return {
+            "base_model": self.base_model,
+            "adapter": {"class_path": f"{type(self.adapter).__module__}.{type(self.adapter).__qualname__}",
+                        "init_args": _plain(dataclasses.asdict(self.adapter))},  # fmt: skip
+            "adapter_name": self.adapter_name,
+            "quantize": quant,
+            "dtype": self.dtype_name,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the adapter (and any other trainable tensor) in the checkpoint's state dict."""
+        if self.model is not None and "state_dict" in checkpoint:
+            keep = trainable_keys(self, self.model, "model.")
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CKPT_KEY] = self.run_facts()
+
+    def on_train_end(self) -> None:
+        if self.export_dir is None or not self.trainer.is_global_zero:
+            return
+        from lightning_lora.export import export
+
+        export(self.model, self.export_dir, name=self.adapter_name, base_model=self.base_model,
+               tokenizer=self._tokenizer, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and non-plain leaves as strings (for weights_only-safe checkpoints)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+__all__ = ["AdamW", "LoRAModule", "enable_adapter_subclass_mode", "optimizer_defaults"]
