@@ -1,0 +1,135 @@
+"""Bad input and interruptions: clear errors, no half-changed model, no half-written files, no unpickling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import perturb_adapters, tiny_gpt2, tiny_llama
+
+import lightning_lora as ll
+from lightning_lora import files
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb_adapters(model)
+    ll.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_pickle_adapter_is_refused(tmp_path, saved):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+    torch.save(files.load_tensors(saved / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="never unpickles"):
+        ll.load_adapter(model, folder)
+    assert not any(isinstance(m, ll.AdapterLayer) for m in model.modules())
+
+
+def test_pickle_renamed_as_safetensors_is_refused(saved):
+    weights = saved / "adapter_model.safetensors"
+    torch.save(files.load_tensors(weights), weights)  # a pickle under the safetensors name
+    with pytest.raises(ValueError, match="not a complete safetensors file"):
+        ll.load_adapter(tiny_llama(), saved)
+
+
+def test_name_in_use(saved):
+    model = tiny_llama()
+    ll.load_adapter(model, saved, name="task")
+    before = state(model)
+    with pytest.raises(ValueError, match="'task' is already on the model"):
+        ll.load_adapter(model, saved, name="task")
+    assert unchanged(model, before)
+
+
+def test_other_method_and_unknown_method(saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
+        ll.load_adapter(tiny_llama(), saved)
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4, "projection_prng_key": 0}))
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' has tensors .*lora_A"):
+        ll.load_adapter(model, saved)
+    assert unchanged(model, before) and not any(isinstance(m, ll.AdapterLayer) for m in model.modules())
+
+
+def test_adapter_for_another_architecture(saved):
+    model = tiny_gpt2()
+    before = state(model)
+    with pytest.raises(ValueError, match="layers this GPT2LMHeadModel does not have.*self_attn.q_proj"):
+        ll.load_adapter(model, saved)
+    assert unchanged(model, before)
+
+
+def test_method_cannot_adapt_embedding():
+    model = tiny_llama()
+    for config in (ll.DoRA(target_modules=["embed_tokens"]), ll.VeRA(target_modules=["embed_tokens"])):
+        with pytest.raises(ValueError, match=r"cannot adapt 1 matched module.*embed_tokens \(Embedding\)"):
+            ll.inject(model, config)
+    assert not any(isinstance(m, ll.AdapterLayer) for m in model.modules())
+
+
+def test_not_an_adapter_config():
+    with pytest.raises(TypeError, match="must be a LoRA, DoRA or VeRA config"):
+        ll.inject(tiny_llama(), {"r": 8})
+
+
+def test_failed_save_keeps_previous_export(saved, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=2, target_modules=["k_proj"]))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lightning_lora.peft_io.save_tensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ll.save_adapter(model, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["adapter"]  # no temporary left behind
+
+
+def test_killed_export_keeps_previous(saved, tmp_path):
+    """SIGKILL in the middle of writing a new export: the old folder is still complete and loadable."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import tiny_llama
+        import lightning_lora as ll
+        from lightning_lora import peft_io
+        model = tiny_llama()
+        ll.inject(model, ll.LoRA(r=2, target_modules=["k_proj"]))
+        real = peft_io.save_tensors
+        def save_then_die(tensors, path, metadata=None):
+            real(tensors, path, metadata)
+            os.kill(os.getpid(), signal.SIGKILL)  # after the weights, before the folder is moved into place
+        peft_io.save_tensors = save_then_die
+        ll.save_adapter(model, {str(saved)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    model = tiny_llama()
+    ll.load_adapter(model, saved)  # the previous export, intact
+    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ll.AdapterLayer)} == {"q_proj", "v_proj"}
