@@ -1,5 +1,6 @@
 """lightning_lora: parameter-efficient fine-tuning (LoRA, rsLoRA, LoRA+, QLoRA, DoRA, VeRA) for PyTorch Lightning."""
 
+from lightning_lora.compose import combine, per_sample_adapters
 from lightning_lora.dora import DoRA
 from lightning_lora.inject import (
     active_adapters,
@@ -15,7 +16,7 @@ from lightning_lora.inject import (
 from lightning_lora.layers import AdapterConfig, AdapterLayer
 from lightning_lora.lora import LoRA
 from lightning_lora.optim import param_groups
-from lightning_lora.peft_io import load_adapter, save_adapter
+from lightning_lora.peft_io import load_adapter, load_adapters, save_adapter, save_adapters
 from lightning_lora.vera import VeRA
 
 __all__ = [
@@ -27,13 +28,17 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "adapter_state_dict",
+    "combine",
     "delete_adapter",
     "disable_adapters",
     "inject",
     "load_adapter",
+    "load_adapters",
     "merge",
     "param_groups",
+    "per_sample_adapters",
     "remove",
     "save_adapter",
+    "save_adapters",
     "set_adapter",
 ]
