@@ -133,3 +133,26 @@ def test_killed_export_keeps_previous(saved, tmp_path):
     model = tiny_llama()
     ll.load_adapter(model, saved)  # the previous export, intact
     assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, ll.AdapterLayer)} == {"q_proj", "v_proj"}
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_lora.guards import FiniteLossGuard
+
+    class Diverging(BoringModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)["loss"]
+            return loss * float("nan") if self.global_step == 3 else loss
+
+    model = Diverging()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=10, callbacks=[FiniteLossGuard(), checkpoint], logger=False, enable_progress_bar=False)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at global step 3 .*Last good checkpoint: .*step=3\.ckpt"):
+        trainer.fit(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"epoch=0-step={i}.ckpt" for i in (1, 2, 3)]
+    weights = model.layer.weight.detach().clone()
+    good = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=True)["state_dict"]["layer.weight"]
+    assert torch.equal(weights, good)  # the NaN step changed nothing
