@@ -1,0 +1,164 @@
+"""``AdapterCallback``: add an adapter to any existing LightningModule by adding one callback to its Trainer.
+
+Example::
+
+    trainer = Trainer(callbacks=[AdapterCallback(LoRA(r=8), target="model", export_dir="out")])
+    trainer.fit(MyModule())          # MyModule keeps its own training_step and configure_optimizers
+
+What it does, in Lightning's hook order (REFERENCE section 4):
+
+- ``setup``: wraps the module instance's ``configure_model`` with a plain function that runs the original and then
+  quantizes (optional) and injects. Lightning calls ``configure_model`` right after ``setup``, so this covers a model
+  built in ``__init__``, in ``setup`` or in ``configure_model`` (Lightning issue 19658). Injection is idempotent.
+- The base is frozen by ``inject``, before ``configure_optimizers`` runs: an optimizer over
+  ``filter(lambda p: p.requires_grad, self.parameters())`` or over ``self.parameters()`` trains only the adapter.
+  LoRA+ (arXiv:2402.12354) is one line in your ``configure_optimizers``::
+
+      return torch.optim.AdamW(lightning_lora.param_groups(self, lr=2e-4, lr_ratio=16))
+
+- Checkpoints hold only the adapter (and any other parameter that requires grad). The filter is installed on the
+  module's ``on_save_checkpoint``, because ``Callback.on_save_checkpoint`` is skipped with
+  ``ModelCheckpoint(save_weights_only=True)``; ``strict_loading`` is set to False so such checkpoints load and resume.
+- ``on_train_end``: with ``export_dir``, writes ``<dir>/adapter`` (PEFT format) and ``<dir>/merged`` (rank 0 only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_lora.inject import adapter_names, inject
+from lightning_lora.layers import AdapterConfig
+from lightning_lora.lora import LoRA
+from lightning_lora.module import trainable_keys
+
+_ORIGINAL = "_lightning_lora_original_hooks"
+
+
+class AdapterCallback(Callback):
+    """Inject ``adapter`` into ``pl_module`` (or its attribute ``target``) and keep checkpoints adapter-only.
+
+    Args:
+        adapter: the adapter config (``LoRA(...)``, ``DoRA(...)``, ``VeRA(...)``); default ``LoRA()``.
+        quantize: ``NF4(...)`` to quantize the target's linear layers first (QLoRA), or None.
+        target: attribute of the LightningModule that holds the model (e.g. ``"model"``, dotted paths allowed);
+            None adapts the whole LightningModule.
+        export_dir: when set, export ``<dir>/adapter`` and ``<dir>/merged`` at the end of training.
+        name: the adapter's name.
+
+    Raises:
+        TypeError: ``adapter`` is not an adapter config.
+        AttributeError: (at setup) the module has no attribute ``target`` after ``configure_model``.
+    """
+
+    def __init__(
+        self,
+        adapter: AdapterConfig | None = None,
+        quantize: Any = None,
+        target: str | None = None,
+        export_dir: str | None = None,
+        name: str = "default",
+    ):
+        adapter = LoRA() if adapter is None else adapter
+        if not isinstance(adapter, AdapterConfig):
+            raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
+        self.adapter = adapter
+        self.quantize = quantize
+        self.target = target
+        self.export_dir = export_dir
+        self.name = name
+
+    # ------------------------------------------------------------------ helpers
+    def target_module(self, pl_module: LightningModule) -> nn.Module:
+        """The module the adapter goes on."""
+        if self.target is None:
+            return pl_module
+        module = pl_module
+        for part in self.target.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                raise AttributeError(
+                    f"AdapterCallback(target={self.target!r}): {type(pl_module).__name__} has no module at "
+                    f"{self.target!r} after configure_model; build your model in __init__, setup or configure_model, "
+                    "or pass the right attribute name (None adapts the whole LightningModule)."
+                )
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"AdapterCallback(target={self.target!r}) is a {type(module).__name__}, not an nn.Module.")
+        return module
+
+    def _prefix(self) -> str:
+        return "" if self.target is None else self.target + "."
+
+    def inject_into(self, pl_module: LightningModule) -> nn.Module:
+        """Quantize (optional) and inject into the target, once; return the target."""
+        model = self.target_module(pl_module)
+        if self.name in adapter_names(model):
+            return model
+        if self.quantize is not None:
+            from lightning_lora.quantize import quantize
+
+            quantized = quantize(model, self.quantize)
+            if quantized is not model:  # quantize returned a new object: put it where the old one was
+                self._replace_target(pl_module, quantized)
+                model = quantized
+        inject(model, self.adapter, self.name)
+        return model
+
+    def _replace_target(self, pl_module: LightningModule, model: nn.Module) -> None:
+        if self.target is None:
+            raise RuntimeError("quantize() returned a new module; it must change the LightningModule in place.")
+        parent_name, _, child = self.target.rpartition(".")
+        parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+        setattr(parent, child, model)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if _ORIGINAL in vars(pl_module):
+            return
+        originals = {"configure_model": pl_module.configure_model, "on_save_checkpoint": pl_module.on_save_checkpoint}
+        object.__setattr__(pl_module, _ORIGINAL, originals)
+        callback = self
+
+        # Plain functions (not functools.wraps): Lightning's is_overridden would follow __wrapped__ to the base
+        # class's empty hook and skip it.
+        def configure_model() -> None:
+            originals["configure_model"]()
+            callback.inject_into(pl_module)
+
+        def on_save_checkpoint(checkpoint: dict) -> None:
+            originals["on_save_checkpoint"](checkpoint)
+            if "state_dict" in checkpoint:
+                keep = trainable_keys(pl_module, callback.target_module(pl_module), callback._prefix())
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+        object.__setattr__(pl_module, "configure_model", configure_model)
+        object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
+        pl_module.strict_loading = False
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Put the module's own hooks back (the adapter stays); a later fit wraps them again."""
+        originals = vars(pl_module).pop(_ORIGINAL, None)
+        if originals is not None:
+            for hook in originals:
+                vars(pl_module).pop(hook, None)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.export_dir is None or not trainer.is_global_zero:
+            return
+        from lightning_lora.export import export
+
+        model = self.target_module(pl_module)
+        export(model, self.export_dir, name=self.name, base_model=_hf_source(model) if self.quantize else None,
+               tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
+
+
+def _hf_source(model: nn.Module) -> str | None:
+    """The folder a Hugging Face model was loaded from (to merge against its high-precision weights), if known."""
+    from pathlib import Path
+
+    path = getattr(model, "name_or_path", None)
+    return str(path) if path and Path(str(path)).is_dir() else None
