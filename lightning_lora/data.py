@@ -119,6 +119,8 @@ def render(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
 
 def tokenize_conversations(tokenizer, convs: list[Conversation], max_length: int) -> list[dict[str, torch.Tensor]]:
     """input_ids/labels per conversation; longer ones are truncated (counted and logged)."""
+    if not convs:
+        return []
     rendered = [render(tokenizer, c) for c in convs]
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     examples, truncated, dropped = [], 0, 0
@@ -241,6 +243,9 @@ class InstructionDataModule(_TokenizedDataModule):
 
     def _examples(self):
         convs = read_jsonl(self.path) if self.path is not None else chatterbot_pairs()
+        if self.limit and len(convs) > self.limit:  # tokenize only a seeded subset
+            keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed))[: self.limit]
+            convs = [convs[i] for i in sorted(keep.tolist())]
         return tokenize_conversations(self.tokenizer, convs, self.max_length)
 
 
