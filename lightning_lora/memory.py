@@ -1,0 +1,106 @@
+"""Where the memory of an adapted (possibly NF4-quantized) model goes: parameters and bytes by kind.
+
+Kinds: the quantized base (the real bytes of the packed 4-bit data plus its absmax / double-quantization state), the
+unquantized base (every other parameter and buffer outside the adapters), the adapters, and the optimizer state
+(measured from ``optimizer.state`` once populated, else estimated as Adam's two moments: 2 x trainable bytes).
+QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter with double quantization.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lora.layers import AdapterBranch, is_quantized
+
+log = logging.getLogger(__name__)
+
+KINDS = ("quantized base", "unquantized base", "adapters", "optimizer state")
+
+
+def quant_state_tensors(layer: nn.Module) -> dict[str, Tensor]:
+    """Every tensor an NF4 layer's weight is made of: packed data, absmax, and the double-quant state and code tables."""
+    weight = layer.weight
+    state = weight.quant_state
+    out = {"data": weight.data, "absmax": state.absmax, "code": state.code}
+    if getattr(state, "offset", None) is not None:
+        out["offset"] = state.offset
+    if getattr(state, "state2", None) is not None:
+        out.update({"state2.absmax": state.state2.absmax, "state2.code": state.state2.code})
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log_table: bool = True) -> dict:
+    """Parameters and bytes of ``model`` (and ``optimizer``) by kind; logs a table.
+
+    Returns:
+        ``{kind: {"params": int, "bytes": int}}`` for each of ``KINDS`` plus ``"total"``; the optimizer entry also
+        has ``"source"``: ``"measured"`` (from ``optimizer.state``) or ``"estimated (Adam: 2 x trainable bytes)"``.
+        A quantized layer counts out x in parameters; its bias counts as unquantized base.
+    """
+    seen: set[tuple] = set()
+    report = {kind: {"params": 0, "bytes": 0} for kind in KINDS}
+
+    def add(kind: str, t: Tensor, params: int | None = None) -> None:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        key = (key, t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() == 0 or key in seen:
+            return
+        seen.add(key)
+        report[kind]["params"] += t.numel() if params is None else params
+        report[kind]["bytes"] += _nbytes(t)
+
+    for module in model.modules():
+        if isinstance(module, AdapterBranch):
+            for t in [*module.parameters(), *module.buffers()]:
+                add("adapters", t)
+    for module in model.modules():
+        if is_quantized(module) and getattr(module.weight, "quant_state", None) is not None:
+            tensors = quant_state_tensors(module)
+            add("quantized base", tensors.pop("data"), params=module.in_features * module.out_features)
+            for t in tensors.values():
+                add("quantized base", t, params=0)
+    for t in [*model.parameters(), *model.buffers()]:
+        add("unquantized base", t)
+
+    opt = report["optimizer state"]
+    states = [v for s in (optimizer.state.values() if optimizer is not None else ()) for v in s.values()]
+    if any(torch.is_tensor(v) for v in states):
+        opt["source"] = "measured"
+        for v in states:
+            if torch.is_tensor(v) and v.numel() > 1:  # the scalar step counters are not state worth counting
+                opt["params"] += v.numel()
+                opt["bytes"] += _nbytes(v)
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt.update(params=2 * sum(p.numel() for p in trainable), bytes=2 * sum(_nbytes(p) for p in trainable),
+                   source="estimated (Adam: 2 x trainable bytes)")
+    report["total"] = {k: sum(report[kind][k] for kind in KINDS) for k in ("params", "bytes")}
+    if log_table:
+        log.info("memory by kind:\n%s", format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a rich table (plain text)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="memory by kind")
+    for col in ("kind", "params", "bytes", "MiB", "bits/param", "note"):
+        table.add_column(col, justify="left" if col in ("kind", "note") else "right")
+    for kind in (*KINDS, "total"):
+        row = report[kind]
+        bits = f"{8 * row['bytes'] / row['params']:.3f}" if row["params"] else "-"
+        table.add_row(kind, f"{row['params']:,}", f"{row['bytes']:,}", f"{row['bytes'] / 2**20:.2f}", bits,
+                      row.get("source", ""))
+    buffer = io.StringIO()
+    Console(file=buffer, width=110, no_color=True).print(table)
+    return buffer.getvalue()
