@@ -75,17 +75,28 @@ class LoRA(AdapterConfig):
 
 
 class _LoRALinear(torch.autograd.Function):
-    """out = base_out + s * (dropout(x) A^T) B^T for x (N, in), base_out (N, out)."""
+    """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
+
+    Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask as bool
+    (1 byte/element); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept. With ``inplace``
+    the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
         mask = None
-        x_in = x
         if p > 0.0:
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            x_in = x * mask * (1.0 / (1.0 - p))
-        h = x_in @ A.t()
-        out = torch.addmm(base_out, h, B.t(), alpha=scale)
+            mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            h = torch.mm(x2 * mask, A.t()).mul_(1.0 / (1.0 - p))
+        else:
+            h = torch.mm(x2, A.t())
+        if inplace:
+            base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
+            ctx.mark_dirty(base_out)
+            out = base_out
+        else:
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
         ctx.scale, ctx.p = scale, p
         ctx.save_for_backward(x, mask, h, A, B)
         return out
@@ -95,26 +106,46 @@ class _LoRALinear(torch.autograd.Function):
         x, mask, h, A, B = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_A = grad_B = None
-        grad_h = (grad_out @ B).mul_(scale) if (need_x or need_A) else None
-        if need_A:
-            x_in = x if mask is None else x * mask * (1.0 / (1.0 - p))
-            grad_A = grad_h.t() @ x_in
+        if need_x or need_A:  # d out / d (A x_kept) = s * g B, times 1/(1-p) for the dropout rescale
+            grad_h = torch.mm(g, B).mul_(scale if mask is None else scale / (1.0 - p))
+            if need_A:
+                grad_A = torch.mm(grad_h.t(), x2 if mask is None else x2 * mask)
+            if need_x:
+                grad_x = torch.mm(grad_h, A)
+                if mask is not None:
+                    grad_x.mul_(mask)
+                grad_x = grad_x.view(x.shape)
         if need_B:
-            grad_B = (grad_out.t() @ h).mul_(scale)
-        if need_x:
-            grad_x = grad_h @ A
-            if mask is not None:
-                grad_x.mul_(mask).mul_(1.0 / (1.0 - p))
-        return grad_x, (grad_out if need_base else None), grad_A, grad_B, None, None
+            grad_B = torch.mm(g.t(), h).mul_(scale)
+        return grad_x, (grad_out if need_base else None), grad_A, grad_B, None, None, None
 
 
-def lora_linear(x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
-    """``base_out + scale * B A dropout_p(x)`` over any leading dims, in the adapter's dtype."""
-    lead = base_out.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-    out = _LoRALinear.apply(x2, base_out.reshape(-1, base_out.shape[-1]).to(A.dtype), A, B, scale, p)
-    return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
+def lora_linear(
+    x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool = False
+) -> Tensor:
+    """``base_out + scale * B A dropout_p(x)`` over any leading dims, in the adapter's dtype (cast back to
+    ``base_out``'s). Without autograd (eval, ``torch.no_grad``) it is two plain GEMMs, the second accumulating into
+    the output. ``inplace=True`` lets the sum overwrite ``base_out``: only for a caller that owns it and never reads
+    it again (``LoRABranch``; DoRA reuses its base output, so it must not).
+    """
+    n_in, n_out = x.shape[-1], base_out.shape[-1]
+    if not (x.dtype == A.dtype == base_out.dtype):  # mixed precision: compute in the adapter's dtype, cast back
+        out = lora_linear(x.to(A.dtype), base_out.to(A.dtype), A, B, scale, p, inplace=False)
+        return out.to(base_out.dtype)
+    inplace = inplace and base_out.is_contiguous()
+    if p == 0.0 and not (
+        torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
+    ):
+        h = torch.mm(x.reshape(-1, n_in), A.t())
+        if inplace:
+            base_out.view(-1, n_out).addmm_(h, B.t(), alpha=scale)
+            return base_out
+        return torch.addmm(base_out.reshape(-1, n_out), h, B.t(), alpha=scale).view(base_out.shape)
+    inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
+    return _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)
 
 
 class LoRABranch(AdapterBranch):
@@ -148,7 +179,7 @@ class LoRABranch(AdapterBranch):
             )  # fmt: skip
             return base_out + (after_A @ self.lora_B.t()).mul_(self.scale * weight).to(base_out.dtype)
         p = self.p if self.training else 0.0
-        return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p)
+        return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in) or (dim, vocab)
