@@ -99,7 +99,7 @@ def test_split_sizes_are_deterministic(tiny_dir, tmp_path):
     def split(seed, **kw):
         dm = InstructionDataModule(path, tokenizer=tiny_dir, val_fraction=0.25, seed=seed, **kw)
         dm.setup("fit")
-        return {tuple(x["input_ids"].tolist()) for x in dm.train_set}, {tuple(x["input_ids"].tolist()) for x in dm.val_set}
+        return tuple({tuple(x["input_ids"].tolist()) for x in part} for part in (dm.train_set, dm.val_set))
 
     train, val = split(0)
     assert (len(train), len(val)) == (15, 5) and not train & val
@@ -198,7 +198,7 @@ def test_fit_step_with_a_module_that_has_a_tokenizer(tiny_dir, tmp_path):
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(tiny_dir).train()
             self.tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
             self.losses = []
 

@@ -1,4 +1,4 @@
-"""Model loading: local folders, clear errors, the GGUF alias converted once into an atomic cache (real SmolLM2: slow)."""
+"""Model loading: local folders, clear errors, a GGUF alias converted once into an atomic cache (real one: slow)."""
 
 import os
 
