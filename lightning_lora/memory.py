@@ -49,6 +49,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     report = {kind: {"params": 0, "bytes": 0} for kind in KINDS}
 
     def add(kind: str, t: Tensor, params: int | None = None) -> None:
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor: this rank's shard
         key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
         key = (key, t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() == 0 or key in seen:
