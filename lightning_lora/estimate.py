@@ -14,21 +14,22 @@ so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30)
   4-byte step per tensor); bitsandbytes AdamW8bit 2 bytes + fp32 absmax per 256-block per state; SGD (no momentum) 0.
 - activations, per decoder layer and token, for a Llama block with SDPA/flash attention (no s^2 score matrix; eager
   attention would add 4 x heads x seq bytes per token), a = activation bytes (``--dtype``), counting the tensors
-  autograd keeps for backward (the approach of Korthikanti et al., arXiv:2205.05198, section 4, redone for Llama):
+  autograd keeps for backward (the approach of Korthikanti et al., arXiv:2205.05198, section 4, redone for HF Llama
+  and checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on CPU):
 
-      8h                  two RMSNorms keep their fp32 input (HF upcasts)
-    + a (2h)              the two normalized tensors (before the weight multiply)
-    + a (h + h + 2 kv)    q/k/v input, q and k after RoPE, v (kv = kv_heads x head_dim)
-    + a (2h) + 4 heads    attention output (SDPA's and the o_proj input copy) + fp32 logsumexp
-    + a (h + 4m)          gate/up input; gate, silu(gate), up, product (m = intermediate size)
+      8h + 8              two RMSNorms keep their input in fp32 (HF upcasts) and the fp32 1/rms
+    + a (3h + 2 kv)       q/k/v input (norm output), q and k after RoPE, v (kv = kv_heads x head_dim), attention output
+    + 4 heads             SDPA's fp32 logsumexp
+    + a (h + 4m)          gate/up input (norm output); gate, silu(gate), up, product (m = intermediate size)
     + per adapted linear  LoRA: a r; DoRA: a (r + out); VeRA: a (2r + out); an adapter dtype other than ``--dtype``
                           adds the input cast to it (in x adapter bytes)
 
-  i.e. 8h + a (7h + 2kv + 4m) + 4 heads, ~414 kB per token per layer for Llama-2-70B in bf16. Without checkpointing
-  all L layers are kept; with gradient checkpointing (every decoder layer) only each layer's input (a h per token)
-  plus one layer recomputed in backward. Always added: the final norm (8h + 2a h) and the logits, batch x seq x
-  vocab, at ``--dtype``, plus an fp32 copy for the loss and its fp32 log-softmax/gradient (a + 8 bytes, 8 in fp32).
-  Assumed: no dropout (a mask would add 1 byte per adapted input), frozen linears' inputs kept (upper bound).
+  i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
+  checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
+  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the logits,
+  batch x seq x vocab, 12 bytes each: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and
+  of the loss's backward (saved log-softmax + two fp32 gradients). Assumed: no dropout (a mask adds 1 byte per adapted
+  input); frozen embeddings (the first layer then keeps a little less: an upper bound).
 - overhead: a fixed 0.5 GB for the CUDA context, cuBLAS workspace and allocator slack (``--overhead-gb``); the
   context alone is ~0.3-0.5 GB on recent GPUs with lazy module loading. Fragmentation beyond that is not modelled.
 
@@ -140,10 +141,11 @@ def count(config, adapter) -> dict:
 
 
 def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
-    """Bytes of one NF4 tensor: packed 4-bit data + absmax per block (fp32, or 8-bit + fp32 per 256 blocks)."""
+    """Bytes bitsandbytes stores for one NF4 tensor: packed 4-bit data, an absmax per block (fp32, or with double
+    quantization uint8 + an fp32 absmax per 256 blocks + an fp32 offset) and the code tables (16 / 256 fp32)."""
     blocks = math.ceil(numel / blocksize)
-    absmax = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
-    return math.ceil(numel / 2) + absmax
+    absmax = blocks + 4 * math.ceil(blocks / 256) + 4 + 1024 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + absmax + 64
 
 
 def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq: int, a: int, adapter_b: int,
@@ -152,7 +154,7 @@ def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq:
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
     kv = getattr(config, "head_dim", None) or h // heads
     kv *= getattr(config, "num_key_value_heads", None) or heads
-    per_layer = [8 * h + a * (7 * h + 2 * kv + 4 * m) + 4 * heads] * L
+    per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
     for name, (n_in, n_out) in shapes.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
         extra = {"LoRA": a * r, "DoRA": a * (r + n_out), "VeRA": a * (2 * r + n_out)}[method]
@@ -162,7 +164,7 @@ def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq:
             per_layer[int(found.group(1))] += extra
     tokens = batch * seq
     layers = L * a * h + max(per_layer) if checkpointing else sum(per_layer)
-    head = 8 * h + 2 * a * h + config.vocab_size * (8 if a == 4 else a + 8)
+    head = 4 * h + 4 + 12 * config.vocab_size
     return tokens * (layers + head)
 
 

@@ -1,0 +1,168 @@
+"""The "will it fit" estimator: exact counts against closed-form formulas and published figures, NF4 bytes against
+bitsandbytes, activations against autograd's saved tensors, static bytes against a real AdamW step, and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_lora import LoRA, inject
+from lightning_lora.estimate import estimate, main, model_config, nf4_bytes
+
+H, M, L, KV, V = 8192, 28672, 80, 1024, 32000  # Llama-2-70B: hidden, MLP, layers, 8 KV heads x 128, vocab
+SHAPES = {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, M), "up": (H, M), "down": (M, H)}
+LINEAR_70B = L * sum(i * o for i, o in SHAPES.values())
+BASE_70B = LINEAR_70B + 2 * V * H + L * 2 * H + H  # + embeddings, lm_head (untied), 2 norms per layer, final norm
+
+
+def lora_params(r, names):
+    return L * sum(r * (SHAPES[n][0] + SHAPES[n][1]) for n in names)
+
+
+def test_llama2_70b_base_params_and_16bit_weights():
+    res = estimate("llama-2-70b", "lora", 64, ["q_proj"], dtype="bf16")
+    assert res["base_params"] == BASE_70B == 68_976_648_192
+    assert res["weights_bytes"] == 2 * BASE_70B
+    assert 137e9 < res["weights_bytes"] < 139e9  # ~138 GB at 16-bit (REFERENCE section 2)
+
+
+@pytest.mark.parametrize(
+    "targets, names, expected",
+    [
+        ("all-linear", list(SHAPES), 828_375_040),
+        (["q_proj", "k_proj", "v_proj", "o_proj"], ["q", "k", "v", "o"], 262_144_000),
+        (["q_proj", "v_proj"], ["q", "v"], 131_072_000),
+    ],
+)
+def test_llama2_70b_lora_r64_trainable(targets, names, expected):
+    res = estimate("llama-2-70b", "lora", 64, targets)
+    assert res["trainable_params"] == lora_params(64, names) == expected
+    if targets == "all-linear":
+        assert res["adapted_layers"] == 560
+        assert any("587,202,560" in note and "8192 x 8192" in note for note in res["notes"])
+
+
+def test_llama2_70b_nf4_weights():
+    dq = estimate("llama-2-70b", "lora", 64, "all-linear", quantize="nf4")
+    plain = estimate("llama-2-70b", "lora", 64, "all-linear", quantize="nf4", double_quant=False)
+    assert dq["quantized_params"] == LINEAR_70B
+    rest = 2 * (BASE_70B - LINEAR_70B)  # embeddings, lm_head, norms stay bf16
+    linear_dq, linear_plain = dq["weights_bytes"] - rest, plain["weights_bytes"] - rest
+    assert linear_dq == pytest.approx(LINEAR_70B * (4 + 8 / 64 + 32 / (64 * 256)) / 8, rel=1e-4)  # 4.127 bits
+    assert round(linear_dq / 1e9, 1) == 35.3
+    assert linear_plain == pytest.approx(LINEAR_70B * 4.5 / 8, rel=1e-4)
+
+
+def test_qlora_70b_fits_48gb_and_flips():
+    kw = dict(quantize="nf4", batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    assert estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, **kw)["fits"] is True
+    res = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=40, **kw)
+    assert res["fits"] is False and res["total_bytes"] > 40e9
+    no_ckpt = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, **{**kw, "gradient_checkpointing": False})
+    assert no_ckpt["fits"] is False and no_ckpt["activation_bytes"] > res["activation_bytes"]
+    bf16 = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, gradient_checkpointing=True)
+    assert bf16["fits"] is False  # 16-bit weights alone are 138 GB
+    parts = ("weights_bytes", "adapter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "overhead_bytes")
+    assert res["total_bytes"] == sum(res[k] for k in parts)
+    assert res["optimizer_bytes"] == 2 * 2 * 828_375_040 + 4 * 1120  # AdamW: 2 bf16 states + a step per tensor
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    for shape in [(192, 576), (100, 77)]:
+        for dq in (True, False):
+            w = torch.randn(shape)
+            p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=dq, blocksize=64)
+            p = p.to("cpu")
+            qs = p.quant_state
+            tensors = [p.data, qs.absmax, qs.code]
+            if qs.nested:
+                tensors += [qs.state2.absmax, qs.state2.code, qs.offset]
+            assert sum(t.numel() * t.element_size() for t in tensors) == nf4_bytes(w.numel(), dq)
+
+
+@pytest.mark.parametrize("name, expected", [("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
+                                            ("llama-3-8b", 8_030_261_248), ("smollm2-135m-instruct", 134_515_008)])
+def test_presets_match_published_sizes(name, expected):
+    assert estimate(name, "lora", 8, ["q_proj"])["base_params"] == expected
+
+
+def test_smollm2_static_bytes_match_a_real_adamw_step():
+    """Weights + adapters + optimizer state of the real (random-init, same shapes) model after one AdamW step."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config("smollm2-135m"))
+    inject(model, LoRA(r=8, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 49152, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    measured = sum(size(p) for p in model.parameters())
+    measured += sum(size(v) for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+    res = estimate("smollm2-135m", "lora", 8, "all-linear", dtype="fp32", adapter_dtype="fp32")
+    estimated = res["weights_bytes"] + res["adapter_bytes"] + res["optimizer_bytes"]
+    assert abs(measured - estimated) <= 0.10 * measured
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_activations_match_autograd_saved_tensors(tmp_path, dtype):
+    """Bytes autograd keeps for backward (unique storages, parameters excluded) vs the estimate, 2-layer SmolLM2."""
+    cfg = model_config("smollm2-135m")
+    cfg.num_hidden_layers = 2
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch_dtype)
+    inject(model, LoRA(r=8, target_modules="all-linear"))
+    model.to(torch_dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 49152, (2, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss
+    logits = 2 * 32 * 49152
+    measured = sum(saved.values()) - 4 * logits  # the saved fp32 log-softmax; our estimate adds 12 bytes per logit
+    res = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype)
+    estimated = res["activation_bytes_no_checkpointing"] - 12 * logits
+    assert measured <= estimated <= 1.10 * measured
+
+
+def test_cli_json_in_subprocess():
+    cmd = [sys.executable, "-m", "lightning_lora", "estimate", "--model", "smollm2-135m", "--r", "8", "--target-modules",
+           "q_proj", "v_proj", "--gpu-memory", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert {"base_params", "trainable_params", "weights_bytes", "total_bytes", "fits"} <= res.keys()
+    assert res["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))  # q: 576->576, v: 576->192 (3 KV heads)
+    assert res["fits"] is False
+
+
+def test_cli_table(capsys):
+    main(["estimate", "--model", "smollm2-135m", "--r", "8", "--quantize", "nf4", "--gpu-memory", "80"])
+    out = capsys.readouterr().out
+    assert "optimizer state" in out and "activations" in out and "fits in 80 GB" in out and "GiB" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "llama-9-1t"], "Presets: llama-2-13b, llama-2-70b, llama-2-7b, llama-3-70b, llama-3-8b"),
+        (["--model", "smollm2-135m", "--r", "0"], "--r must be a positive integer"),
+        (["--model", "smollm2-135m", "--adapter", "prefix"], "invalid choice: 'prefix'"),
+        (["--model", "smollm2-135m", "--target-modules", "nope_proj"], "matches no layer"),
+    ],
+)
+def test_bad_input_exits_with_clear_error(capsys, args, message):
+    with pytest.raises(SystemExit) as err:
+        main(["estimate", *args])
+    assert err.value.code != 0
+    assert message in capsys.readouterr().err
