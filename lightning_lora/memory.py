@@ -105,3 +105,43 @@ def format_report(report: dict) -> str:
     buffer = io.StringIO()
     Console(file=buffer, width=110, no_color=True).print(table)
     return buffer.getvalue()
+
+
+def check_optimizer_supported(optimizer: type | object, device: torch.device | str = "cpu", **options) -> None:
+    """Raise a clear error if ``optimizer`` (a class, or a partial of one) cannot train on ``device``.
+
+    bitsandbytes optimizers (8-bit state: ``AdamW8bit``, ``Lion8bit``, ...; paged: ``PagedAdamW``, ...) save
+    optimizer memory, but not every one runs everywhere: with bitsandbytes 0.50.2 on CPU ``AdEMAMix32bit`` fails
+    on every step, ``SGD``/``LARS`` variants need ``momentum > 0``, and paged ones fall back to unpaged state.
+    Rather than keep a table that goes stale, this runs two steps of the optimizer with ``options`` on a scratch
+    parameter on ``device`` (one 8192-element matrix, which takes the 8-bit path, and one small vector) and checks
+    that they ran and gave finite values. Other optimizers (``torch.optim``) pass without a trial.
+
+    Raises:
+        ValueError: the optimizer fails or gives non-finite values there; the message names it, the device and why.
+    """
+    cls = getattr(optimizer, "func", optimizer)  # functools.partial / jsonargparse's callable
+    options = {**getattr(optimizer, "keywords", {}), **options}
+    if not (isinstance(cls, type) and cls.__module__.startswith("bitsandbytes")):
+        return
+    import warnings
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(128, 64, generator=gen).to(device)), nn.Parameter(torch.randn(16, generator=gen).to(device))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Paged optimizers are not supported on CPU": they fall back, fine
+            opt = cls(params, **{"lr": 1e-3, **options})
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(device)
+                opt.step()
+        ok = all(torch.isfinite(p).all() for p in params)
+        why = "it gave non-finite parameters"
+    except Exception as err:  # noqa: BLE001 - any failure means: not usable here
+        ok, why = False, f"{type(err).__name__}: {err}"
+    if not ok:
+        raise ValueError(f"optimizer {cls.__name__} (bitsandbytes) does not work on {device.type} with options "
+                         f"{options}: {why}. Pick another optimizer (e.g. bitsandbytes.optim.AdamW8bit or "
+                         "torch.optim.AdamW), or fix its options.")
