@@ -3,7 +3,7 @@
 Every variant is built in one process over the same frozen base weights (shared, not copied), warmed up, then timed
 round by round, interleaved, so machine noise hits all variants alike. Ratios use the median step time.
 
-    python benchmarks/bench.py            # default: hidden 1024, 2 layers, MLP 2752, vocab 32000, batch 4 x 128
+    python benchmarks/bench.py            # default: hidden 1024, 2 layers, MLP 2752, vocab 8192, batch 4 x 128
     python benchmarks/bench.py --quick    # fewer rounds (about 3 minutes on 2 cores)
     python benchmarks/bench.py --tiny     # seconds: a tiny model, 1 round (used by tests/test_bench.py)
 
@@ -36,9 +36,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_lora import DoRA, LoRA, VeRA, inject, merge, param_groups, set_adapter
 from lightning_lora.files import write_json
+from lightning_lora.quantize import NF4, quantize
 
 SIZES = {
-    "default": dict(hidden_size=1024, num_hidden_layers=2, intermediate_size=2752, vocab_size=32000, heads=16, batch=4, seq=128),
+    "default": dict(hidden_size=1024, num_hidden_layers=2, intermediate_size=2752, vocab_size=8192, heads=16, batch=4, seq=128),
     "tiny": dict(hidden_size=64, num_hidden_layers=1, intermediate_size=96, vocab_size=128, heads=4, batch=2, seq=16),
 }
 KEYS = (
@@ -76,21 +77,6 @@ def share(model: nn.Module) -> nn.Module:
 def clone(model: nn.Module) -> nn.Module:
     """A full copy (for merge, which writes the weights in place)."""
     return copy.deepcopy(model)
-
-
-def nf4(model: nn.Module) -> nn.Module:
-    """Replace every linear layer except the head by a bitsandbytes NF4 ``Linear4bit`` (blocksize 64, double quant)."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)  # fmt: skip
-            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=64).to("cpu")  # fmt: skip
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
-    return model
 
 
 def nf4_bits(model: nn.Module) -> float:
@@ -153,12 +139,12 @@ def make_variants(base: nn.Module, ids: torch.Tensor, with_peft: bool) -> tuple[
     train("loraplus", lp, param_groups(lp, lr=LR, lr_ratio=16))
     train("dora", inject(share(base), DoRA(r=R, alpha=ALPHA)))
     train("vera", inject(share(base), VeRA(r=VERA_R)))
-    train("qlora", inject(nf4(share(base)), LoRA(r=R, alpha=ALPHA)))
+    train("qlora", inject(quantize(share(base), NF4()), LoRA(r=R, alpha=ALPHA)))
     if with_peft:
         train("peft_lora", peft_model(share(base), "lora"))
         train("peft_dora", peft_model(share(base), "dora"))
         train("peft_vera", peft_model(share(base), "vera"))
-        train("peft_qlora", peft_model(nf4(share(base)), "lora"))
+        train("peft_qlora", peft_model(quantize(share(base), NF4()), "lora"))
     infer = {"infer_base": share(base), "infer_unmerged": _perturbed(inject(share(base), LoRA(r=R, alpha=ALPHA)))}
     infer["infer_merged"] = merge(_perturbed(inject(clone(base), LoRA(r=R, alpha=ALPHA))))
     if with_peft:
@@ -176,19 +162,26 @@ def _perturbed(model: nn.Module) -> nn.Module:
     return model
 
 
-def time_rounds(steps: dict[str, Callable], rounds: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def time_rounds(steps: dict[str, Callable], rounds: int, warmup: int, seed: int = 0) -> dict[str, dict[str, list]]:
+    """Per variant, the wall-clock and the process CPU time of every timed step."""
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times = {name: {"wall": [], "cpu": []} for name in steps}
     order = list(steps)
     rng = random.Random(seed)
-    for _ in range(rounds):
+    for i in range(rounds):
+        say(f"round {i + 1}/{rounds}")
         rng.shuffle(order)  # no variant always runs right after the same neighbour
         for name in order:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
     return times
 
 
@@ -259,15 +252,19 @@ def swap_and_merge(base: nn.Module, ids: torch.Tensor, with_peft: bool, reps: in
     return out
 
 
-def run(size_name: str, rounds: int, warmup: int, with_peft: bool = True) -> dict:
+def run(size_name: str, rounds: int, warmup: int, with_peft: bool = True, clock: str = "cpu", threads: int = 1) -> dict:
     size = SIZES[size_name]
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = base_model(size)
     ids = torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]))
+    say("building variants")
     steps, models = make_variants(base, ids, with_peft)
+    say(f"warm-up ({warmup} step(s) each of {len(steps)} variants)")
     times = time_rounds(steps, rounds, warmup)
-    mins = {n: min(t) for n, t in times.items()}
-    meds = {n: statistics.median(t) for n, t in times.items()}
+    mins = {n: min(t[clock]) for n, t in times.items()}
+    meds = {n: statistics.median(t[clock]) for n, t in times.items()}
+    say("peak memory (profiler), activations, swap and merge")
     peaks = {n: peak_bytes(m, opt, steps[n]) for n, (m, opt) in models.items()}
 
     lora_model = models["lora"][0]
@@ -313,12 +310,14 @@ def run(size_name: str, rounds: int, warmup: int, with_peft: bool = True) -> dic
         )
     return {
         "ratios": {k: result.get(k) for k in (*KEYS, *PEFT_KEYS, "peft_dora_mem_vs_lora")},
-        "step_s": {n: {"min": mins[n], "median": meds[n], "n": len(times[n])} for n in times},
+        "step_s": {n: {"min": mins[n], "median": meds[n], "n": rounds, "clock": clock,
+                       "wall_min": min(t["wall"]), "wall_median": statistics.median(t["wall"])} for n, t in times.items()},
         "peak_mb": {n: v / 2**20 for n, v in peaks.items()},
         "activation_mb": {n: v / 2**20 for n, v in act.items()},
         "merge_s": {k: v for k, v in extra.items() if k != "swap_ms"},
         "setup": {"size": size_name, **size, "r": R, "alpha": ALPHA, "vera_r": VERA_R, "dtype": "float32",
-                  "targets": "all-linear (lm_head excluded, as PEFT)", "rounds": rounds, "warmup": warmup},
+                  "targets": "all-linear (lm_head excluded, as PEFT)", "rounds": rounds, "warmup": warmup,
+                  "clock": clock, "threads": threads},
         "machine": machine(),
     }  # fmt: skip
 
@@ -332,7 +331,7 @@ def machine() -> dict:
                 break
     import peft
 
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "peft": peft.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "peft": peft.__version__,
             "python": platform.python_version()}  # fmt: skip
 
 
@@ -344,10 +343,12 @@ def table(res: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for key in KEYS:
         lines.append(f"| {key} | {fmt(res['ratios'][key])} | {fmt(res['ratios'].get(peft_of.get(key, ''), None))} | {GOALS.get(key, '-')} |")
-    lines += ["", "| variant | min s | median s | peak MB |", "|---|---|---|---|"]
+    clock = res["setup"]["clock"]
+    lines += ["", f"| variant | min s ({clock}) | median s ({clock}) | median s (wall) | peak MB |", "|---|---|---|---|---|"]
     for name, t in res["step_s"].items():
         peak = res["peak_mb"].get(name)
-        lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {'-' if peak is None else f'{peak:.0f}'} |")
+        lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {t['wall_median']:.4f} | "
+                     f"{'-' if peak is None else f'{peak:.0f}'} |")
     lines += ["", "| activations saved for backward | MB |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in res["activation_mb"].items()]
     return "\n".join(lines)
@@ -355,16 +356,19 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 15 (about 3 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="4 rounds instead of 12")
     parser.add_argument("--tiny", action="store_true", help="tiny model, 1 round: checks the script, not the speed")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (overrides the mode)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="time steps by process CPU time (default; robust on a shared machine) or wall clock")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: no spin-waits)")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT variants (ratios vs PEFT become null)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.tiny else 5 if args.quick else 15)
+    rounds = args.rounds or (1 if args.tiny else 4 if args.quick else 12)
     warmup = 1 if args.tiny else args.warmup
-    res = run("tiny" if args.tiny else "default", rounds, warmup, with_peft=not args.no_peft)
+    res = run("tiny" if args.tiny else "default", rounds, warmup, not args.no_peft, args.clock, args.threads)
     res["command"] = " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
     print(table(res))
     write_json(res, args.out)

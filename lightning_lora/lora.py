@@ -74,21 +74,44 @@ class LoRA(AdapterConfig):
         }
 
 
+_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+
+
+def _shifts(device: torch.device) -> Tensor:
+    if device not in _BIT_SHIFTS:
+        _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _BIT_SHIFTS[device]
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor as uint8, 8 elements per byte (little-endian bit order), padded to a multiple of 8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return (flat.view(-1, 8) << _shifts(mask.device)).sum(1, dtype=torch.uint8)  # distinct bits: sum == or
+
+
+def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
+    flat = ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).view(-1)
+    return flat[: shape.numel()].view(shape).bool()
+
+
 class _LoRALinear(torch.autograd.Function):
     """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
 
-    Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask as bool
-    (1 byte/element); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept. With ``inplace``
+    Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask packed
+    8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept. With ``inplace``
     the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        mask = None
+        bits = None
         if p > 0.0:
             mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             h = torch.mm(x2 * mask, A.t()).mul_(1.0 / (1.0 - p))
+            bits = _pack_bits(mask)
         else:
             h = torch.mm(x2, A.t())
         if inplace:
@@ -98,16 +121,17 @@ class _LoRALinear(torch.autograd.Function):
         else:
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
         ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, mask, h, A, B)
+        ctx.save_for_backward(x, bits, h, A, B)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, mask, h, A, B = ctx.saved_tensors
+        x, bits, h, A, B = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        mask = None if bits is None else _unpack_bits(bits, x2.shape)
         grad_x = grad_A = grad_B = None
         if need_x or need_A:  # d out / d (A x_kept) = s * g B, times 1/(1-p) for the dropout rescale
             grad_h = torch.mm(g, B).mul_(scale if mask is None else scale / (1.0 - p))
@@ -180,6 +204,13 @@ class LoRABranch(AdapterBranch):
             return base_out + (after_A @ self.lora_B.t()).mul_(self.scale * weight).to(base_out.dtype)
         p = self.p if self.training else 0.0
         return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
+
+    def merged_weight(self, weight: Tensor, base_layer: nn.Module, scale: float = 1.0) -> Tensor:
+        """W + scale * s * B A in one fused GEMM (no dense delta temporary)."""
+        A, B = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
+        if self.embedding:
+            return torch.addmm(weight, A.t(), B.t(), alpha=scale * self.scale)
+        return torch.addmm(weight, B, A, alpha=scale * self.scale)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in) or (dim, vocab)
