@@ -29,6 +29,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_lora.distributed import export_from_rank_zero, shard_for
 from lightning_lora.inject import adapter_names, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
@@ -127,7 +128,7 @@ class AdapterCallback(Callback):
         # class's empty hook and skip it.
         def configure_model() -> None:
             originals["configure_model"]()
-            callback.inject_into(pl_module)
+            shard_for(pl_module, callback.inject_into(pl_module))  # FSDP2 under ModelParallelStrategy
 
         def on_save_checkpoint(checkpoint: dict) -> None:
             originals["on_save_checkpoint"](checkpoint)
@@ -147,13 +148,13 @@ class AdapterCallback(Callback):
                 vars(pl_module).pop(hook, None)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.export_dir is None or not trainer.is_global_zero:
+        if self.export_dir is None:
             return
-        from lightning_lora.export import export
-
         model = self.target_module(pl_module)
-        export(model, self.export_dir, name=self.name, base_model=_hf_source(model) if self.quantize else None,
-               tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
+        # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
+        export_from_rank_zero(model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name,
+                              base_model=_hf_source(model) if self.quantize else None,
+                              tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
 
 
 def _hf_source(model: nn.Module) -> str | None:

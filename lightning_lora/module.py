@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_lora.distributed import export_from_rank_zero, shard_for
 from lightning_lora.inject import adapter_state_dict, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
@@ -178,7 +179,8 @@ class LoRAModule(LightningModule):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.model = model
+        model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
+        self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -273,12 +275,12 @@ class LoRAModule(LightningModule):
         checkpoint[CKPT_KEY] = self.run_facts()
 
     def on_train_end(self) -> None:
-        if self.export_dir is None or not self.trainer.is_global_zero:
+        if self.export_dir is None:
             return
-        from lightning_lora.export import export
-
-        export(self.model, self.export_dir, name=self.adapter_name, base_model=self.base_model,
-               tokenizer=self._tokenizer, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)  # fmt: skip
+        # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
+        export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
+                              name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
+                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
