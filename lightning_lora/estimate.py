@@ -212,6 +212,9 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
             f"treats every adapted matrix as {config.hidden_size} x {config.hidden_size}; the real (in x out) shapes "
             f"are {shapes}, and a rank-r adapter on in x out has r (in + out) parameters: {c['trainable']:,} here."
         )
+    if gpu_memory is not None and 0 <= gpu_memory * GB - total < 0.05 * gpu_memory * GB:
+        notes.append(f"Tight: under 5% headroom in {gpu_memory:g} GB; allocator fragmentation and backward transients "
+                     "are not modelled (shorter sequences, --optimizer adamw8bit or a smaller r give room).")
     return dict(
         model=model, adapter=adapter, r=r, target_modules=target_modules, quantize=quantize,
         double_quant=bool(quantize) and double_quant, dtype=dtype, adapter_dtype=adapter_dtype, optimizer=optimizer,

@@ -58,7 +58,8 @@ def test_llama2_70b_nf4_weights():
 
 def test_qlora_70b_fits_48gb_and_flips():
     kw = dict(quantize="nf4", batch_size=1, seq_len=2048, gradient_checkpointing=True)
-    assert estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, **kw)["fits"] is True
+    fits = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, **kw)
+    assert fits["fits"] is True and any(n.startswith("Tight") for n in fits["notes"])  # 47.8 GB of 48
     res = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=40, **kw)
     assert res["fits"] is False and res["total_bytes"] > 40e9
     no_ckpt = estimate("llama-2-70b", "lora", 64, "all-linear", gpu_memory=48, **{**kw, "gradient_checkpointing": False})
@@ -90,6 +91,7 @@ def test_presets_match_published_sizes(name, expected):
     assert estimate(name, "lora", 8, ["q_proj"])["base_params"] == expected
 
 
+@pytest.mark.slow  # ~25 s: builds and initializes the 135M-parameter model on CPU
 def test_smollm2_static_bytes_match_a_real_adamw_step():
     """Weights + adapters + optimizer state of the real (random-init, same shapes) model after one AdamW step."""
     torch.manual_seed(0)
