@@ -93,7 +93,8 @@ def combine(
         raise ValueError(f"combine: method must be 'cat' (exact) or 'svd' (truncated), got {method!r}.")
 
     layers = {t: layer for t, layer in adapter_layers(model).items() if any(a in layer.adapters for a in weights)}
-    ranks = {a: next(factors(layer.adapters[a])[1].shape[0] for layer in layers.values() if a in layer.adapters) for a in weights}
+    first = {a: next(layer.adapters[a] for layer in layers.values() if a in layer.adapters) for a in weights}
+    ranks = {a: factors(branch)[1].shape[0] for a, branch in first.items()}  # raises for DoRA
     total = sum(ranks.values())
     if method == "cat" and rank is not None and rank != total:
         raise ValueError(f"combine: 'cat' gives rank {total} (the sum of {ranks}); leave rank=None or use method='svd'.")

@@ -56,7 +56,8 @@ def load_adapters_weighted(model: nn.Module, adapters: Mapping[str, float]) -> d
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tokenizer(prompt, return_tensors="pt").input_ids
 
@@ -78,7 +79,8 @@ def generate_variants(
     if compare:
         rows = [None, *weights]  # one row per variant, same prompt, so no padding is needed
         with per_sample_adapters(model, rows):
-            outs = decode(model.generate(ids.expand(len(rows), -1), attention_mask=torch.ones_like(ids).expand(len(rows), -1), **kwargs))
+            batch = ids.expand(len(rows), -1)
+            outs = decode(model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs))
         texts.update(zip(["base", *weights], outs))
     if not compare or len(weights) > 1 or next(iter(weights.values())) != 1.0:
         set_adapter(model, dict(weights))

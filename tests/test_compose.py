@@ -97,7 +97,8 @@ def test_svd_error_matches_eckart_young_and_vanishes_at_full_rank(ids):
     ll.set_adapter(model, "svd10")
     torch.testing.assert_close(model(ids).logits, merged_reference(model, WEIGHTS)(ids).logits, atol=1e-5, rtol=0)
     ll.set_adapter(model, "svd3")  # the truncated adapter computes exactly its own low-rank dW
-    approx = {t: m.adapters["svd3"].delta_weight(m.base_layer) for t, m in model.named_modules() if isinstance(m, ll.AdapterLayer) and "svd3" in m.adapters}
+    layers = {t: m for t, m in model.named_modules() if isinstance(m, ll.AdapterLayer) and "svd3" in m.adapters}
+    approx = {t: m.adapters["svd3"].delta_weight(m.base_layer) for t, m in layers.items()}
     num = sum(float((approx[t].detach() - d).pow(2).sum()) for t, d in deltas.items())
     den = sum(float(d.pow(2).sum()) for d in deltas.values())
     assert math.sqrt(num / den) == pytest.approx(errors[3], rel=1e-4)
