@@ -5,14 +5,20 @@ The weight is split into a magnitude m (one per output row) and a direction; LoR
     W' = m * (W + s B A) / n,   n = ||W + s B A||_row  (norm over the input dim, one per output)
 
 m starts at ||W||_row, so W' = W at init. As the paper suggests (section 4.3) n is treated as a constant in backward
-(detached), which saves memory at no accuracy cost. Applied to an input, with y0 = W x the base output without bias:
+(detached), which saves memory at no accuracy cost. Applied to an input, with y0 = W x the base output without bias
+and f = m / n:
 
-    y = (m / n) * (y0 + s B A dropout(x)) + bias
+    y = f * (y0 + s B A dropout(x)) + bias
 
 so the base output is reused and no (out x in) matrix is ever built: n comes from low-rank terms,
 
     n^2 = ||W||^2_row + 2 s <W, B A>_row + s^2 ||B A||^2_row,
-    <W, B A>_row = rowsum((W A^T) * B),   ||B A||^2_row = rowsum((B (A A^T)) * B).
+    <W, B A>_row = rowsum((W A^T) * B),   ||B A||^2_row = rowsum((B (A A^T)) * B),
+
+with ||W||^2_row cached for dense bases (recomputed when the weight changes). One autograd function computes y and
+saves only the input x (the base layer saves it too), the r-wide h = A dropout(x), a 1-byte dropout mask, and its own
+output y; the magnitude's gradient sum_tokens(g * (y0 + s B h)) / n equals sum_tokens(g * (y - bias)) / m, so no
+(tokens, out) activation is kept besides y, which the next op (activation, attention) often saves anyway.
 
 Deviation from PEFT: with dropout PEFT recomputes W dropout(x) for the magnitude term; here the (undropped) base
 output is reused, as the formula above states. Without dropout (and in eval) both are identical.
@@ -27,13 +33,18 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import dense_weight
-from lightning_lora.lora import LoRA, LoRABranch, lora_linear
+from lightning_lora.layers import dense_weight, is_quantized
+from lightning_lora.lora import LoRA, LoRABranch
 
 
 @dataclasses.dataclass
 class DoRA(LoRA):
-    """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4)."""
+    """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4).
+
+    Example::
+
+        inject(model, DoRA(r=16, alpha=32, target_modules="all-linear"))
+    """
 
     method: ClassVar[str] = "DoRA"
     supports: ClassVar[tuple] = (nn.Linear, Conv1D)
@@ -45,13 +56,79 @@ class DoRA(LoRA):
         return {**super().to_peft(targets), "use_dora": True}
 
 
-def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """||W + s B A||_row from low-rank terms, in fp32, without forming B A (see module docstring)."""
+def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tensor | None = None) -> Tensor:
+    """||W + s B A||_row from low-rank terms, in fp32, without forming B A (see module docstring).
+
+    ``weight_sq`` is ||W||^2_row if already known (fp32, shape (out,)).
+    """
     W, A, B = weight.float(), A.float(), B.float()
-    squared = W.pow(2).sum(1)
+    squared = (W.pow(2).sum(1) if weight_sq is None else weight_sq).clone()
     squared += (2.0 * scale) * ((W @ A.t()) * B).sum(1)
     squared += (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
     return squared.clamp_min_(0.0).sqrt_()
+
+
+class _DoRALinear(torch.autograd.Function):
+    """y = f * (base_out - bias + s * (dropout(x) A^T) B^T) + bias, f = m / n, for x (N, in), base_out (N, out)."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, A, B, magnitude, norm, bias, scale: float, p: float):
+        mask, x_in = None, x
+        if p > 0.0:
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            x_in = x * mask * (1.0 / (1.0 - p))
+        h = x_in @ A.t()
+        factor = magnitude / norm
+        if bias is None:
+            out = torch.addmm(base_out, h, B.t(), alpha=scale).mul_(factor)
+        else:  # f * (y0 + s B h) - y0 + base_out: bit-exact base_out when f = 1 and B = 0 (init)
+            y0 = base_out - bias
+            out = torch.addmm(y0, h, B.t(), alpha=scale).mul_(factor).sub_(y0).add_(base_out)
+        # Rows whose direction cannot be read back from out accurately keep their own columns: m = 0 (out is the
+        # bias alone) and, with a bias, |f| < 1/16 (out - bias would cancel digits). Rare in training: f starts at 1.
+        hard = magnitude == 0 if bias is None else factor.abs() < 0.0625
+        rows = hard.nonzero().flatten() if bool(hard.any()) else None
+        kept = None
+        if rows is not None:
+            y0 = base_out[:, rows] if bias is None else base_out[:, rows] - bias[rows]
+            kept = torch.addmm(y0, h, B[rows].t(), alpha=scale) / norm[rows]
+        ctx.scale, ctx.p = scale, p
+        ctx.save_for_backward(x, mask, h, A, B, magnitude, factor, bias, out, rows, kept)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.p
+        need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
+        grad_x = grad_base = grad_A = grad_B = grad_m = None
+        grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
+        if need_x or need_A:
+            grad_h = (grad_dir @ B).mul_(scale)
+            if need_A:
+                grad_A = grad_h.t() @ (x if mask is None else x * mask * (1.0 / (1.0 - p)))
+            if need_x:
+                grad_x = grad_h @ A
+                if mask is not None:
+                    grad_x.mul_(mask).mul_(1.0 / (1.0 - p))
+        if need_B:
+            grad_B = (grad_dir.t() @ h).mul_(scale)
+        if need_m:
+            # sum_tokens g * direction / n = sum_tokens g * (out - bias) / m
+            grad_m = torch.linalg.vecdot(grad_out, out if bias is None else out - bias, dim=0).div_(magnitude)
+            if rows is not None:
+                grad_m[rows] = (grad_out[:, rows] * kept).sum(0)
+        return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, None, None, None
+
+
+def dora_linear(x, base_out, A, B, magnitude, norm, bias, scale: float, p: float) -> Tensor:
+    """``m / n * (base_out - bias + scale * B A dropout_p(x)) + bias`` over any leading dims, in the adapter's dtype."""
+    lead, dtype = base_out.shape[:-1], A.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
+    bias = None if bias is None else bias.detach().to(dtype)
+    out = _DoRALinear.apply(x2, base2, A, B, magnitude, norm.to(dtype), bias, scale, p)
+    return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
 
 
 class DoRABranch(LoRABranch):
@@ -61,21 +138,30 @@ class DoRABranch(LoRABranch):
 
     def __init__(self, config: DoRA, base_layer: nn.Module):
         super().__init__(config, base_layer)
+        self._weight_sq: tuple[tuple, Tensor] | None = None  # (key of the weight it was computed from, ||W||^2_row)
         with torch.no_grad():  # the same computation as in forward, so m / n is exactly 1 at init
-            norm = row_norm(dense_weight(base_layer), self.lora_A, self.lora_B, self.scale)
+            norm = self.norm(base_layer)
         self.magnitude = nn.Parameter(norm.to(self.lora_A.dtype))
+
+    @torch.no_grad()
+    def norm(self, base_layer: nn.Module) -> Tensor:
+        """n = ||W + s B A||_row in fp32, detached; ||W||^2_row is cached while a dense weight stays the same."""
+        weight = dense_weight(base_layer)
+        if is_quantized(base_layer):
+            return row_norm(weight, self.lora_A, self.lora_B, self.scale)
+        raw = base_layer.weight
+        key = (raw.data_ptr(), raw._version, raw.device, raw.dtype, tuple(raw.shape))
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            self._weight_sq = (key, weight.float().pow(2).sum(1))
+        return row_norm(weight, self.lora_A, self.lora_B, self.scale, self._weight_sq[1])
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         if weight != 1.0:
             raise ValueError("DoRA adapters cannot be weighted at run time (the magnitude is not additive).")
-        with torch.no_grad():
-            norm = row_norm(dense_weight(base_layer), self.lora_A, self.lora_B, self.scale)
-        bias = base_layer.bias
-        y0 = base_out if bias is None else base_out - bias
         p = self.p if self.training else 0.0
-        direction = lora_linear(x, y0, self.lora_A, self.lora_B, self.scale, p)  # W x + s B A x
-        factor = (self.magnitude / norm.to(self.magnitude.dtype)).to(direction.dtype)
-        return base_out + (direction * factor - y0)  # = factor * direction + bias, exact at init
+        return dora_linear(
+            x, base_out, self.lora_A, self.lora_B, self.magnitude, self.norm(base_layer), base_layer.bias, self.scale, p
+        )
 
     def merged_weight(self, weight: Tensor, base_layer: nn.Module, scale: float = 1.0) -> Tensor:
         if scale != 1.0:

@@ -8,6 +8,11 @@ uses the top-left slices A_s (r, in), B_s (out, r) and trains only two vectors:
 A and B are drawn exactly as PEFT draws them (Kaiming-uniform with gain sqrt(2), fan-in mode, from
 ``torch.Generator("cpu").manual_seed(seed)``, A first, fp32), so they can be regenerated from the seed instead of saved
 and files interoperate with PEFT.
+
+The branch is one autograd function that saves only the input x (the base layer saves it too), the r-wide
+u = A_s dropout(x) and, with dropout, a 1-byte mask. lambda_b's gradient sum_tokens(g * (B_s h)) is computed as
+rowsum((g^T h) * B_s) with h = lambda_d * u, so no (tokens, out) activation is kept; lambda_b is folded into B_s
+((out, r), not (tokens, out)) before the products.
 """
 
 from __future__ import annotations
@@ -90,6 +95,41 @@ class VeRA(AdapterConfig):
         }
 
 
+class _VeRALinear(torch.autograd.Function):
+    """out = base_out + w * lambda_b * ((lambda_d * (dropout(x) A^T)) B^T) for x (N, in), base_out (N, out)."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, A, B, lambda_d, lambda_b, weight: float, p: float):
+        mask, x_in = None, x
+        if p > 0.0:
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            x_in = x * mask * (1.0 / (1.0 - p))
+        u = x_in @ A.t()
+        scaled_B = B * (lambda_b * weight)[:, None]
+        out = torch.addmm(base_out, u * lambda_d, scaled_B.t())
+        ctx.weight, ctx.p = weight, p
+        ctx.save_for_backward(x, mask, u, A, B, lambda_d, lambda_b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, u, A, B, lambda_d, lambda_b = ctx.saved_tensors
+        weight, p = ctx.weight, ctx.p
+        need_x, need_base, _, _, need_d, need_b = ctx.needs_input_grad[:6]
+        grad_x = grad_d = grad_b = None
+        if need_b:
+            grad_b = ((grad_out.t() @ (u * lambda_d)) * B).sum(1).mul_(weight)
+        if need_x or need_d:
+            grad_h = grad_out @ (B * (lambda_b * weight)[:, None])  # (N, r)
+            if need_d:
+                grad_d = torch.linalg.vecdot(grad_h, u, dim=0)
+            if need_x:
+                grad_x = (grad_h * lambda_d) @ A
+                if mask is not None:
+                    grad_x.mul_(mask).mul_(1.0 / (1.0 - p))
+        return grad_x, (grad_out if need_base else None), None, None, grad_d, grad_b, None, None
+
+
 class VeRABranch(AdapterBranch):
     """VeRA on one layer: trained ``lambda_d`` (r,) and ``lambda_b`` (out,), shared frozen projections."""
 
@@ -108,12 +148,12 @@ class VeRABranch(AdapterBranch):
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         A, B = self.sliced()
-        x = x.to(self.lambda_d.dtype)
-        if self.training and self.p > 0:
-            x = nn.functional.dropout(x, self.p)
-        h = (x @ A.t()) * self.lambda_d
-        delta = (h @ B.t()) * (self.lambda_b * weight)
-        return base_out + delta.to(base_out.dtype)
+        dtype, lead = self.lambda_d.dtype, base_out.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
+        p = self.p if self.training else 0.0
+        out = _VeRALinear.apply(x2, base2, A, B, self.lambda_d, self.lambda_b, float(weight), p)
+        return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         A, B = self.sliced()
