@@ -17,6 +17,8 @@ from lightning_lora.layers import AdapterBranch, AdapterConfig, AdapterLayer, de
 from lightning_lora.targets import find_targets
 
 _REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection
+_LAYER_CACHE = "_lightning_lora_layers"  # (structure version, adapted layers) cached for set_adapter
+_structure_version = 0  # bumped whenever a verb here replaces a module, which invalidates every layer cache
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -64,9 +66,9 @@ def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -
     for target, branch in plan:
         layer = model.get_submodule(target)
         if not isinstance(layer, AdapterLayer):
-            layer = AdapterLayer(layer)
+            layer = AdapterLayer(layer).train(layer.training)
             _set_submodule(model, target, layer)
-        layer.adapters[name] = branch
+        layer.adapters[name] = branch.train(layer.training)  # an eval-mode model stays in eval mode (no dropout)
     set_adapter(model, name if first else active_adapters(model))
     return model
 
@@ -89,20 +91,33 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
     Only active adapters train (``requires_grad``); no base weight changes, so swapping is cheap.
     """
     weights = {adapters: 1.0} if isinstance(adapters, str) else dict(adapters) if isinstance(adapters, Mapping) else dict.fromkeys(adapters, 1.0)
-    layers = adapter_layers(model)
-    known = adapter_names(model)
+    # A swap touches only plain dicts and tensor flags (no module walk, no nn.Module attribute machinery), so it
+    # costs microseconds per layer; the adapted layers are cached until a verb here changes the model's structure.
+    branches = [layer._modules["adapters"]._modules for layer in _cached_layers(model)]
+    known = list(dict.fromkeys(n for layer_branches in branches for n in layer_branches))
     unknown = [n for n in weights if n not in known]
     if unknown:
         raise ValueError(f"no adapter named {unknown} on the model; it has {known}.")
-    for layer in layers.values():
+    for layer_branches in branches:
         for n, w in weights.items():
-            if n in layer.adapters and w != 1.0 and not layer.adapters[n].additive:
-                raise ValueError(f"adapter {n!r} ({layer.adapters[n].config.method}) cannot be weighted; use weight 1.")
-    for layer in layers.values():
-        layer.active = dict(weights)
-        for n, branch in layer.adapters.items():
-            branch.requires_grad_(n in weights)
+            if n in layer_branches and w != 1.0 and not layer_branches[n].additive:
+                raise ValueError(f"adapter {n!r} ({layer_branches[n].config.method}) cannot be weighted; use weight 1.")
+    for layer, layer_branches in zip(_cached_layers(model), branches):
+        layer.__dict__["active"] = dict(weights)
+        for n, branch in layer_branches.items():
+            for p in branch._parameters.values():
+                if p is not None:
+                    p.requires_grad_(n in weights)
     return model
+
+
+def _cached_layers(model: nn.Module) -> list[AdapterLayer]:
+    """``adapter_layers(model)`` without walking every module on each swap; rebuilt after any structural change."""
+    cached = model.__dict__.get(_LAYER_CACHE)
+    if cached is None or cached[0] != _structure_version:
+        cached = (_structure_version, list(adapter_layers(model).values()))
+        model.__dict__[_LAYER_CACHE] = cached
+    return cached[1]
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -157,10 +172,27 @@ def merge(
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
                 )
             merged[target] = weight
+    for target in merged:
+        _untie(model, target, layers[target].base_layer)
     for target, weight in merged.items():
         _set_submodule(model, target, merged_base_layer(layers[target].base_layer, weight, dtype))
     _restore_requires_grad(model)
     return model
+
+
+def _untie(model: nn.Module, target: str, base: nn.Module) -> None:
+    """Give ``base`` its own weight if it shares it with another module (tied input/output embeddings), so the merge
+    changes only this layer; the model's config then says the embeddings are no longer tied."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, nn.Parameter) or is_quantized(base):
+        return
+    users = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if len(users) > 1:
+        base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        warnings.warn(f"merge: {target!r} shared its weight with {users}; it was untied so the merge changes only it.", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -205,6 +237,9 @@ def _original_weight(target: str, base: nn.Module, base_weights: Mapping[str, Te
 
 
 def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
+    global _structure_version
+    _structure_version += 1
+    model.__dict__.pop(_LAYER_CACHE, None)  # do not keep replaced layers alive
     parent_name, _, child = target.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
