@@ -72,11 +72,11 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         add("unquantized base", t)
 
     opt = report["optimizer state"]
-    states = [v for s in (optimizer.state.values() if optimizer is not None else ()) for v in s.values()]
+    states = [v for s in (optimizer.state.values() if optimizer is not None else ()) for k, v in s.items() if k != "step"]
     if any(torch.is_tensor(v) for v in states):
         opt["source"] = "measured"
         for v in states:
-            if torch.is_tensor(v) and v.numel() > 1:  # the scalar step counters are not state worth counting
+            if torch.is_tensor(v):
                 opt["params"] += v.numel()
                 opt["bytes"] += _nbytes(v)
     else:
