@@ -146,7 +146,8 @@ def test_fsdp2_checkpoint_holds_full_adapter_and_resumes(runs):
 @pytest.mark.slow
 @pytest.mark.skipif(not QLORA, reason="lightning_lora.quantize (NF4) is not available")
 def test_fsdp2_qlora_float_storage_trains_like_one_process_uint8(runs, base, tmp_path):
-    """NF4 with quant_storage=float32 shards under FSDP2 and trains exactly like unsharded NF4 in uint8 storage."""
+    """NF4 with quant_storage=float32 shards under FSDP2 (here with gradient checkpointing) and trains exactly like
+    unsharded NF4 in uint8 storage without checkpointing."""
     import json
 
     from lightning_lora.quantize import NF4
@@ -240,7 +241,7 @@ def _plain_module(base: str):
 
 
 def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=False, ckpt_path=None, quantize=None,
-         devices=2, batch=BATCH, checkpoint=False, export=False):  # fmt: skip
+         devices=2, batch=BATCH, checkpoint=False, export=False, gradient_checkpointing=False):  # fmt: skip
     """Train ``STEPS`` steps, optionally checkpointing every step to out/<tag>.ckpt/ and exporting to
     out/<tag>.export/; write each rank's full adapter to out/<tag>.rank<r>.safetensors (and whether it was sharded).
     """
@@ -271,7 +272,7 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
         callbacks.append(AdapterCallback(_adapter(adapter), target="model", export_dir=export_dir))
     else:
         module = LoRAModule(base, adapter=_adapter(adapter), optimizer=_optimizer, export_dir=export_dir,
-                            quantize=quantize)  # fmt: skip
+                            quantize=quantize, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     plugins = [CountingIO()] if strategy == "ddp" else None
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, plugins=plugins,
@@ -299,7 +300,8 @@ def worker(out: Path, base: str) -> None:
     if QLORA:
         from lightning_lora.quantize import NF4
 
-        _fit(out, "fsdp_qlora", base, fsdp(), "lora", quantize=NF4(quant_storage="float32"), export=True)
+        _fit(out, "fsdp_qlora", base, fsdp(), "lora", quantize=NF4(quant_storage="float32"), export=True,
+             gradient_checkpointing=True)
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), sys.argv[2])
