@@ -17,6 +17,8 @@ magnitudes B's rate (as PEFT's helper does) makes them move ``lr_ratio`` times f
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from lightning_lora.lora import LoRABranch
@@ -31,16 +33,25 @@ def param_groups(
 ) -> list[dict]:
     """Named optimizer groups for LoRA+ (see the module docstring); empty groups are left out.
 
-    Example::
+    Learning-rate schedulers scale each group from its own ``lr`` (they multiply every group's initial lr).
 
-        torch.optim.AdamW(param_groups(model, lr=2e-4, lr_ratio=16))
+    Example (also the one line for an ``AdapterCallback`` user's own ``configure_optimizers``)::
+
+        return torch.optim.AdamW(lightning_lora.param_groups(self, lr=2e-4, lr_ratio=16))
+
+    Raises:
+        ValueError: ``lr``, ``lr_ratio`` or ``embedding_lr`` is not a finite number > 0.
     """
-    if not lr > 0:
-        raise ValueError(f"param_groups: lr must be > 0, got {lr}.")
-    if not lr_ratio > 0:
-        raise ValueError(f"param_groups: lr_ratio must be > 0 (LoRA+ uses 16 to 20; 1 is plain LoRA), got {lr_ratio}.")
-    if embedding_lr is not None and not embedding_lr > 0:
-        raise ValueError(f"param_groups: embedding_lr must be > 0 or None, got {embedding_lr}.")
+    if not _positive(lr):
+        raise ValueError(f"param_groups: lr must be a finite number > 0, got {lr!r}.")
+    if not _positive(lr_ratio):
+        raise ValueError(
+            f"param_groups: lr_ratio must be a finite number > 0 (LoRA+ uses 16 to 20; 1 is plain LoRA), got {lr_ratio!r}."
+        )
+    if embedding_lr is not None and not _positive(embedding_lr):
+        raise ValueError(f"param_groups: embedding_lr must be a finite number > 0 or None, got {embedding_lr!r}.")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}.")
     role: dict[int, str] = {}
     for module in model.modules():
         if isinstance(module, LoRABranch):
@@ -64,3 +75,7 @@ def param_groups(
         for name, params in grouped.items()
         if params
     ]
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
