@@ -73,7 +73,8 @@ def export(
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
         load_adapter(merged, adapter_dir, name)
     else:
-        merged = model if in_place else copy.deepcopy(model)
+        # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
+        merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})
     merge(merged)
     merged = _cast(merged, dtype)
     with atomic_dir(merged_dir) as tmp:

@@ -1,0 +1,89 @@
+"""The CLI end to end in subprocesses (tiny model folder, 2 steps, export, offline export) and in-process parsing of
+the adapter's class_path/init_args overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lora.cli import make_cli
+from tiny_assets import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "lightning_lora", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_fit_then_offline_export_in_subprocesses(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(24)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _python(
+        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--model.base_model", str(model_dir), "--model.adapter.init_args.r", "16",
+        "--data.init_args.source", "null", "--data.init_args.path", str(tmp_path / "pairs.jsonl"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--model.export_dir", str(tmp_path / "export"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "validation before training" in out and "after training: val_loss" in out
+    assert f"merged model written to {tmp_path / 'export' / 'merged'}" in out
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16  # the command-line override reached the adapter
+    ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=True)["state_dict"]
+    assert state and all(".adapters.default.lora_" in k for k in state)
+
+    _python("export", "--ckpt_path", str(ckpts[0]), "--export_dir", str(tmp_path / "offline"), cwd=tmp_path)
+    from lightning_lora.files import load_tensors
+
+    a = load_tensors(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "offline" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "offline" / "merged" / "config.json").is_file()
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when sys.argv (pytest's here) and args= are both given."""
+    monkeypatch.setattr(sys, "argv", ["lightning_lora"])
+
+
+def _printed(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        make_cli(argv)
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_adapter_class_path_overrides(capsys):
+    base = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
+    out = _printed([*base, "--model.adapter.init_args.r", "16", "--print_config"], capsys)
+    assert "class_path: lightning_lora.LoRA" in out and "r: 16" in out
+    out = _printed([*base, "--model.adapter", "lightning_lora.DoRA", "--model.adapter.init_args.r", "4",
+                    "--print_config"], capsys)  # fmt: skip
+    assert "class_path: lightning_lora.DoRA" in out and "r: 4" in out
+    out = _printed([*base, "--model.lr_ratio", "16", "--trainer.max_steps", "7", "--print_config"], capsys)
+    assert "lr_ratio: 16.0" in out and "max_steps: 7" in out
+
+
+def test_unknown_command_says_usage():
+    from lightning_lora.cli import main
+
+    with pytest.raises(SystemExit, match="usage"):
+        main(["train"])
