@@ -126,20 +126,23 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert any(".lora_B" in k and a[k].abs().sum() > 0 for k in a)
 
 
-def test_export_merged_matches_formula(tmp_path):
+@pytest.mark.parametrize("target", ["net", None])
+def test_export_merged_matches_formula(tmp_path, target):
     seed_everything(0)
     module = InInit()
     base = {k: v.clone() for k, v in module.net.state_dict().items()}
-    callback = AdapterCallback(LoRA(r=2, alpha=6), target="net", export_dir=str(tmp_path / "out"))
+    callback = AdapterCallback(LoRA(r=2, alpha=6), target=target, export_dir=str(tmp_path / "out"))
     Trainer(max_steps=3, enable_checkpointing=False, callbacks=[callback], **QUIET).fit(module, data())
     merged = load_tensors(tmp_path / "out" / "merged" / "model.safetensors")
     adapter = load_tensors(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    prefix = "" if target else "net."
     for i in (0, 2, 4):
-        A = adapter[f"base_model.model.{i}.lora_A.weight"]
-        B = adapter[f"base_model.model.{i}.lora_B.weight"]
+        A = adapter[f"base_model.model.{prefix}{i}.lora_A.weight"]
+        B = adapter[f"base_model.model.{prefix}{i}.lora_B.weight"]
         expected = base[f"{i}.weight"] + (6 / 2) * B @ A
-        torch.testing.assert_close(merged[f"{i}.weight"], expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(merged[f"{i}.bias"], base[f"{i}.bias"], rtol=0, atol=0)
+        torch.testing.assert_close(merged[f"{prefix}{i}.weight"], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[f"{prefix}{i}.bias"], base[f"{i}.bias"], rtol=0, atol=0)
+    assert isinstance(module.net[0], lightning_lora.AdapterLayer)  # the export merged a copy, not the module
 
 
 def test_lora_plus_one_line():
