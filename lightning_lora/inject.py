@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.layers import AdapterBranch, AdapterConfig, AdapterLayer, dense_weight, is_quantized, merged_base_layer
+from lightning_lora.quantize import nf4_rounding_error, warn_merge_without_originals
 from lightning_lora.targets import find_targets
 
 _REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection
@@ -160,18 +161,22 @@ def merge(
     if not layers:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
     merged: dict[str, Tensor] = {}
+    rounded: dict[str, tuple[float, float]] = {}  # quantized layers merged without their original weight
     with torch.no_grad():
         for target, layer in layers.items():
-            weight = _original_weight(target, layer.base_layer, base_weights)
+            weight = start = _original_weight(target, layer.base_layer, base_weights)
             for name, scale in layer.active.items():
                 if name in layer.adapters:
                     weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
+            if is_quantized(layer.base_layer) and not (base_weights is not None and target in base_weights):
+                rounded[target] = (nf4_rounding_error(layer.base_layer), float((weight - start).norm() / start.norm()))
             if not torch.isfinite(weight).all():
                 raise ValueError(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
                 )
             merged[target] = weight
+    warn_merge_without_originals(rounded)
     for target in merged:
         _untie(model, target, layers[target].base_layer)
     for target, weight in merged.items():
@@ -227,13 +232,7 @@ def _original_weight(target: str, base: nn.Module, base_weights: Mapping[str, Te
         if tuple(given.shape) != tuple(current.shape):
             raise ValueError(f"merge: base weight for {target!r} has shape {tuple(given.shape)}, expected {tuple(current.shape)}.")
         return given.to(current.device)
-    if is_quantized(base):
-        warnings.warn(
-            f"merge: {target!r} is quantized and no high-precision weight was given; merging into the dequantized "
-            "NF4 weight keeps its rounding error (pass base_weights=... to avoid it).",
-            stacklevel=3,
-        )
-    return current.detach().clone()
+    return current.detach().clone()  # a quantized base without its original: merge warns with the measured error
 
 
 def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:

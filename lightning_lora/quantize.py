@@ -268,3 +268,23 @@ def nf4_rounding_error(layer: nn.Module) -> float:
     mse = ((hi - v) ** 3 - (lo - v) ** 3) / (3 * width) * absmax**2
     mse.scatter_(1, blocks.abs().argmax(1, keepdim=True), 0.0)  # one weight per block (its absmax) is exact
     return float(mse.sum().sqrt() / w.norm().clamp_min(1e-30))
+
+
+def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]], stacklevel: int = 3) -> None:
+    """One warning for a merge into dequantized NF4 weights; ``errors[layer] = (rounding error, update RMS)`` as
+    relative RMS of the weight (``nf4_rounding_error``) and the adapter update's RMS over the weight's RMS."""
+    if not errors:
+        return
+    import warnings
+
+    worst = max(errors, key=lambda n: errors[n][0] / max(errors[n][1], 1e-30))
+    mean = sum(e for e, _ in errors.values()) / len(errors)
+    err, upd = errors[worst]
+    warnings.warn(
+        f"merge: {len(errors)} quantized layer(s) had no high-precision weight, so the adapters were merged into the "
+        f"dequantized NF4 weights, which keep their rounding error: estimated {100 * mean:.1f}% of the weights' RMS "
+        f"on average (from the 4-bit codes, see nf4_rounding_error); worst relative to the adapter update: {worst!r}, "
+        f"rounding {100 * err:.1f}% vs update {100 * upd:.2f}% of the weight ({err / max(upd, 1e-30):.1f}x). "
+        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly.",
+        stacklevel=stacklevel,
+    )

@@ -3,6 +3,7 @@ merged export against the high-precision base checked with PEFT as the oracle, a
 
 import copy
 import functools
+import re
 import warnings
 
 import pytest
@@ -35,6 +36,10 @@ def train(model, steps, lr=1e-2, ids=IDS):
         opt.step()
         losses.append(loss.item())
     return losses, opt
+
+
+def rel_rms(a, b):
+    return float((a - b).norm() / b.norm())
 
 
 def dequantized(layer):
@@ -99,9 +104,13 @@ def test_merged_export_equals_high_precision_base_plus_adapter(tmp_path):
         want, got = oracle.eval()(IDS).logits, model(IDS).logits
     assert (got - want).abs().max() < 1e-5
 
-    # merging into the dequantized NF4 weights instead warns, and is visibly off by the NF4 rounding
-    with pytest.warns(UserWarning, match="quantized"):
+    # merging into the dequantized NF4 weights instead warns with the estimated rounding error, and is visibly off
+    originals = original_weights(tmp_path / "base", names)
+    true = [rel_rms(dequantized(without_originals.get_submodule(n).base_layer), originals[n]) for n in names]
+    with pytest.warns(UserWarning, match=f"{len(names)} quantized layer.* estimated ([0-9.]+)% of the weights") as got:
         merge(without_originals)
+    stated = float(re.search(r"estimated ([0-9.]+)%", str(got[0].message)).group(1)) / 100
+    assert abs(stated - sum(true) / len(true)) < 0.1 * stated
     with torch.no_grad():
         assert (without_originals(IDS).logits - want).abs().max() > 100 * 1e-5
 
