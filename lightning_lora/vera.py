@@ -9,9 +9,10 @@ A and B are drawn exactly as PEFT draws them (Kaiming-uniform with gain sqrt(2),
 ``torch.Generator("cpu").manual_seed(seed)``, A first, fp32), so they can be regenerated from the seed instead of saved
 and files interoperate with PEFT.
 
-The branch is one autograd function that saves only the input x (the base layer saves it too), the r-wide
-u = A_s dropout(x) and, with dropout, a 1-byte mask. lambda_b's gradient sum_tokens(g * (B_s h)) is computed as
-rowsum((g^T h) * B_s) with h = lambda_d * u, so no (tokens, out) activation is kept; lambda_b is folded into B_s
+Cost: u = A_s dropout(x) is computed once per input tensor and shared by the layers that read it (q, k, v read the
+same hidden states, as do gate and up, and A is shared), so its forward and backward GEMMs run once, not three times.
+The rest is one autograd function that saves only u (r wide) and no (tokens, out) activation: lambda_b's gradient
+sum_tokens(g * (B_s h)) is computed as rowsum((g^T h) * B_s) with h = lambda_d * u, and lambda_b is folded into B_s
 ((out, r), not (tokens, out)) before the products.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import ClassVar
 
 import torch
@@ -39,6 +41,7 @@ class Projections:
     def __init__(self, A: Tensor, B: Tensor):
         self.A, self.B = A, B
         self._copies: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._last: tuple | None = None  # (weakref to the input, key, u) of the last shared input projection
 
     @classmethod
     def generate(cls, seed: int, r: int, max_in: int, max_out: int) -> Projections:
@@ -52,6 +55,24 @@ class Projections:
         if key not in self._copies:
             self._copies[key] = (self.A.to(device, dtype), self.B.to(device, dtype))
         return self._copies[key]
+
+    def project(self, x: Tensor, n_in: int, dtype: torch.dtype, p: float) -> Tensor:
+        """u = A[:, :n_in] dropout_p(x) as (tokens, r); without dropout, reused while the same input tensor comes in.
+
+        The reuse is keyed on the input object itself (a weak reference), its version counter and the grad mode, so
+        a changed or different tensor is always projected anew; autograd sums the layers' gradients into u.
+        """
+        A = self.on(x.device, dtype)[0][:, :n_in]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        if p > 0.0:
+            return nn.functional.dropout(x2, p) @ A.t()  # each layer draws its own mask, as PEFT does
+        key = (x._version, n_in, dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == key:
+            return last[2]
+        u = x2 @ A.t()
+        self._last = (weakref.ref(x), key, u)
+        return u
 
 
 @dataclasses.dataclass
@@ -96,38 +117,30 @@ class VeRA(AdapterConfig):
 
 
 class _VeRALinear(torch.autograd.Function):
-    """out = base_out + w * lambda_b * ((lambda_d * (dropout(x) A^T)) B^T) for x (N, in), base_out (N, out)."""
+    """out = base_out + w * lambda_b * ((lambda_d * u) B^T) for u = A dropout(x) (N, r), base_out (N, out)."""
 
     @staticmethod
-    def forward(ctx, x, base_out, A, B, lambda_d, lambda_b, weight: float, p: float):
-        mask, x_in = None, x
-        if p > 0.0:
-            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            x_in = x * mask * (1.0 / (1.0 - p))
-        u = x_in @ A.t()
-        scaled_B = B * (lambda_b * weight)[:, None]
-        out = torch.addmm(base_out, u * lambda_d, scaled_B.t())
-        ctx.weight, ctx.p = weight, p
-        ctx.save_for_backward(x, mask, u, A, B, lambda_d, lambda_b)
+    def forward(ctx, u, base_out, B, lambda_d, lambda_b, weight: float):
+        out = torch.addmm(base_out, u * lambda_d, (B * (lambda_b * weight)[:, None]).t())
+        ctx.weight = weight
+        ctx.save_for_backward(u, B, lambda_d, lambda_b)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, u, A, B, lambda_d, lambda_b = ctx.saved_tensors
-        weight, p = ctx.weight, ctx.p
-        need_x, need_base, _, _, need_d, need_b = ctx.needs_input_grad[:6]
-        grad_x = grad_d = grad_b = None
+        u, B, lambda_d, lambda_b = ctx.saved_tensors
+        weight = ctx.weight
+        need_u, need_base, _, need_d, need_b = ctx.needs_input_grad[:5]
+        grad_u = grad_d = grad_b = None
         if need_b:
             grad_b = ((grad_out.t() @ (u * lambda_d)) * B).sum(1).mul_(weight)
-        if need_x or need_d:
+        if need_u or need_d:
             grad_h = grad_out @ (B * (lambda_b * weight)[:, None])  # (N, r)
             if need_d:
                 grad_d = torch.linalg.vecdot(grad_h, u, dim=0)
-            if need_x:
-                grad_x = (grad_h * lambda_d) @ A
-                if mask is not None:
-                    grad_x.mul_(mask).mul_(1.0 / (1.0 - p))
-        return grad_x, (grad_out if need_base else None), None, None, grad_d, grad_b, None, None
+            if need_u:
+                grad_u = grad_h.mul_(lambda_d)
+        return grad_u, (grad_out if need_base else None), None, grad_d, grad_b, None
 
 
 class VeRABranch(AdapterBranch):
@@ -147,12 +160,11 @@ class VeRABranch(AdapterBranch):
         return A[:, : self.n_in], B[: self.n_out, :]
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
-        A, B = self.sliced()
         dtype, lead = self.lambda_d.dtype, base_out.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        u = self.projections.project(x, self.n_in, dtype, self.p if self.training else 0.0)
         base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
-        p = self.p if self.training else 0.0
-        out = _VeRALinear.apply(x2, base2, A, B, self.lambda_d, self.lambda_b, float(weight), p)
+        B = self.sliced()[1]
+        out = _VeRALinear.apply(u, base2, B, self.lambda_d, self.lambda_b, float(weight))
         return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:

@@ -157,3 +157,52 @@ def test_over_nf4_identity_and_formula():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(br.lambda_d.grad).all()
     assert (out - reference(x, W, q.bias, A, B, br.lambda_d, br.lambda_b)).abs().max() < 1e-4
+
+
+class TwoReaders(nn.Module):
+    """Two layers reading the same input tensor (as q, k, v do): they share one projection u = A x."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(20, 16), nn.Linear(20, 24)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], -1)
+
+
+def test_shared_input_projection_gives_formula_and_follows_changes():
+    net = inject(TwoReaders(), VeRA(r=8, target_modules=["a", "b"]))
+    perturb_adapters(net, std=0.3)
+    A, B = projections(0, 8, 20, 24)
+    a, b = net.a.adapters["default"], net.b.adapters["default"]
+
+    def expected(x):
+        return torch.cat([reference(x, net.a.weight, net.a.bias, A, B[:16], a.lambda_d, a.lambda_b),
+                          reference(x, net.b.weight, net.b.bias, A, B, b.lambda_d, b.lambda_b)], -1)  # fmt: skip
+
+    x = torch.randn(5, 20, requires_grad=True)
+    net(x).pow(2).sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    expected(xr).pow(2).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-5)  # both layers' gradients reach x
+    with torch.no_grad():
+        net(x)
+        x.mul_(-2.0)  # same tensor object, new content
+        assert (net(x) - expected(x)).abs().max() < TOL
+        y = x.detach().clone()
+        assert (net(y) - expected(y)).abs().max() < TOL
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ids):
+    grads = []
+    for checkpointing in (False, True):
+        model = inject(tiny_llama(), VeRA(r=16))
+        perturb_adapters(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6) for k in grads[0])
