@@ -6,7 +6,8 @@ on the same model, data, batches, Trainer and optimizer.
 
 Both variants are ``LoRAModule``; the PEFT one only replaces ``inject`` by ``peft.get_peft_model`` with the same rank,
 alpha, dropout and targets. Runs alternate (ours, PEFT, ours, ...) so machine noise hits both alike. A step is timed
-from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, optimizer step); tokens are the batch's
+from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, optimizer step) in process CPU time
+with one torch thread (robust on a shared machine); tokens are the batch's
 non-padding tokens (attention mask). Writes ``benchmarks/e2e_results.json``.
 """
 
@@ -17,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
@@ -43,7 +45,7 @@ class PeftLoRAModule(LoRAModule):
         a = self.adapter
         config = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=a.rslora,
                                  target_modules=a.target_modules)  # fmt: skip
-        self.model = peft.get_peft_model(model, config)
+        self.model = peft.get_peft_model(model, config).train()  # as ours: no module left in eval mode
 
     def on_fit_start(self) -> None:  # our memory report does not know PEFT's layers
         pass
@@ -54,10 +56,10 @@ class StepTimer(Callback):
         self.skip, self.steps, self._start = skip, [], 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        self._start = time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        seconds = time.perf_counter() - self._start
+        seconds = time.process_time() - self._start
         if batch_idx >= self.skip:
             self.steps.append((int(batch["attention_mask"].sum()), seconds))
 
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip", type=int, default=2, help="untimed warm-up steps at the start of every run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant, alternating")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("e2e_results.json"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time has no spin-waits)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cfg = yaml.safe_load(args.config.read_text())
     if cfg["model"]["adapter"]["class_path"].rsplit(".", 1)[-1] != "LoRA":
         raise ValueError(f"{args.config}: e2e compares LoRA with PEFT's LoRA; the config's adapter is not LoRA.")
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["ours_vs_peft_throughput"] = result["lightning_lora"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
     result["setup"] = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-                       "steps": args.steps, "skip": args.skip, "repeats": args.repeats,
+                       "steps": args.steps, "skip": args.skip, "repeats": args.repeats, "threads": args.threads,
+                       "clock": "process CPU time",
                        "batch_size": cfg["data"]["init_args"].get("batch_size"),
                        "max_length": cfg["data"]["init_args"].get("max_length")}  # fmt: skip
     print("| variant | tokens/s (total) | median step tokens/s | steps timed |\n|---|---|---|---|")
