@@ -23,7 +23,6 @@ bitsandbytes 0.50.2 on CPU, found by testing every shape (tests/test_quantize.py
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,8 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.layers import AdapterLayer, dense_weight, is_quantized
-
-log = logging.getLogger(__name__)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.50.2 accepts these for 4-bit (CPU and CUDA)
 _DTYPES = {
@@ -155,9 +152,15 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    log.info("quantize: %d linear layers to NF4 (blocksize %d, double_quant=%s)%s", len(new), nf4.blocksize,
-             nf4.double_quant, "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
+    _info(f"quantize: {len(new)} linear layers to NF4 (blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
+          + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
+
+
+def _info(message: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info  # Lightning's logger is the one a fit shows
+
+    rank_zero_info(message)
 
 
 def _nf4_linear(bnb, linear: nn.Linear, nf4: NF4, device: torch.device | str | None) -> nn.Module:

@@ -146,7 +146,7 @@ def test_lora_module_checkpoint_excludes_the_quantized_base(tmp_path):
     assert not any("absmax" in k or "quant" in k for k in state)
 
 
-def test_memory_report_by_kind():
+def test_memory_report_by_kind(caplog):
     model = tiny_llama()
     shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     total_params = sum(p.numel() for p in model.parameters())
@@ -158,7 +158,9 @@ def test_memory_report_by_kind():
     nf4_bytes = sum(o * i // 2 + o * i // 64 + 4 * -(-(o * i // 64) // 256) + 4 + 4 * (16 + 256) for o, i in quantized.values())
     lora = sum(4 * (o + i) for n, (o, i) in shapes.items() if n != "lm_head")  # r (in + out) per layer, all-linear
 
-    report = memory_report(model)
+    with caplog.at_level("INFO"):
+        report = memory_report(model)
+    assert "memory by kind" in caplog.text and "quantized base" in caplog.text
     assert report["quantized base"] == {"params": numel, "bytes": nf4_bytes}
     assert report["adapters"] == {"params": lora, "bytes": 4 * lora}
     assert report["unquantized base"]["params"] >= total_params - numel  # + rotary buffers

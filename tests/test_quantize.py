@@ -95,7 +95,7 @@ def test_quantize_replaces_eligible_linears_in_place():
 
 def test_skip_modules_and_shapes_are_kept_with_a_log_line(caplog):
     model = tiny_llama()  # intermediate 96: down_proj's in_features is not a multiple of 64
-    with caplog.at_level("INFO", logger="lightning_lora.quantize"):
+    with caplog.at_level("INFO"):
         quantize(model, NF4(skip_modules=("lm_head", "v_proj")))
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert type(model.model.layers[1].self_attn.v_proj) is nn.Linear
