@@ -115,7 +115,7 @@ class _DoRALinear(torch.autograd.Function):
             grad_B = (grad_dir.t() @ h).mul_(scale)
         if need_m:
             # sum_tokens g * direction / n = sum_tokens g * (out - bias) / m
-            grad_m = torch.linalg.vecdot(grad_out, out if bias is None else out - bias, dim=0).div_(magnitude)
+            grad_m = (grad_out * (out if bias is None else out - bias)).sum(0).div_(magnitude)
             if rows is not None:
                 grad_m[rows] = (grad_out[:, rows] * kept).sum(0)
         return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, None, None, None

@@ -137,7 +137,7 @@ class _VeRALinear(torch.autograd.Function):
         if need_u or need_d:
             grad_h = grad_out @ (B * (lambda_b * weight)[:, None])  # (N, r)
             if need_d:
-                grad_d = torch.linalg.vecdot(grad_h, u, dim=0)
+                grad_d = (grad_h * u).sum(0)
             if need_u:
                 grad_u = grad_h.mul_(lambda_d)
         return grad_u, (grad_out if need_base else None), None, grad_d, grad_b, None
