@@ -122,3 +122,24 @@ def test_fit_through_adapter_callback(method):
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     if ratio is not None:
         check_loraplus_rates(trainer.optimizers[0], 1e-2, ratio)
+
+
+@pytest.mark.parametrize("adapter", [DoRA(r=4, alpha=8), VeRA(r=16)], ids=["dora", "vera"])
+def test_over_quantized_llama_identity_then_finite_training_step(adapter, ids):
+    """QDoRA / QVeRA: inject over ``quantize(model, NF4())``; unchanged at init, finite loss and gradients."""
+    from lightning_lora.quantize import NF4, quantize
+
+    model = quantize(tiny_llama(), NF4())
+    base = model(ids).logits
+    inject(model, adapter)
+    assert torch.equal(model(ids).logits, base)
+    model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and trainable and all(torch.isfinite(p.grad).all() for p in trainable)
+    assert (model.eval()(ids).logits - base).abs().max() > 1e-4
