@@ -8,6 +8,7 @@ QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter 
 
 from __future__ import annotations
 
+import functools
 import io
 
 import torch
@@ -119,8 +120,10 @@ def check_optimizer_supported(optimizer: type | object, device: torch.device | s
     Raises:
         ValueError: the optimizer fails or gives non-finite values there; the message names it, the device and why.
     """
-    cls = getattr(optimizer, "func", optimizer)  # functools.partial / jsonargparse's callable
-    options = {**getattr(optimizer, "keywords", {}), **options}
+    cls = optimizer
+    if isinstance(optimizer, functools.partial):  # a partial of the class, or jsonargparse's OptimizerCallable
+        cls = next((a for a in (optimizer.func, *optimizer.args) if isinstance(a, type)), optimizer.func)
+        options = {**optimizer.keywords, **options}
     if not (isinstance(cls, type) and cls.__module__.startswith("bitsandbytes")):
         return
     import warnings

@@ -228,6 +228,10 @@ def test_bnb_optimizers_that_fail_on_cpu_give_a_clear_error():
     with pytest.raises(ValueError, match="SGD8bit .*momentum"):
         check_optimizer_supported(bnb.optim.SGD8bit, "cpu")
     check_optimizer_supported(functools.partial(bnb.optim.SGD8bit, momentum=0.9), "cpu")
+    # LightningCLI/jsonargparse hand the optimizer over as partial(call_helper, instantiator, cls, **init_args)
+    as_cli = functools.partial(lambda _instantiator, cls, *a, **kw: cls(*a, **kw), object(), bnb.optim.SGD8bit, lr=0.1)
+    with pytest.raises(ValueError, match="SGD8bit .*'lr': 0.1"):
+        check_optimizer_supported(as_cli, "cpu")
     check_optimizer_supported(torch.optim.SGD, "cpu")  # not bitsandbytes: no trial needed
 
 
