@@ -9,8 +9,9 @@ arXiv:2312.03732) uses s = alpha / sqrt(r), which keeps the update's scale stabl
 On an embedding the roles flip (as in PEFT): y = E[ids] + s * (A^T[ids]) B^T with A: (r, vocab) zeros, B: (dim, r) normal.
 
 The linear branch is one autograd function that saves only what backward needs: the input x (the base layer saves
-the same tensor, so it costs nothing), the r-wide activation h = A dropout(x), and, with dropout, a 1-byte mask
-instead of a dropped copy of x.
+the same tensor, so it costs nothing), the r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed
+8 per byte instead of a dropped copy of x. It adds into the base output in place (one ``addmm_``, no (N, out)
+temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ class _LoRALinear(torch.autograd.Function):
     """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
 
     Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask packed
-    8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept. With ``inplace``
-    the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
+    8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept.
+    With ``inplace`` the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
     """
 
     @staticmethod
