@@ -223,17 +223,30 @@ class LoRAModule(LightningModule):
             self.val_loss.update(loss.detach(), weight=tokens)
         return loss
 
-    def on_validation_epoch_end(self) -> None:
+    def _reset_loss(self) -> None:
+        # Outside inference mode: states reset inside trainer.validate() would be inference tensors, and the next
+        # in-place update during fit's validation (run under no_grad) would fail.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
+
+    def _mean_loss(self) -> torch.Tensor:
         mean = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val_loss", mean, prog_bar=True, sync_dist=False)
-        self.log("val_ppl", torch.exp(mean), prog_bar=True, sync_dist=False)
+        self._reset_loss()
+        return mean
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_loss()
+
+    def on_validation_epoch_end(self) -> None:
+        mean = self._mean_loss()  # token-weighted mean over every rank (torchmetrics syncs)
+        self.log("val_loss", mean, prog_bar=True)
+        self.log("val_ppl", torch.exp(mean), prog_bar=True)
 
     test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
 
     def on_test_epoch_end(self) -> None:
-        mean = self.val_loss.compute()
-        self.val_loss.reset()
+        mean = self._mean_loss()
         self.log("test_loss", mean)
         self.log("test_ppl", torch.exp(mean))
 

@@ -193,3 +193,13 @@ def test_real_smollm2_two_steps():
     assert math.isfinite(float(trainer.callback_metrics["train_loss"]))
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     assert trainable == 30 * 4 * (576 + 576) + 30 * 4 * (576 + 192)  # 30 layers, q: 576->576, v: 576->192
+
+
+def test_validate_then_fit_with_validation(tiny_dir):
+    """The CLI's validate_before_fit: trainer.validate (inference mode) followed by fit's own validation."""
+    seed_everything(0)
+    module = LoRAModule(tiny_dir, adapter=LoRA(r=4), optimizer=functools.partial(torch.optim.AdamW, lr=2e-2))
+    trainer = Trainer(max_steps=4, val_check_interval=2, enable_checkpointing=False, **QUIET)
+    before = trainer.validate(module, loader(batches(2, seed=3)), verbose=False)[0]["val_ppl"]
+    trainer.fit(module, loader(batches(2, seed=3)), loader(batches(2, seed=3)))  # memorise the validation set
+    assert float(trainer.callback_metrics["val_ppl"]) < before
