@@ -388,7 +388,7 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 rounds instead of 12")
+    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 20")
     parser.add_argument("--tiny", action="store_true", help="tiny model, 1 round: checks the script, not the speed")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (overrides the mode)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT variants (ratios vs PEFT become null)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.tiny else 4 if args.quick else 12)
+    rounds = args.rounds or (1 if args.tiny else 5 if args.quick else 20)
     warmup = 1 if args.tiny else args.warmup
     res = run("tiny" if args.tiny else "default", rounds, warmup, not args.no_peft, args.clock, args.threads)
     res["command"] = " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
