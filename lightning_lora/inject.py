@@ -170,7 +170,7 @@ def merge(
                     weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
             if is_quantized(layer.base_layer) and not (base_weights is not None and target in base_weights):
                 rounded[target] = (nf4_rounding_error(layer.base_layer), float((weight - start).norm() / start.norm()))
-            if not torch.isfinite(weight).all():
+            if not _all_finite(weight):
                 raise ValueError(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
@@ -183,6 +183,11 @@ def merge(
         _set_submodule(model, target, merged_base_layer(layers[target].base_layer, weight, dtype))
     _restore_requires_grad(model)
     return model
+
+
+def _all_finite(weight: Tensor) -> bool:
+    """True when no element is NaN/inf: one reduction (a finite sum), and the exact check only if that overflows."""
+    return bool(torch.isfinite(weight.sum())) or bool(torch.isfinite(weight).all())
 
 
 def _untie(model: nn.Module, target: str, base: nn.Module) -> None:
@@ -232,7 +237,7 @@ def _original_weight(target: str, base: nn.Module, base_weights: Mapping[str, Te
         if tuple(given.shape) != tuple(current.shape):
             raise ValueError(f"merge: base weight for {target!r} has shape {tuple(given.shape)}, expected {tuple(current.shape)}.")
         return given.to(current.device)
-    return current.detach().clone()  # a quantized base without its original: merge warns with the measured error
+    return current.detach()  # merged_weight returns a new tensor; a quantized base without originals: merge warns
 
 
 def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
