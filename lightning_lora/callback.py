@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightning_lora.distributed import export_from_rank_zero, shard_for
+from lightning_lora.guards import check_finite_loss
 from lightning_lora.inject import adapter_names, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
@@ -146,6 +147,9 @@ class AdapterCallback(Callback):
         if originals is not None:
             for hook in originals:
                 vars(pl_module).pop(hook, None)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        check_finite_loss(trainer, loss)  # NaN/inf: stop before it updates the adapter, naming the step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.export_dir is None:

@@ -25,9 +25,11 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.distributed import export_from_rank_zero, shard_for
+from lightning_lora.guards import FiniteLossGuard
 from lightning_lora.inject import adapter_state_dict, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
+from lightning_lora.memory import check_optimizer_supported
 from lightning_lora.optim import param_groups
 
 try:  # NF4 lands with the QLoRA work; without it ``quantize`` can only be None.
@@ -250,6 +252,10 @@ class LoRAModule(LightningModule):
         self.log("test_loss", mean)
         self.log("test_ppl", torch.exp(mean))
 
+    def configure_callbacks(self) -> list:
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``)."""
+        return [FiniteLossGuard()]
+
     # ---------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         if self.lr_ratio is not None:
@@ -259,6 +265,7 @@ class LoRAModule(LightningModule):
             params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("LoRAModule: nothing to train (no parameter requires grad); check adapter.target_modules.")
+        check_optimizer_supported(self.optimizer, self.device)  # a bitsandbytes optimizer that fails here says so now
         optimizer = self.optimizer(params)
         if self.lr_scheduler is None:
             return optimizer

@@ -156,3 +156,24 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     weights = model.layer.weight.detach().clone()
     good = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=True)["state_dict"]["layer.weight"]
     assert torch.equal(weights, good)  # the NaN step changed nothing
+
+
+def test_adapter_callback_and_lora_module_stop_on_non_finite_loss():
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_lora.callback import AdapterCallback
+    from lightning_lora.guards import FiniteLossGuard
+    from lightning_lora.module import LoRAModule
+
+    class Diverging(BoringModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)["loss"]
+            return loss * float("inf") if self.global_step == 2 else loss
+
+    model = Diverging()
+    trainer = pl.Trainer(max_steps=5, callbacks=[AdapterCallback(ll.LoRA(r=2, target_modules=["layer"]))],
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="loss became inf at global step 2 .*none saved yet"):
+        trainer.fit(model)
+    assert any(isinstance(cb, FiniteLossGuard) for cb in LoRAModule("unused").configure_callbacks())
