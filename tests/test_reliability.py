@@ -177,3 +177,63 @@ def test_adapter_callback_and_lora_module_stop_on_non_finite_loss():
     with pytest.raises(FloatingPointError, match="loss became inf at global step 2 .*none saved yet"):
         trainer.fit(model)
     assert any(isinstance(cb, FiniteLossGuard) for cb in LoRAModule("unused").configure_callbacks())
+
+
+KILLABLE_FIT = """
+import functools, os, signal, sys
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+import lightning_lora as ll
+from lightning_lora.module import LoRAModule
+
+mode, tiny, root = sys.argv[1:4]
+seed_everything(0)
+gen = torch.Generator().manual_seed(5)
+batches = []
+for _ in range(3):  # 3 batches per epoch, same order every epoch
+    ids = torch.randint(0, 300, (2, 16), generator=gen)
+    batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+
+class KillAt(Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 7:  # mid-epoch, after the checkpoint at step 6
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+module = LoRAModule(tiny, adapter=ll.LoRA(r=4), optimizer=functools.partial(torch.optim.AdamW, lr=5e-3))
+checkpoint = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), every_n_train_steps=3, save_top_k=-1, save_last=True)
+trainer = Trainer(max_steps=9, callbacks=[checkpoint] + ([KillAt()] if mode == "kill" else []), logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+resume = os.path.join(root, "ckpt", "last.ckpt") if mode == "resume" else None
+trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=resume)
+ll.save_adapter(module.model, os.path.join(root, "adapter"))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    from tiny_assets import make_tiny_model_dir
+
+    tiny = str(make_tiny_model_dir(tmp_path / "tiny"))
+    script = tmp_path / "fit.py"
+    script.write_text(KILLABLE_FIT)
+
+    def run(mode, root):
+        return subprocess.run([sys.executable, str(script), mode, tiny, str(root)], capture_output=True, timeout=600)
+
+    full = run("full", tmp_path / "full")
+    assert full.returncode == 0, full.stderr.decode()[-3000:]
+    killed = run("kill", tmp_path / "interrupted")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
+    assert not (tmp_path / "interrupted" / "adapter").exists()
+    resumed = run("resume", tmp_path / "interrupted")
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    a = files.load_tensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = files.load_tensors(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # it really trained
