@@ -237,3 +237,24 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # it really trained
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("model:\n  base_model: x\n  rank: 8\n", "rank"),  # unknown key: named
+        ("model:\n  base_model: x\n  adapter:\n    class_path: lightning_lora.LoRA\n    init_args:\n      r: eight\n", "eight"),
+        ("model:\n  base_model: x\n  adapter:\n    class_path: lightning_lora.LoRA\n    init_args:\n      r: 0\n", "positive integer"),
+        ("model:\n  base_model: x\n  adapter:\n    class_path: lightning_lora.Adapterz\n", "Adapterz"),
+        ("model:\n  base_model: x\n  lr_ratio: -1\n", "lr_ratio must be > 0"),
+    ],
+)
+def test_bad_yaml_is_reported_with_the_offending_key(tmp_path, capsys, yaml_text, expected):
+    from lightning_lora.cli import make_cli
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises((SystemExit, ValueError)) as err:
+        make_cli(["--config", str(config)], run=False)  # parse and instantiate, as `fit` does before training
+    message = str(err.value) + capsys.readouterr().err
+    assert expected in message, message[-2000:]
