@@ -17,9 +17,27 @@ from lightning_lora.layers import AdapterConfig, AdapterLayer
 from lightning_lora.lora import LoRA
 from lightning_lora.optim import param_groups
 from lightning_lora.peft_io import load_adapter, load_adapters, save_adapter, save_adapters
+from lightning_lora.quantize import NF4, original_weights, quantize
 from lightning_lora.vera import VeRA
 
+_LIGHTNING = {"LoRAModule": "lightning_lora.module", "AdapterCallback": "lightning_lora.callback"}
+
+
+def __getattr__(name: str):
+    """``LoRAModule`` and ``AdapterCallback`` import Lightning (seconds): load them on first use only."""
+    if name in _LIGHTNING:
+        import importlib
+
+        return getattr(importlib.import_module(_LIGHTNING[name]), name)
+    raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdapterCallback",
+    "LoRAModule",
+    "NF4",
+    "original_weights",
+    "quantize",
     "AdapterConfig",
     "AdapterLayer",
     "DoRA",
