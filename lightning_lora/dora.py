@@ -62,9 +62,15 @@ def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tens
     ``weight_sq`` is ||W||^2_row if already known (fp32, shape (out,)).
     """
     W, A, B = weight.float(), A.float(), B.float()
-    squared = (W.pow(2).sum(1) if weight_sq is None else weight_sq).clone()
-    squared += (2.0 * scale) * ((W @ A.t()) * B).sum(1)
+    base_sq = W.pow(2).sum(1) if weight_sq is None else weight_sq
+    squared = base_sq + (2.0 * scale) * ((W @ A.t()) * B).sum(1)
     squared += (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
+    # Where the update nearly cancels a row (n^2 << ||W||^2) the expansion loses digits: recompute those rows
+    # directly. Rare in practice (the update is small next to W), so this costs nothing on the usual path.
+    cancelled = squared < 1e-3 * base_sq
+    if cancelled.any():
+        rows = cancelled.nonzero().squeeze(1)
+        squared[rows] = (W[rows] + scale * (B[rows] @ A)).pow(2).sum(1)
     return squared.clamp_min_(0.0).sqrt_()
 
 

@@ -40,3 +40,13 @@ def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) ->
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+# Property tests explore new random cases locally; in CI (CI=true) they replay a fixed set, so a run is reproducible.
+import os  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

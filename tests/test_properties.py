@@ -1,5 +1,6 @@
 """Property-based tests over random layer shapes, ranks, alphas and methods (hypothesis)."""
 
+import os
 import tempfile
 
 import torch
@@ -54,7 +55,7 @@ def adapted(case):
     return model, torch.randn(5, dims[0], generator=gen)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=int(os.environ.get("LL_EXAMPLES", 40)), deadline=None)
 @given(cases())
 def test_merge_equals_unmerged(case):
     model, x = adapted(case)
@@ -67,7 +68,7 @@ def test_merge_equals_unmerged(case):
     assert not any(isinstance(m, ll.AdapterLayer) for m in model.modules())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=int(os.environ.get("LL_EXAMPLES", 25)), deadline=None)
 @given(cases())
 def test_save_load_is_exact(case):
     model, x = adapted(case)
@@ -80,7 +81,7 @@ def test_save_load_is_exact(case):
         assert torch.equal(fresh(x), model(x))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=int(os.environ.get("LL_EXAMPLES", 40)), deadline=None)
 @given(cases())
 def test_remove_restores_base_bit_for_bit(case):
     dims, kinds, method, r, alpha, dropout, seed = case
