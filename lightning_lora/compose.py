@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.inject import adapter_layers, adapter_names, attach
+from lightning_lora.inject import adapter_layers, adapter_names, attach, layers_set
 from lightning_lora.layers import AdapterBranch, AdapterLayer
 from lightning_lora.lora import LoRA, LoRABranch
 from lightning_lora.vera import VeRABranch
@@ -184,12 +184,5 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[n
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise ValueError(f"per_sample_adapters: no adapter named {unknown} on the model; it has {known} (or None).")
-    layers = list(adapter_layers(model).values())
-    before = [layer.sample_adapters for layer in layers]
-    for layer in layers:
-        layer.sample_adapters = names
-    try:
+    with layers_set(model, "sample_adapters", names):
         yield model
-    finally:
-        for layer, old in zip(layers, before):
-            layer.sample_adapters = old

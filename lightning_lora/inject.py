@@ -206,17 +206,24 @@ def _untie(model: nn.Module, target: str, base: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes its base outputs exactly, as if no adapter were there."""
+def layers_set(model: nn.Module, attribute: str, value: object) -> Iterator[nn.Module]:
+    """Inside the block every adapted layer has ``attribute = value``; each layer's own value comes back after."""
     layers = list(adapter_layers(model).values())
-    before = [layer.enabled for layer in layers]
+    before = [getattr(layer, attribute) for layer in layers]
     for layer in layers:
-        layer.enabled = False
+        setattr(layer, attribute, value)
     try:
         yield model
     finally:
-        for layer, enabled in zip(layers, before):
-            layer.enabled = enabled
+        for layer, old in zip(layers, before):
+            setattr(layer, attribute, old)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base outputs exactly, as if no adapter were there."""
+    with layers_set(model, "enabled", False):
+        yield model
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
