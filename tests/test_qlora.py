@@ -168,3 +168,20 @@ def test_memory_report_by_kind(caplog):
     _, opt = train(model, 1)
     measured = memory_report(model, opt)["optimizer state"]
     assert measured["source"] == "measured" and measured["bytes"] == 2 * 4 * lora  # AdamW: exp_avg + exp_avg_sq
+
+
+def test_bitsandbytes_optimizer_selected_in_yaml(tmp_path):
+    """`optimizer: class_path: bitsandbytes.optim.AdamW8bit` builds that optimizer; one that fails here is refused."""
+    from lightning_lora.cli import make_cli
+    from lightning_lora.memory import check_optimizer_supported
+
+    config = tmp_path / "bnb.yaml"
+    config.write_text("model:\n  base_model: x\n  optimizer:\n    class_path: bitsandbytes.optim.AdamW8bit\n"
+                      "    init_args:\n      lr: 0.001\n")  # fmt: skip
+    optimizer = make_cli(["--config", str(config)], run=False).model.optimizer
+    check_optimizer_supported(optimizer, "cpu")
+    built = optimizer([torch.nn.Parameter(torch.randn(8192))])
+    assert type(built).__name__ == "AdamW8bit" and built.defaults["lr"] == 0.001
+    config.write_text(config.read_text().replace("AdamW8bit", "AdEMAMix32bit"))
+    with pytest.raises(ValueError, match="AdEMAMix32bit"):
+        check_optimizer_supported(make_cli(["--config", str(config)], run=False).model.optimizer, "cpu")
