@@ -67,9 +67,14 @@ def merged_base_layer(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype |
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         return linear
+    weight = layer.weight
     with torch.no_grad():
-        target = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
-        target.copy_(new_weight)
+        if isinstance(layer, Conv1D):
+            weight.t().copy_(new_weight)
+        elif new_weight.is_contiguous() and new_weight.dtype == weight.dtype and new_weight.device == weight.device:
+            weight.data = new_weight.detach()  # the merged tensor is new: adopt it instead of copying it over
+        else:
+            weight.copy_(new_weight)
     return layer
 
 
