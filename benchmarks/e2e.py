@@ -1,5 +1,6 @@
 """End-to-end training throughput (tokens/s) of ``configs/quickstart.yaml``: lightning_lora's LoRA against PEFT's LoRA
-on the same model, data, batches, Trainer and optimizer.
+on the same model (NF4-quantized when the config says ``quantize:``, as the QLoRA quickstart does), data, batches,
+Trainer and optimizer.
 
     python benchmarks/e2e.py                       # 3 runs each, 8 steps per run, the first 2 of every run not timed
     python benchmarks/e2e.py --steps 4 --repeats 1 # a smoke run
@@ -26,6 +27,7 @@ from lightning_lora.data import InstructionDataModule
 from lightning_lora.files import write_json
 from lightning_lora.lora import LoRA
 from lightning_lora.module import LoRAModule
+from lightning_lora.quantize import NF4, quantize
 
 ROOT = Path(__file__).parent.parent
 
@@ -42,6 +44,8 @@ class PeftLoRAModule(LoRAModule):
 
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name)
         self._tokenizer = self._tokenizer or tokenizer
+        if self.quantize is not None:  # the same NF4 base as ours (QLoRA)
+            model = quantize(model, self.quantize)
         a = self.adapter
         config = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=a.rslora,
                                  target_modules=a.target_modules)  # fmt: skip
@@ -67,7 +71,9 @@ class StepTimer(Callback):
 def run_once(cls: type, cfg: dict, steps: int, skip: int) -> list[tuple[int, float]]:
     seed_everything(cfg.get("seed_everything", 0), verbose=False)
     adapter = LoRA(**cfg["model"]["adapter"]["init_args"])
-    module = cls(base_model=cfg["model"]["base_model"], adapter=adapter, export_dir=None)
+    nf4 = cfg["model"].get("quantize")
+    module = cls(base_model=cfg["model"]["base_model"], adapter=adapter, export_dir=None,
+                 quantize=None if nf4 is None else NF4(**nf4))  # fmt: skip
     data = InstructionDataModule(**cfg["data"]["init_args"])
     timer = StepTimer(skip)
     trainer = Trainer(

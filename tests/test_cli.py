@@ -32,7 +32,7 @@ def test_fit_then_offline_export_in_subprocesses(tmp_path):
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(24)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = _python(
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "fit", "--config", str(ROOT / "configs" / "lora.yaml"),
         "--model.base_model", str(model_dir), "--model.adapter.init_args.r", "16",
         "--data.init_args.source", "null", "--data.init_args.path", str(tmp_path / "pairs.jsonl"),
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.accelerator", "cpu",
@@ -72,7 +72,7 @@ def _printed(argv: list[str], capsys) -> str:
 
 
 def test_adapter_class_path_overrides(capsys):
-    base = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
+    base = ["fit", "--config", str(ROOT / "configs" / "lora.yaml")]
     out = _printed([*base, "--model.adapter.init_args.r", "16", "--print_config"], capsys)
     assert "class_path: lightning_lora.LoRA" in out and "r: 16" in out
     out = _printed([*base, "--model.adapter", "lightning_lora.DoRA", "--model.adapter.init_args.r", "4",

@@ -22,7 +22,7 @@ def _no_pytest_argv(monkeypatch):
 
 
 def test_there_are_configs():
-    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+    assert {"quickstart.yaml", "lora.yaml", "qlora.yaml"} <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
