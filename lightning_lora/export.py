@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from lightning_lora.files import atomic_dir, save_tensors
-from lightning_lora.inject import adapter_state_dict, inject, merge
+from lightning_lora.inject import adapter_names, adapter_state_dict, inject, merge
 from lightning_lora.layers import AdapterConfig
-from lightning_lora.peft_io import load_adapter, save_adapter
+from lightning_lora.peft_io import load_adapter, save_adapter, save_adapters
 
 CKPT_KEY = "lightning_lora"
 
@@ -57,6 +57,9 @@ def export(
 ) -> dict[str, Path]:
     """Write ``<export_dir>/adapter`` and ``<export_dir>/merged`` for adapter ``name`` of ``model``; return both paths.
 
+    With several adapters on the model, ``<export_dir>/adapter`` holds all of them in PEFT's layout ("default" at the
+    root, the others in subfolders named after them); ``merged`` is the base with ``name`` merged in.
+
     Args:
         base_model: source of the base (alias, folder, hub id): the merge is done on a fresh high-precision copy.
             None merges a deep copy of ``model`` (or ``model`` itself with ``in_place=True``).
@@ -64,14 +67,15 @@ def export(
         dtype: dtype of the saved merged model (default float32).
     """
     export_dir = Path(export_dir)
-    adapter_dir = save_adapter(model, export_dir / "adapter", name)
+    several = len(adapter_names(model)) > 1  # then every adapter is exported, in PEFT's multi-adapter layout
+    adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
     merged_dir = export_dir / "merged"
     if base_model is not None:
         from lightning_lora.models import load_causal_lm
 
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
-        load_adapter(merged, adapter_dir, name)
+        load_adapter(merged, adapter_dir / name if several and name != "default" else adapter_dir, name)
     else:
         # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
         merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})

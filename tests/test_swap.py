@@ -123,3 +123,21 @@ def test_load_adapters_leaves_model_unchanged_on_error(tmp_path):
         load_adapters(fresh, tmp_path / "run")
     assert ll.adapter_names(fresh) == [] and not any(isinstance(m, ll.AdapterLayer) for m in fresh.modules())
     assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_export_carries_every_adapter_by_name(tmp_path, ids):
+    """With two adapters on the model the export holds both (PEFT layout) and the merge uses the trained one."""
+    from lightning_lora.export import export
+
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=4, target_modules=["q_proj"]), "default")
+    ll.inject(model, ll.LoRA(r=2, target_modules=["v_proj"]), "task")
+    ll.set_adapter(model, "task")
+    perturb_adapters(model)
+    expected = model(ids).logits
+    paths = export(model, tmp_path, name="task")
+    assert (paths["adapter"] / "adapter_config.json").exists() and (paths["adapter"] / "task" / "adapter_config.json").exists()
+    fresh = tiny_llama()
+    assert ll.load_adapters(fresh, paths["adapter"]) == ["default", "task"]
+    merged = type(fresh).from_pretrained(paths["merged"]).eval()
+    assert (merged(ids).logits - expected).abs().max() < 1e-5
