@@ -68,7 +68,7 @@ def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tens
     # Where the update nearly cancels a row (n^2 << ||W||^2) the expansion loses digits: recompute those rows
     # directly. Rare in practice (the update is small next to W), so this costs nothing on the usual path.
     cancelled = squared < 1e-3 * base_sq
-    if cancelled.any():
+    if not squared.is_meta and cancelled.any():  # meta: shapes only (the estimator builds models there)
         rows = cancelled.nonzero().squeeze(1)
         squared[rows] = (W[rows] + scale * (B[rows] @ A)).pow(2).sum(1)
     return squared.clamp_min_(0.0).sqrt_()

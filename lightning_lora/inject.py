@@ -62,7 +62,7 @@ def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -
     """Attach planned branches under ``name``; freeze everything else. The first adapter on a model becomes active."""
     if not hasattr(model, _REQUIRES_GRAD):
         setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
-    first = not adapter_names(model)
+    active = active_adapters(model) if adapter_names(model) else None  # read before new layers are attached
     model.requires_grad_(False)
     for target, branch in plan:
         layer = model.get_submodule(target)
@@ -70,7 +70,7 @@ def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -
             layer = AdapterLayer(layer).train(layer.training)
             _set_submodule(model, target, layer)
         layer.adapters[name] = branch.train(layer.training)  # an eval-mode model stays in eval mode (no dropout)
-    set_adapter(model, name if first else active_adapters(model))
+    set_adapter(model, name if active is None else active)
     return model
 
 
@@ -101,8 +101,12 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
         raise ValueError(f"no adapter named {unknown} on the model; it has {known}.")
     for layer_branches in branches:
         for n, w in weights.items():
-            if n in layer_branches and w != 1.0 and not layer_branches[n].additive:
-                raise ValueError(f"adapter {n!r} ({layer_branches[n].config.method}) cannot be weighted; use weight 1.")
+            if n in layer_branches and not layer_branches[n].additive:
+                method = layer_branches[n].config.method
+                if w != 1.0:
+                    raise ValueError(f"adapter {n!r} ({method}) cannot be weighted; use weight 1.")
+                if sum(other in layer_branches for other in weights) > 1:  # its norm would not see the others
+                    raise ValueError(f"adapter {n!r} ({method}) must be the only active adapter on the layers it adapts.")
     for layer, layer_branches in zip(_cached_layers(model), branches):
         layer.__dict__["active"] = dict(weights)
         for n, branch in layer_branches.items():

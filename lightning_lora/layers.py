@@ -146,12 +146,19 @@ class AdapterLayer(nn.Module):
         self.active: dict[str, float] = {}  # adapter name -> weight
         self.enabled = True
         self.sample_adapters: list[str | None] | None = None  # one adapter name per batch row (mixed batches)
-        self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
             return out
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            # Under mixed precision the adapters still compute in their own dtype: their autograd functions run
+            # backward without autocast, so their forward must not be autocast either.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._adapt(x, out)
+        return self._adapt(x, out)
+
+    def _adapt(self, x: Tensor, out: Tensor) -> Tensor:
         if self.sample_adapters is not None:
             return self._forward_per_sample(x, out)
         for name, weight in self.active.items():

@@ -66,6 +66,8 @@ class Projections:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if p > 0.0:
             return nn.functional.dropout(x2, p) @ A.t()  # each layer draws its own mask, as PEFT does
+        if x.is_inference():  # inference tensors have no version counter to key the reuse on
+            return x2 @ A.t()
         key = (x._version, n_in, dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         last = self._last
         if last is not None and last[0]() is x and last[1] == key:

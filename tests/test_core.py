@@ -278,3 +278,59 @@ def test_merge_refuses_non_finite_and_changes_nothing(ids):
         ll.merge(model)
     assert all(torch.allclose(v, before[k], rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
     assert isinstance(model.model.layers[0].self_attn.q_proj, ll.AdapterLayer)  # nothing merged, not even layer 0
+
+
+# --- found in review -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [ll.LoRA(r=4), ll.LoRA(r=4, dropout=0.1), ll.DoRA(r=4), ll.VeRA(r=8)], ids=str)
+def test_mixed_precision_autocast_trains(config, ids):
+    """Under bf16 autocast (Lightning's bf16-mixed) the adapters compute in fp32 and backward runs."""
+    model = tiny_llama().train()
+    ll.inject(model, config)
+    perturb_adapters(model, std=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_second_adapter_on_earlier_layers_keeps_the_active_one():
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=2, target_modules=["v_proj"]), "a")
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj"]), "b")  # q_proj comes before v_proj in the model
+    assert ll.active_adapters(model) == {"a": 1.0}
+    trainable = {n.split(".adapters.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"a"}
+
+
+def test_vera_under_inference_mode(ids):
+    model = tiny_llama()
+    ll.inject(model, ll.VeRA(r=8))
+    perturb_adapters(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_dora_injects_on_the_meta_device():
+    with torch.device("meta"):
+        model = tiny_llama()
+    ll.inject(model, ll.DoRA(r=4))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_dora_must_be_the_only_active_adapter(ids):
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj"]), "l")
+    ll.inject(model, ll.DoRA(r=2, target_modules=["q_proj"]), "d")
+    before = ll.active_adapters(model)
+    with pytest.raises(ValueError, match="'d' \\(DoRA\\) must be the only active adapter"):
+        ll.set_adapter(model, ["l", "d"])
+    assert ll.active_adapters(model) == before
+    ll.set_adapter(model, "d")  # alone it is fine, and merge equals forward
+    perturb_adapters(model)
+    out = model(ids).logits
+    assert (ll.merge(model)(ids).logits - out).abs().max() < 1e-5
