@@ -29,7 +29,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_lora.distributed import export_from_rank_zero, shard_for
+from lightning_lora.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.guards import check_finite_loss
 from lightning_lora.inject import adapter_names, inject
 from lightning_lora.layers import AdapterConfig
@@ -103,19 +103,9 @@ class AdapterCallback(Callback):
         if self.quantize is not None:
             from lightning_lora.quantize import quantize
 
-            quantized = quantize(model, self.quantize)
-            if quantized is not model:  # quantize returned a new object: put it where the old one was
-                self._replace_target(pl_module, quantized)
-                model = quantized
+            quantize(model, self.quantize)  # in place
         inject(model, self.adapter, self.name)
         return model
-
-    def _replace_target(self, pl_module: LightningModule, model: nn.Module) -> None:
-        if self.target is None:
-            raise RuntimeError("quantize() returned a new module; it must change the LightningModule in place.")
-        parent_name, _, child = self.target.rpartition(".")
-        parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
-        setattr(parent, child, model)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -157,13 +147,6 @@ class AdapterCallback(Callback):
         model = self.target_module(pl_module)
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name,
-                              base_model=_hf_source(model) if self.quantize else None,
+                              base_model=hf_source(model) if self.quantize else None,
                               tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
 
-
-def _hf_source(model: nn.Module) -> str | None:
-    """The folder a Hugging Face model was loaded from (to merge against its high-precision weights), if known."""
-    from pathlib import Path
-
-    path = getattr(model, "name_or_path", None)
-    return str(path) if path and Path(str(path)).is_dir() else None

@@ -28,7 +28,7 @@ from lightning_lora.inject import adapter_names, adapter_state_dict, inject, mer
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.peft_io import load_adapter, save_adapter, save_adapters
 
-CKPT_KEY = "lightning_lora"
+CKPT_KEY = "lightning_lora"  # plain-typed run facts LoRAModule stores in checkpoints (readable with weights_only=True)
 
 
 def _is_hf(model: nn.Module) -> bool:

@@ -170,7 +170,6 @@ class AdapterLayer(nn.Module):
         names = self.sample_adapters
         if len(names) != x.shape[0]:
             raise ValueError(f"mixed batch: {len(names)} adapter names for a batch of {x.shape[0]} samples.")
-        out = out.clone()
         for name in dict.fromkeys(n for n in names if n is not None and n in self.adapters):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             out[rows] = self.adapters[name](x[rows], out[rows], self.base_layer, 1.0)

@@ -25,19 +25,15 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.distributed import export_from_rank_zero, shard_for
+from lightning_lora.export import CKPT_KEY
 from lightning_lora.guards import FiniteLossGuard
 from lightning_lora.inject import adapter_state_dict, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
-from lightning_lora.memory import check_optimizer_supported
+from lightning_lora.memory import check_optimizer_supported, memory_report
 from lightning_lora.optim import param_groups
+from lightning_lora.quantize import NF4
 
-try:  # NF4 lands with the QLoRA work; without it ``quantize`` can only be None.
-    from lightning_lora.quantize import NF4
-except ImportError:  # pragma: no cover
-    NF4 = None  # type: ignore[assignment,misc]
-
-CKPT_KEY = "lightning_lora"  # plain-typed run facts stored in checkpoints (readable with weights_only=True)
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -193,10 +189,6 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
-        try:
-            from lightning_lora.memory import memory_report
-        except ImportError:
-            return
         if self.trainer.is_global_zero:
             optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
             memory_report(self.model, optimizer)

@@ -185,11 +185,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _drop_saved_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """PEFT also saves the full weight of adapted embeddings (``...embed_tokens.base_layer.weight``). They are
     accepted when equal to the model's own; different ones (a resized vocabulary) are refused, not loaded silently."""
-    state = model.state_dict()
     for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
-        name = key[len(PREFIX) : -len(".base_layer.weight")] + ".weight"
-        name = name if name in state else name.replace(".weight", ".base_layer.weight")
-        if name not in state or not torch.equal(state[name].to(tensors[key].dtype), tensors[key]):
+        try:
+            layer = model.get_submodule(key[len(PREFIX) : -len(".base_layer.weight")])
+        except AttributeError:
+            layer = None
+        weight = getattr(layer, "weight", None)  # an adapted layer forwards .weight to its base layer
+        if weight is None or not torch.equal(weight.detach().to(tensors[key].dtype), tensors[key]):
             raise ValueError(
                 f"{source}: {key} carries base weights that differ from this model's (a resized vocabulary?); "
                 "lightning_lora loads adapters only. Load that base model first."
