@@ -107,7 +107,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)  # a temporary when x is bf16/fp16: x itself is what is saved
         bits = None
         if p > 0.0:
             mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
@@ -131,7 +131,7 @@ class _LoRALinear(torch.autograd.Function):
         scale, p = ctx.scale, ctx.p
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         mask = None if bits is None else _unpack_bits(bits, x2.shape)
         grad_x = grad_A = grad_B = None
         if need_x or need_A:  # d out / d (A x_kept) = s * g B, times 1/(1-p) for the dropout rescale
@@ -142,7 +142,7 @@ class _LoRALinear(torch.autograd.Function):
                 grad_x = torch.mm(grad_h, A)
                 if mask is not None:
                     grad_x.mul_(mask)
-                grad_x = grad_x.view(x.shape)
+                grad_x = grad_x.view(x.shape).to(x.dtype)
         if need_B:
             grad_B = torch.mm(g.t(), h).mul_(scale)
         return grad_x, (grad_out if need_base else None), grad_A, grad_B, None, None, None
@@ -157,20 +157,23 @@ def lora_linear(
     it again (``LoRABranch``; DoRA reuses its base output, so it must not).
     """
     n_in, n_out = x.shape[-1], base_out.shape[-1]
-    if not (x.dtype == A.dtype == base_out.dtype):  # mixed precision: compute in the adapter's dtype, cast back
-        out = lora_linear(x.to(A.dtype), base_out.to(A.dtype), A, B, scale, p, inplace=False)
-        return out.to(base_out.dtype)
+    out_dtype = base_out.dtype
+    if out_dtype != A.dtype:  # mixed precision: compute in the adapter's dtype on a fresh copy, cast back at the end
+        base_out = base_out.to(A.dtype)
     inplace = inplace and base_out.is_contiguous()
     if p == 0.0 and not (
         torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
     ):
-        h = torch.mm(x.reshape(-1, n_in), A.t())
+        h = torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t())
         if inplace:
             base_out.view(-1, n_out).addmm_(h, B.t(), alpha=scale)
-            return base_out
-        return torch.addmm(base_out.reshape(-1, n_out), h, B.t(), alpha=scale).view(base_out.shape)
-    inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
-    return _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)
+            out = base_out
+        else:
+            out = torch.addmm(base_out.reshape(-1, n_out), h, B.t(), alpha=scale).view(base_out.shape)
+    else:
+        inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
+        out = _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)  # casts x inside: the saved x is the layer's
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 class LoRABranch(AdapterBranch):

@@ -58,3 +58,21 @@ def test_mixed_dtypes_compute_in_the_adapter_dtype_and_return_the_base_dtype():
         ref = x @ W.t() + 0.5 * (x @ A.t()) @ B.t()
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_bf16_base_saves_the_layers_input_not_an_fp32_copy():
+    """Adapters are fp32 over a bf16 base: backward must keep the bf16 input the base layer saves, not a cast copy."""
+    import lightning_lora as ll
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    ll.inject(model, ll.LoRA(r=4, target_modules=["0"]))
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    inputs = [t for t in saved if t.shape == x.shape]
+    assert inputs and all(t.dtype == torch.bfloat16 for t in inputs)
+    out.float().sum().backward()
+    branch = model[0].adapters["default"]
+    assert branch.lora_A.grad is not None and branch.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
