@@ -8,13 +8,13 @@ QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter 
 
 from __future__ import annotations
 
-import functools
 import io
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.layers import AdapterBranch, is_quantized
+from lightning_lora.optim import optimizer_class
 
 KINDS = ("quantized base", "unquantized base", "adapters", "optimizer state")
 
@@ -120,10 +120,8 @@ def check_optimizer_supported(optimizer: type | object, device: torch.device | s
     Raises:
         ValueError: the optimizer fails or gives non-finite values there; the message names it, the device and why.
     """
-    cls = optimizer
-    if isinstance(optimizer, functools.partial):  # a partial of the class, or jsonargparse's OptimizerCallable
-        cls = next((a for a in (optimizer.func, *optimizer.args) if isinstance(a, type)), optimizer.func)
-        options = {**optimizer.keywords, **options}
+    cls, bound = optimizer_class(optimizer)
+    options = {**bound, **options}
     if not (isinstance(cls, type) and cls.__module__.startswith("bitsandbytes")):
         return
     import warnings

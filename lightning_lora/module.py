@@ -31,7 +31,7 @@ from lightning_lora.inject import adapter_state_dict, inject
 from lightning_lora.layers import AdapterConfig
 from lightning_lora.lora import LoRA
 from lightning_lora.memory import check_optimizer_supported, memory_report
-from lightning_lora.optim import param_groups
+from lightning_lora.optim import optimizer_class, param_groups
 from lightning_lora.quantize import NF4
 
 
@@ -62,10 +62,7 @@ class AdamW(torch.optim.AdamW):
 
 def optimizer_defaults(optimizer: Any) -> dict[str, Any]:
     """``lr`` and ``weight_decay`` an optimizer callable would use: its bound keywords, else its signature defaults."""
-    keywords = dict(getattr(optimizer, "keywords", None) or {})
-    target = optimizer
-    while hasattr(target, "func"):  # functools.partial, possibly nested (jsonargparse wraps the class twice)
-        target = target.args[-1] if target.args and inspect.isclass(target.args[-1]) else target.func
+    target, keywords = optimizer_class(optimizer)
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):

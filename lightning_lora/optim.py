@@ -19,9 +19,24 @@ from __future__ import annotations
 
 import math
 
+import functools
+import inspect
+from typing import Any
+
 from torch import nn
 
 from lightning_lora.lora import LoRABranch
+
+
+def optimizer_class(optimizer: Any) -> tuple[Any, dict]:
+    """The class behind an optimizer callable and the keywords bound to it: a class, a ``functools.partial`` of one,
+    or LightningCLI's ``OptimizerCallable`` (a partial around jsonargparse's instantiator, the class among its args)."""
+    target, keywords = optimizer, {}
+    while isinstance(target, functools.partial):
+        keywords = {**target.keywords, **keywords}
+        classes = [a for a in (target.func, *target.args) if inspect.isclass(a)]
+        target = classes[0] if classes else target.func
+    return target, keywords
 
 
 def param_groups(
