@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_lora.layers import dense_weight, is_quantized
-from lightning_lora.lora import LoRA, LoRABranch
+from lightning_lora.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
 
 
 @dataclasses.dataclass
@@ -79,10 +79,11 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base_out, A, B, magnitude, norm, bias, scale: float, p: float):
-        mask, x_in = None, x
-        if p > 0.0:
+        bits, x_in = None, x
+        if p > 0.0:  # the mask is kept packed 8 per byte (as in lora.py), the dropped input only as a temporary
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             x_in = x * mask * (1.0 / (1.0 - p))
+            bits = _pack_bits(mask)
         h = x_in @ A.t()
         factor = magnitude / norm
         if bias is None:
@@ -99,13 +100,14 @@ class _DoRALinear(torch.autograd.Function):
             y0 = base_out[:, rows] if bias is None else base_out[:, rows] - bias[rows]
             kept = torch.addmm(y0, h, B[rows].t(), alpha=scale) / norm[rows]
         ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, mask, h, A, B, magnitude, factor, bias, out, rows, kept)
+        ctx.save_for_backward(x, bits, h, A, B, magnitude, factor, bias, out, rows, kept)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
+        x, bits, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
+        mask = None if bits is None else _unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
         grad_x = grad_base = grad_A = grad_B = grad_m = None
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)

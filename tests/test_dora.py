@@ -196,3 +196,26 @@ def test_over_nf4_identity_then_formula_on_dequantized_weight():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(br.magnitude.grad).all()
     assert (out - reference(x, W, q.bias, br.lora_A, br.lora_B, br.magnitude, 2.0)).abs().max() < 1e-4
+
+
+def test_dropout_backward_matches_autograd_with_the_same_mask():
+    """gradcheck of the fused DoRA function with dropout (the mask is re-drawn identically from the seed)."""
+    from lightning_lora.dora import dora_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, generator=gen).requires_grad_()
+    base = torch.randn(6, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    A = torch.randn(3, 8, dtype=torch.float64, generator=gen).requires_grad_()
+    B = torch.randn(5, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    m = (torch.rand(5, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    norm = torch.rand(5, dtype=torch.float64, generator=gen) + 0.5
+
+    def fused(x, base, A, B, m):
+        torch.manual_seed(3)
+        return dora_linear(x, base, A, B, m, norm, None, 0.5, 0.3)
+
+    assert torch.autograd.gradcheck(fused, (x, base, A, B, m))
+    torch.manual_seed(3)
+    mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(0.7)
+    expected = (m / norm) * (base + 0.5 * ((x * mask / 0.7) @ A.t()) @ B.t())
+    torch.testing.assert_close(fused(x, base, A, B, m), expected)
