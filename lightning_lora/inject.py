@@ -164,14 +164,13 @@ def merge(
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
-    merged: dict[str, Tensor] = {}
     rounded: dict[str, tuple[float, float]] = {}  # quantized layers merged without their original weight
     with torch.no_grad():
+        # Pass 1 checks every merged weight and keeps none (memory: one layer's weight, not a second model), so a
+        # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
         for target, layer in layers.items():
-            weight = start = _original_weight(target, layer.base_layer, base_weights)
-            for name, scale in layer.active.items():
-                if name in layer.adapters:
-                    weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
+            start = _original_weight(target, layer.base_layer, base_weights)
+            weight = _merged_weight(layer, start)
             if is_quantized(layer.base_layer) and not (base_weights is not None and target in base_weights):
                 rounded[target] = (nf4_rounding_error(layer.base_layer), float((weight - start).norm() / start.norm()))
             if not _all_finite(weight):
@@ -179,14 +178,23 @@ def merge(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
                 )
-            merged[target] = weight
-    warn_merge_without_originals(rounded)
-    for target in merged:
-        _untie(model, target, layers[target].base_layer)
-    for target, weight in merged.items():
-        _set_submodule(model, target, merged_base_layer(layers[target].base_layer, weight, dtype))
+            del weight, start
+        warn_merge_without_originals(rounded)
+        for target, layer in layers.items():
+            _untie(model, target, layer.base_layer)
+        for target, layer in layers.items():
+            weight = _merged_weight(layer, _original_weight(target, layer.base_layer, base_weights))
+            _set_submodule(model, target, merged_base_layer(layer.base_layer, weight, dtype))
     _restore_requires_grad(model)
     return model
+
+
+def _merged_weight(layer: AdapterLayer, weight: Tensor) -> Tensor:
+    """W with the layer's active adapters folded in (each branch's ``merged_weight``, in activation order)."""
+    for name, scale in layer.active.items():
+        if name in layer.adapters:
+            weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
+    return weight
 
 
 def _all_finite(weight: Tensor) -> bool:
