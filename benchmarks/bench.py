@@ -35,8 +35,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_lora import DoRA, LoRA, VeRA, inject, merge, param_groups, set_adapter
-from lightning_lora.files import write_json
-from lightning_lora.quantize import NF4, quantize
+from lightning_lora.io.files import write_json
+from lightning_lora.quant.nf4 import NF4, quantize
 
 SIZES = {
     "default": dict(hidden_size=1024, num_hidden_layers=2, intermediate_size=2752, vocab_size=8192, heads=16, batch=4, seq=128),

@@ -23,11 +23,11 @@ import torch
 import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_lora.data import InstructionDataModule
-from lightning_lora.files import write_json
-from lightning_lora.lora import LoRA
-from lightning_lora.module import LoRAModule
-from lightning_lora.quantize import NF4, quantize
+from lightning_lora.train.data import InstructionDataModule
+from lightning_lora.io.files import write_json
+from lightning_lora.methods.lora import LoRA
+from lightning_lora.train.module import LoRAModule
+from lightning_lora.quant.nf4 import NF4, quantize
 
 ROOT = Path(__file__).parent.parent
 
@@ -40,7 +40,7 @@ class PeftLoRAModule(LoRAModule):
             return
         import peft
 
-        from lightning_lora.models import load_causal_lm
+        from lightning_lora.io.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name)
         self._tokenizer = self._tokenizer or tokenizer

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import LoRA
-from lightning_lora.callback import AdapterCallback
+from lightning_lora.train.callback import AdapterCallback
 
 
 class Classifier(LightningModule):

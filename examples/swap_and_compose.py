@@ -25,8 +25,8 @@ import time
 import torch
 
 import lightning_lora as ll
-from lightning_lora.data import InstructionDataModule, TextDataModule
-from lightning_lora.models import load_causal_lm
+from lightning_lora.train.data import InstructionDataModule, TextDataModule
+from lightning_lora.io.models import load_causal_lm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

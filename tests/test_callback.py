@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lora
 from lightning_lora import LoRA
-from lightning_lora.callback import AdapterCallback
-from lightning_lora.files import load_tensors
+from lightning_lora.train.callback import AdapterCallback
+from lightning_lora.io.files import load_tensors
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 ROOT = Path(__file__).resolve().parents[1]

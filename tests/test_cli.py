@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lora.cli import make_cli
+from lightning_lora.commands.cli import make_cli
 from tiny_assets import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_fit_then_offline_export_in_subprocesses(tmp_path):
     assert state and all(".adapters.default.lora_" in k for k in state)
 
     _python("export", "--ckpt_path", str(ckpts[0]), "--export_dir", str(tmp_path / "offline"), cwd=tmp_path)
-    from lightning_lora.files import load_tensors
+    from lightning_lora.io.files import load_tensors
 
     a = load_tensors(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
     b = load_tensors(tmp_path / "offline" / "adapter" / "adapter_model.safetensors")
@@ -83,7 +83,7 @@ def test_adapter_class_path_overrides(capsys):
 
 
 def test_unknown_command_says_usage():
-    from lightning_lora.cli import main
+    from lightning_lora.commands.cli import main
 
     with pytest.raises(SystemExit, match="usage"):
         main(["train"])

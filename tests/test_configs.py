@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_lora.cli import make_cli
+from lightning_lora.commands.cli import make_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.y*ml"))
 RUN = re.compile(r"^#.*python -m lightning_lora (\w+)\b.*--config (\S+)")

@@ -9,7 +9,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import lightning_lora as ll
-from lightning_lora.lora import lora_linear
+from lightning_lora.io import files
+from lightning_lora.methods.lora import lora_linear
 
 # (model factory, targets, layer type) - one case per supported layer type and architecture
 CASES = {
@@ -235,10 +236,10 @@ def test_adapter_with_wrong_shapes_changes_nothing(tmp_path):
     small = tiny_llama()
     ll.inject(small, ll.LoRA(r=4, target_modules=["q_proj"]))
     ll.save_adapter(small, tmp_path)
-    weights = ll.files.load_tensors(tmp_path / "adapter_model.safetensors")
+    weights = files.load_tensors(tmp_path / "adapter_model.safetensors")
     key = next(k for k in weights if k.endswith("layers.1.self_attn.q_proj.lora_B.weight"))
     weights[key] = torch.zeros(48, 4)  # another model's width
-    ll.files.save_tensors(weights, tmp_path / "adapter_model.safetensors")
+    files.save_tensors(weights, tmp_path / "adapter_model.safetensors")
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj.*\(48, 4\).*\(64, 4\)"):

@@ -9,7 +9,7 @@ import torch
 from tiny_assets import make_tiny_model_dir
 from transformers import AutoTokenizer
 
-from lightning_lora.data import InstructionDataModule, TextDataModule, chatterbot_pairs
+from lightning_lora.train.data import InstructionDataModule, TextDataModule, chatterbot_pairs
 
 PAIRS = [("Hello there, how are you?", "Fine, thank you."), ("What is 2 + 2?", "It is 4."),
          ("Name a colour.", "Blue"), ("Say nothing", "...")]
@@ -159,7 +159,7 @@ def test_long_examples_are_truncated_and_counted(tiny_dir, tmp_path, caplog):
             {"prompt": "long " * 200, "response": "lost"}]
     dm = InstructionDataModule(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=tiny_dir, max_length=32,
                                val_fraction=0.0)
-    with caplog.at_level(logging.WARNING, logger="lightning_lora.data"):
+    with caplog.at_level(logging.WARNING, logger="lightning_lora.train.data"):
         dm.setup("fit")
     assert "2 of 3 examples were longer than max_length=32" in caplog.text and "1 examples kept no" in caplog.text
     assert sorted(len(x["input_ids"]) for x in dm.train_set)[-1] == 32 and len(dm.train_set) == 2

@@ -20,7 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 STEPS = 4  # optimizer steps of a run; resumed runs start from the checkpoint written after step 2
 ROWS, SEQ, BATCH = 4, 12, 2  # 4 rows = one step (2 ranks x batch 2) per epoch, so a resumed step sees the same rows
-QLORA = importlib.util.find_spec("lightning_lora.quantize") is not None
+QLORA = importlib.util.find_spec("lightning_lora.quant.nf4") is not None
 
 
 # --------------------------------------------------------------------------- tests
@@ -75,7 +75,7 @@ def _single_process(base: Path, tmp: Path, quantize=None) -> dict:
     from torch.utils.data import DataLoader
 
     from lightning_lora import adapter_state_dict
-    from lightning_lora.module import LoRAModule
+    from lightning_lora.train.module import LoRAModule
 
     pl.seed_everything(7, verbose=False)
     module = LoRAModule(str(base), adapter=_adapter("lora"), optimizer=_optimizer, quantize=quantize)
@@ -144,13 +144,13 @@ def test_fsdp2_checkpoint_holds_full_adapter_and_resumes(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not QLORA, reason="lightning_lora.quantize (NF4) is not available")
+@pytest.mark.skipif(not QLORA, reason="lightning_lora.quant.nf4 (NF4) is not available")
 def test_fsdp2_qlora_float_storage_trains_like_one_process_uint8(runs, base, tmp_path):
     """NF4 with quant_storage=float32 shards under FSDP2 (here with gradient checkpointing) and trains exactly like
     unsharded NF4 in uint8 storage without checkpointing."""
     import json
 
-    from lightning_lora.quantize import NF4
+    from lightning_lora.quant.nf4 import NF4
 
     out, _ = runs
     assert json.loads((out / "fsdp_qlora.rank0.json").read_text())["sharded"] is True
@@ -159,11 +159,11 @@ def test_fsdp2_qlora_float_storage_trains_like_one_process_uint8(runs, base, tmp
     assert _max_diff(trained, _single_process(base, tmp_path, quantize=NF4())) < 1e-5
 
 
-@pytest.mark.skipif(not QLORA, reason="lightning_lora.quantize (NF4) is not available")
+@pytest.mark.skipif(not QLORA, reason="lightning_lora.quant.nf4 (NF4) is not available")
 def test_float_quant_storage_gives_the_same_forward_as_uint8():
     from conftest import tiny_llama
 
-    from lightning_lora.quantize import NF4, quantize
+    from lightning_lora.quant.nf4 import NF4, quantize
 
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     outputs = {}
@@ -179,7 +179,7 @@ def test_float_quant_storage_gives_the_same_forward_as_uint8():
 def test_shard_refuses_integer_storage_and_tensor_parallel_meshes():
     from conftest import tiny_llama
 
-    from lightning_lora.distributed import data_parallel_mesh, decoder_layers, shard
+    from lightning_lora.train.distributed import data_parallel_mesh, decoder_layers, shard
 
     model = tiny_llama()
     assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
@@ -215,7 +215,7 @@ def _adapter(kind: str):
 
 
 def _optimizer(params):
-    from lightning_lora.module import AdamW
+    from lightning_lora.train.module import AdamW
 
     return AdamW(params, lr=1e-2)  # large lr: 4 steps move the adapter visibly
 
@@ -252,9 +252,9 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
     from lightning.pytorch.plugins import TorchCheckpointIO
     from torch.utils.data import DataLoader
 
-    from lightning_lora.distributed import full_adapter_state, is_sharded
-    from lightning_lora.files import save_tensors
-    from lightning_lora.module import LoRAModule
+    from lightning_lora.train.distributed import full_adapter_state, is_sharded
+    from lightning_lora.io.files import save_tensors
+    from lightning_lora.train.module import LoRAModule
 
     class CountingIO(TorchCheckpointIO):  # says which rank writes each checkpoint file
         def save_checkpoint(self, checkpoint, path, storage_options=None):
@@ -266,7 +266,7 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
     export_dir = str(out / f"{tag}.export") if export else None
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=out / f"{tag}.ckpt", every_n_epochs=1, save_top_k=-1)] if checkpoint else []
     if callback:
-        from lightning_lora.callback import AdapterCallback
+        from lightning_lora.train.callback import AdapterCallback
 
         module = _plain_module(base)
         callbacks.append(AdapterCallback(_adapter(adapter), target="model", export_dir=export_dir))
@@ -298,7 +298,7 @@ def worker(out: Path, base: str) -> None:
     _fit(out, "ddp_dora", base, "ddp", "dora", callback=True)
     _fit(out, "fsdp_dora", base, fsdp(), "dora", callback=True, export=True)
     if QLORA:
-        from lightning_lora.quantize import NF4
+        from lightning_lora.quant.nf4 import NF4
 
         _fit(out, "fsdp_qlora", base, fsdp(), "lora", quantize=NF4(quant_storage="float32"), export=True,
              gradient_checkpointing=True)

@@ -200,7 +200,7 @@ def test_over_nf4_identity_then_formula_on_dequantized_weight():
 
 def test_dropout_backward_matches_autograd_with_the_same_mask():
     """gradcheck of the fused DoRA function with dropout (the mask is re-drawn identically from the seed)."""
-    from lightning_lora.dora import dora_linear
+    from lightning_lora.methods.dora import dora_linear
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, dtype=torch.float64, generator=gen).requires_grad_()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_lora import LoRA, inject
-from lightning_lora.estimate import estimate, main, model_config, nf4_bytes
+from lightning_lora.commands.estimate import estimate, main, model_config, nf4_bytes
 
 H, M, L, KV, V = 8192, 28672, 80, 1024, 32000  # Llama-2-70B: hidden, MLP, layers, 8 KV heads x 128, vocab
 SHAPES = {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, M), "up": (H, M), "down": (M, H)}

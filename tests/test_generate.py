@@ -8,7 +8,7 @@ from tiny_assets import make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lightning_lora as ll
-from lightning_lora.generate import main, parse_adapter
+from lightning_lora.commands.generate import main, parse_adapter
 
 PROMPT = "What is a list?"
 

@@ -4,7 +4,7 @@ for values and all three gradients: with and without dropout, in place or not, w
 import pytest
 import torch
 
-from lightning_lora.lora import lora_linear
+from lightning_lora.methods.lora import lora_linear
 
 
 def _inputs(seed: int = 0):

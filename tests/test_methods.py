@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_llama
 from lightning_lora import DoRA, LoRA, VeRA, inject, param_groups
-from lightning_lora.callback import AdapterCallback
-from lightning_lora.module import LoRAModule
+from lightning_lora.train.callback import AdapterCallback
+from lightning_lora.train.module import LoRAModule
 from tiny_assets import make_tiny_model_dir
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -127,7 +127,7 @@ def test_fit_through_adapter_callback(method):
 @pytest.mark.parametrize("adapter", [DoRA(r=4, alpha=8), VeRA(r=16)], ids=["dora", "vera"])
 def test_over_quantized_llama_identity_then_finite_training_step(adapter, ids):
     """QDoRA / QVeRA: inject over ``quantize(model, NF4())``; unchanged at init, finite loss and gradients."""
-    from lightning_lora.quantize import NF4, quantize
+    from lightning_lora.quant.nf4 import NF4, quantize
 
     model = quantize(tiny_llama(), NF4())
     base = model(ids).logits

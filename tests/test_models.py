@@ -7,8 +7,8 @@ import torch
 from tiny_assets import make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_lora import models
-from lightning_lora.models import load_causal_lm, load_tokenizer, resolve_model_path
+from lightning_lora.io import models
+from lightning_lora.io.models import load_causal_lm, load_tokenizer, resolve_model_path
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_lora import LoRA
-from lightning_lora.export import export_checkpoint
-from lightning_lora.module import LoRAModule
+from lightning_lora.io.export import export_checkpoint
+from lightning_lora.train.module import LoRAModule
 from tiny_assets import make_tiny_model_dir
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -175,7 +175,7 @@ def test_export_loads_in_peft_and_merged_reloads(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_two_steps():
     pytest.importorskip("gguf")
-    from lightning_lora.models import resolve_model_path
+    from lightning_lora.io.models import resolve_model_path
 
     try:
         resolve_model_path("smollm2-135m-instruct")

@@ -15,8 +15,8 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from lightning_lora import DoRA, LoRA, VeRA, adapter_state_dict, inject, merge, save_adapter  # noqa: E402
-from lightning_lora.memory import memory_report  # noqa: E402
-from lightning_lora.quantize import NF4, original_weights, quantize, quantized_layer_names  # noqa: E402
+from lightning_lora.train.memory import memory_report  # noqa: E402
+from lightning_lora.quant.nf4 import NF4, original_weights, quantize, quantized_layer_names  # noqa: E402
 
 IDS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
 
@@ -123,13 +123,13 @@ def test_adapter_state_dict_holds_no_4bit_tensors():
 
 
 def test_lora_module_checkpoint_excludes_the_quantized_base(tmp_path):
-    pytest.importorskip("lightning_lora.module")
+    pytest.importorskip("lightning_lora.train.module")
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
     from tiny_assets import make_tiny_model_dir
     from torch.utils.data import DataLoader
 
-    from lightning_lora.module import LoRAModule
+    from lightning_lora.train.module import LoRAModule
 
     base = make_tiny_model_dir(tmp_path / "base")
     ids = torch.randint(5, 300, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -172,8 +172,8 @@ def test_memory_report_by_kind(caplog):
 
 def test_bitsandbytes_optimizer_selected_in_yaml(tmp_path):
     """`optimizer: class_path: bitsandbytes.optim.AdamW8bit` builds that optimizer; one that fails here is refused."""
-    from lightning_lora.cli import make_cli
-    from lightning_lora.memory import check_optimizer_supported
+    from lightning_lora.commands.cli import make_cli
+    from lightning_lora.train.memory import check_optimizer_supported
 
     config = tmp_path / "bnb.yaml"
     config.write_text("model:\n  base_model: x\n  optimizer:\n    class_path: bitsandbytes.optim.AdamW8bit\n"

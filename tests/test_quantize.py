@@ -12,9 +12,9 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from lightning_lora import LoRA, inject  # noqa: E402
-from lightning_lora.layers import dense_weight, is_quantized  # noqa: E402
-from lightning_lora.memory import check_optimizer_supported, quant_state_tensors  # noqa: E402
-from lightning_lora.quantize import NF4, nf4_rounding_error, original_weights, quantize, quantized_layer_names  # noqa: E402
+from lightning_lora.core.layer import dense_weight, is_quantized  # noqa: E402
+from lightning_lora.train.memory import check_optimizer_supported, quant_state_tensors  # noqa: E402
+from lightning_lora.quant.nf4 import NF4, nf4_rounding_error, original_weights, quantize, quantized_layer_names  # noqa: E402
 
 # The 16 NF4 levels (QLoRA appendix E): quantiles of N(0, 1) normalized to [-1, 1], with an exact zero.
 NF4_LEVELS = torch.tensor([

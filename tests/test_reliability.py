@@ -12,7 +12,7 @@ import torch
 from conftest import perturb_adapters, tiny_gpt2, tiny_llama
 
 import lightning_lora as ll
-from lightning_lora import files
+from lightning_lora.io import files
 
 
 def state(model):
@@ -102,7 +102,7 @@ def test_failed_save_keeps_previous_export(saved, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lightning_lora.peft_io.save_tensors", broken)
+    monkeypatch.setattr("lightning_lora.io.peft.save_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         ll.save_adapter(model, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
@@ -117,7 +117,7 @@ def test_killed_export_keeps_previous(saved, tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from conftest import tiny_llama
         import lightning_lora as ll
-        from lightning_lora import peft_io
+        from lightning_lora.io import peft as peft_io
         model = tiny_llama()
         ll.inject(model, ll.LoRA(r=2, target_modules=["k_proj"]))
         real = peft_io.save_tensors
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lightning_lora.guards import FiniteLossGuard
+    from lightning_lora.train.guards import FiniteLossGuard
 
     class Diverging(BoringModel):
         def training_step(self, batch, batch_idx):
@@ -162,9 +162,9 @@ def test_adapter_callback_and_lora_module_stop_on_non_finite_loss():
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lightning_lora.callback import AdapterCallback
-    from lightning_lora.guards import FiniteLossGuard
-    from lightning_lora.module import LoRAModule
+    from lightning_lora.train.callback import AdapterCallback
+    from lightning_lora.train.guards import FiniteLossGuard
+    from lightning_lora.train.module import LoRAModule
 
     class Diverging(BoringModel):
         def training_step(self, batch, batch_idx):
@@ -186,7 +186,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 import lightning_lora as ll
-from lightning_lora.module import LoRAModule
+from lightning_lora.train.module import LoRAModule
 
 mode, tiny, root = sys.argv[1:4]
 seed_everything(0)
@@ -250,7 +250,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     ],
 )
 def test_bad_yaml_is_reported_with_the_offending_key(tmp_path, capsys, yaml_text, expected):
-    from lightning_lora.cli import make_cli
+    from lightning_lora.commands.cli import make_cli
 
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
@@ -268,7 +268,7 @@ class _Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from lightning_lora.export import export_checkpoint
+    from lightning_lora.io.export import export_checkpoint
 
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "lightning_lora": _Payload()}, ckpt)

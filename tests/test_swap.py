@@ -6,7 +6,7 @@ from conftest import perturb_adapters, tiny_llama
 from peft import PeftModel
 
 import lightning_lora as ll
-from lightning_lora.peft_io import load_adapters, save_adapters
+from lightning_lora.io.peft import load_adapters, save_adapters
 
 
 def two_adapters(targets_b=("q_proj", "v_proj", "down_proj")):
@@ -127,7 +127,7 @@ def test_load_adapters_leaves_model_unchanged_on_error(tmp_path):
 
 def test_export_carries_every_adapter_by_name(tmp_path, ids):
     """With two adapters on the model the export holds both (PEFT layout) and the merge uses the trained one."""
-    from lightning_lora.export import export
+    from lightning_lora.io.export import export
 
     model = tiny_llama()
     ll.inject(model, ll.LoRA(r=4, target_modules=["q_proj"]), "default")

@@ -8,7 +8,7 @@ labels equal ``input_ids`` on the assistant turns (including the template's end-
 tokenized and packed into blocks of ``block_size`` tokens, ``labels = input_ids``.
 
 The tokenizer is the LightningModule's ``.tokenizer`` (taken at ``setup``) unless ``tokenizer`` names a model (alias or
-folder, see ``lightning_lora.models``). Both modules split off a deterministic validation set (``seed``).
+folder, see ``lightning_lora.io.models``). Both modules split off a deterministic validation set (``seed``).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class _TokenizedDataModule(pl.LightningDataModule):
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
             return self.tokenizer_name  # a tokenizer object, passed directly
         if self.tokenizer_name is not None:
-            from lightning_lora.models import load_tokenizer
+            from lightning_lora.io.models import load_tokenizer
 
             return load_tokenizer(self.tokenizer_name)
         module = self.trainer.lightning_module if self.trainer is not None else None

@@ -13,8 +13,8 @@ import io
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.layers import AdapterBranch, is_quantized
-from lightning_lora.optim import optimizer_class
+from lightning_lora.core.layer import AdapterBranch, is_quantized
+from lightning_lora.train.optim import optimizer_class
 
 KINDS = ("quantized base", "unquantized base", "adapters", "optimizer state")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora.files import atomic_dir, save_tensors
-from lightning_lora.inject import adapter_names, adapter_state_dict, inject, merge
-from lightning_lora.layers import AdapterConfig
-from lightning_lora.peft_io import load_adapter, save_adapter, save_adapters
+from lightning_lora.io.files import atomic_dir, save_tensors
+from lightning_lora.core.verbs import adapter_names, adapter_state_dict, inject, merge
+from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
 
 CKPT_KEY = "lightning_lora"  # plain-typed run facts LoRAModule stores in checkpoints (readable with weights_only=True)
 
@@ -71,7 +71,7 @@ def export(
     adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
     merged_dir = export_dir / "merged"
     if base_model is not None:
-        from lightning_lora.models import load_causal_lm
+        from lightning_lora.io.models import load_causal_lm
 
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
@@ -122,7 +122,7 @@ def export_checkpoint(
     ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None, base_model: str | None = None
 ) -> dict[str, Path]:
     """Rebuild the high-precision base, load the checkpoint's adapter into it, and ``export`` (no training state)."""
-    from lightning_lora.models import load_causal_lm
+    from lightning_lora.io.models import load_causal_lm
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     facts = dict(checkpoint.get(CKPT_KEY) or {})

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from lightning_lora.layers import AdapterLayer, is_linear_like
+from lightning_lora.core.layer import AdapterLayer, is_linear_like
 
 TargetSpec = str | Sequence[str]
 

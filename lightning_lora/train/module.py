@@ -24,15 +24,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_lora.distributed import export_from_rank_zero, shard_for
-from lightning_lora.export import CKPT_KEY
-from lightning_lora.guards import FiniteLossGuard
-from lightning_lora.inject import adapter_state_dict, inject
-from lightning_lora.layers import AdapterConfig
-from lightning_lora.lora import LoRA
-from lightning_lora.memory import check_optimizer_supported, memory_report
-from lightning_lora.optim import optimizer_class, param_groups
-from lightning_lora.quantize import NF4
+from lightning_lora.train.distributed import export_from_rank_zero, shard_for
+from lightning_lora.io.export import CKPT_KEY
+from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.core.verbs import adapter_state_dict, inject
+from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.methods.lora import LoRA
+from lightning_lora.train.memory import check_optimizer_supported, memory_report
+from lightning_lora.train.optim import optimizer_class, param_groups
+from lightning_lora.quant.nf4 import NF4
 
 
 
@@ -152,7 +152,7 @@ class LoRAModule(LightningModule):
     def tokenizer(self):
         """The base model's tokenizer, loaded on first use (data modules read it in their ``setup``)."""
         if self._tokenizer is None:
-            from lightning_lora.models import load_tokenizer
+            from lightning_lora.io.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.base_model, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
@@ -161,13 +161,13 @@ class LoRAModule(LightningModule):
         """Load the base, quantize it (if asked), inject the adapter. A second call does nothing."""
         if self.model is not None:
             return
-        from lightning_lora.models import load_causal_lm
+        from lightning_lora.io.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         if self.quantize is not None:
-            from lightning_lora.quantize import quantize
+            from lightning_lora.quant.nf4 import quantize
 
             model = quantize(model, self.quantize)
         inject(model, self.adapter, self.adapter_name)

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.lora import LoRABranch
+from lightning_lora.methods.lora import LoRABranch
 
 
 def optimizer_class(optimizer: Any) -> tuple[Any, dict]:

@@ -29,12 +29,12 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_lora.distributed import export_from_rank_zero, hf_source, shard_for
-from lightning_lora.guards import check_finite_loss
-from lightning_lora.inject import adapter_names, inject
-from lightning_lora.layers import AdapterConfig
-from lightning_lora.lora import LoRA
-from lightning_lora.module import trainable_keys
+from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
+from lightning_lora.train.guards import check_finite_loss
+from lightning_lora.core.verbs import adapter_names, inject
+from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.methods.lora import LoRA
+from lightning_lora.train.module import trainable_keys
 
 _ORIGINAL = "_lightning_lora_original_hooks"
 
@@ -101,7 +101,7 @@ class AdapterCallback(Callback):
         if self.name in adapter_names(model):
             return model
         if self.quantize is not None:
-            from lightning_lora.quantize import quantize
+            from lightning_lora.quant.nf4 import quantize
 
             quantize(model, self.quantize)  # in place
         inject(model, self.adapter, self.name)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import AdapterBranch, AdapterConfig, in_out_features
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_out_features
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.layers import AdapterLayer, dense_weight, is_quantized
+from lightning_lora.core.layer import AdapterLayer, dense_weight, is_quantized
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.50.2 accepts these for 4-bit (CPU and CUDA)
 _DTYPES = {

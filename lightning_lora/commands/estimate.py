@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora.inject import adapter_layers, inject, remove
-from lightning_lora.layers import in_out_features
-from lightning_lora.targets import find_targets
+from lightning_lora.core.verbs import adapter_layers, inject, remove
+from lightning_lora.core.layer import in_out_features
+from lightning_lora.core.targets import find_targets
 
 _LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
               tie_word_embeddings=False, attention_bias=False, mlp_bias=False)

@@ -2,7 +2,7 @@
 
 - ``model:`` holds ``LoRAModule``'s arguments; ``adapter:`` is given as ``class_path``/``init_args`` (LoRA, DoRA,
   VeRA), so ``--model.adapter.init_args.r 16`` overrides one field; ``optimizer:``/``lr_scheduler:`` likewise.
-- ``data:`` takes any LightningDataModule by ``class_path`` (``lightning_lora.data.InstructionDataModule``, ...).
+- ``data:`` takes any LightningDataModule by ``class_path`` (``lightning_lora.train.data.InstructionDataModule``, ...).
 - ``auto_configure_optimizers=False``: LightningCLI's own ``--optimizer`` would build the optimizer from
   ``model.parameters()`` at parse time, before the model exists (REFERENCE section 4); ``model.optimizer`` is used.
 - ``validate_before_fit: true`` (top level) runs ``trainer.validate`` before ``fit`` and prints its perplexity; the
@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_lora.module import LoRAModule, enable_adapter_subclass_mode
+from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
 
 
 _COMMANDS = ("fit", "validate", "test")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import AdapterBranch, AdapterConfig, in_out_features
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_out_features
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import dense_weight, is_quantized
-from lightning_lora.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
+from lightning_lora.core.layer import dense_weight, is_quantized
+from lightning_lora.methods.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
 
 
 @dataclasses.dataclass

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from lightning_lora.compose import per_sample_adapters
-from lightning_lora.files import atomic_dir, write_json
-from lightning_lora.inject import merge, set_adapter
-from lightning_lora.peft_io import load_adapter
+from lightning_lora.io.files import atomic_dir, write_json
+from lightning_lora.core.verbs import merge, set_adapter
+from lightning_lora.io.peft import load_adapter
 
 MERGE_RECORD = "lightning_lora_merge.json"  # written into a merged folder: what it was made from
 
@@ -94,7 +94,7 @@ def export_combination(
 ) -> Path:
     """Merge ``{adapter folder: weight}`` into a fresh fp32 copy of ``base_model``, W' = W + sum_i w_i dW_i, and write
     a Hugging Face folder (model, tokenizer, ``lightning_lora_merge.json``) to ``out_dir`` atomically."""
-    from lightning_lora.models import load_causal_lm
+    from lightning_lora.io.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
     weights = load_adapters_weighted(model, adapters)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, str] | Path:
         raise SystemExit("generate: give --prompt (or --merge_to DIR to export the combination).")
     if args.max_new_tokens <= 0:
         raise SystemExit(f"generate: --max_new_tokens must be positive, got {args.max_new_tokens}.")
-    from lightning_lora.models import load_causal_lm
+    from lightning_lora.io.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(args.base_model)
     weights = load_adapters_weighted(model, adapters)

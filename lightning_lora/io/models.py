@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_lora.files import atomic_dir, read_json, write_json
+from lightning_lora.io.files import atomic_dir, read_json, write_json
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.layers import AdapterBranch, AdapterConfig, AdapterLayer, dense_weight, is_quantized, merged_base_layer
-from lightning_lora.quantize import nf4_rounding_error, warn_merge_without_originals
-from lightning_lora.targets import find_targets
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, AdapterLayer, dense_weight, is_quantized, merged_base_layer
+from lightning_lora.quant.nf4 import nf4_rounding_error, warn_merge_without_originals
+from lightning_lora.core.targets import find_targets
 
 _REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection
 _LAYER_CACHE = "_lightning_lora_layers"  # (structure version, adapted layers) cached for set_adapter

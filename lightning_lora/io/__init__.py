@@ -1,0 +1,1 @@
+"""Files in and out: safe files, PEFT adapter folders, model loading, exports."""

@@ -1,0 +1,1 @@
+"""Quantized frozen bases (QLoRA's NF4 via bitsandbytes)."""

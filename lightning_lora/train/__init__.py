@@ -1,0 +1,1 @@
+"""Training with Lightning: LoRAModule, AdapterCallback, data, optimizer groups, guards, distributed strategies."""
