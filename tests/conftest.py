@@ -1,25 +1,11 @@
-"""Shared fixtures: tiny Hugging Face models built from a config (no download), fixed seeds."""
+"""Shared fixtures over the tiny models of ``tiny_models.py``; hypothesis replays a fixed set of cases in CI."""
+
+import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
-GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**GPT2)).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+from hypothesis import settings
+from tiny_models import MODELS
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -33,20 +19,7 @@ def ids():
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    """Give every trainable tensor a random value, so an adapter's effect is visible (its init is the identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * std)
-
-
 # Property tests explore new random cases locally; in CI (CI=true) they replay a fixed set, so a run is reproducible.
-import os  # noqa: E402
-
-from hypothesis import settings  # noqa: E402
-
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_adapters, tiny_llama
+from tiny_models import perturb_adapters, tiny_llama
 from peft import PeftModel
 
 import lightning_lora as ll

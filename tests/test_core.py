@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_adapters, tiny_gpt2, tiny_llama
+from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 

@@ -161,7 +161,7 @@ def test_fsdp2_qlora_float_storage_trains_like_one_process_uint8(runs, base, tmp
 
 @pytest.mark.skipif(not QLORA, reason="lightning_lora.quant.nf4 (NF4) is not available")
 def test_float_quant_storage_gives_the_same_forward_as_uint8():
-    from conftest import tiny_llama
+    from tiny_models import tiny_llama
 
     from lightning_lora.quant.nf4 import NF4, quantize
 
@@ -177,7 +177,7 @@ def test_float_quant_storage_gives_the_same_forward_as_uint8():
 
 
 def test_shard_refuses_integer_storage_and_tensor_parallel_meshes():
-    from conftest import tiny_llama
+    from tiny_models import tiny_llama
 
     from lightning_lora.train.distributed import data_parallel_mesh, decoder_layers, shard
 

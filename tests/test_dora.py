@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import perturb_adapters, tiny_gpt2, tiny_llama
+from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
 from lightning_lora import DoRA, inject, load_adapter, merge, save_adapter
 
 TOL = 1e-5

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import perturb_adapters
+from tiny_models import perturb_adapters
 from safetensors.torch import load_file
 from tiny_assets import make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from lightning_lora import DoRA, LoRA, VeRA, inject, param_groups
 from lightning_lora.train.callback import AdapterCallback
 from lightning_lora.train.module import LoRAModule

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from lightning_lora import DoRA, LoRA, VeRA, inject, param_groups, set_adapter
 
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_adapters, tiny_llama
+from tiny_models import perturb_adapters, tiny_llama
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import perturb_adapters, tiny_gpt2, tiny_llama
+from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
 
 import lightning_lora as ll
 from lightning_lora.io import files
@@ -115,7 +115,7 @@ def test_killed_export_keeps_previous(saved, tmp_path):
         f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from conftest import tiny_llama
+        from tiny_models import tiny_llama
         import lightning_lora as ll
         from lightning_lora.io import peft as peft_io
         model = tiny_llama()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import perturb_adapters, tiny_llama
+from tiny_models import perturb_adapters, tiny_llama
 from peft import PeftModel
 
 import lightning_lora as ll

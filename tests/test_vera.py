@@ -11,7 +11,7 @@ from peft import PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import perturb_adapters, tiny_gpt2, tiny_llama
+from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
 from lightning_lora import VeRA, inject, load_adapter, merge, save_adapter, set_adapter
 
 TOL = 1e-5
