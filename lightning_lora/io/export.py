@@ -18,12 +18,16 @@ import argparse
 import copy
 import importlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_lora.io.card import base_source
 from lightning_lora.io.files import atomic_dir, save_tensors
+from lightning_lora.io.gguf import hf_config, lora_pairs, write_adapter_gguf
+from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
 from lightning_lora.core.verbs import adapter_names, adapter_state_dict, inject, merge
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
@@ -54,6 +58,8 @@ def export(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     in_place: bool = False,
+    gguf: Sequence[str] | str | None = None,
+    run: dict | None = None,
 ) -> dict[str, Path]:
     """Write ``<export_dir>/adapter`` and ``<export_dir>/merged`` for adapter ``name`` of ``model``; return both paths.
 
@@ -65,10 +71,20 @@ def export(
             None merges a deep copy of ``model`` (or ``model`` itself with ``in_place=True``).
         tokenizer: saved next to a merged Hugging Face model (default: the source's tokenizer, if any).
         dtype: dtype of the saved merged model (default float32).
+        gguf: llama.cpp files to write too (``io/gguf.py``, ``io/gguf_model.py``): ``"adapter"`` for
+            ``<export_dir>/adapter.gguf`` (LoRA/rsLoRA only), and/or ``"f16"``, ``"bf16"``, ``"q8_0"`` for the merged
+            model as ``<export_dir>/merged-<type>.gguf``. Everything is checked before anything is written.
+        run: facts for the adapter's model card (``data``, ``steps``, ``val_loss``).
     """
     export_dir = Path(export_dir)
+    gguf = check_gguf_request(model, name, gguf, tokenizer if base_model is None else "later")
     several = len(adapter_names(model)) > 1  # then every adapter is exported, in PEFT's multi-adapter layout
-    adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
+    card = {"base_model_name_or_path": base_source(model, base_model), "run": run}
+    adapter_dir = (save_adapters(model, export_dir / "adapter", **card) if several
+                   else save_adapter(model, export_dir / "adapter", name, **card))  # fmt: skip
+    paths = {"adapter": adapter_dir, "merged": export_dir / "merged"}
+    if "adapter" in gguf:
+        paths["adapter_gguf"] = write_adapter_gguf(model, export_dir / "adapter.gguf", name)
     merged_dir = export_dir / "merged"
     if base_model is not None:
         from lightning_lora.io.models import load_causal_lm
@@ -80,6 +96,8 @@ def export(
         # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
         merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})
     merge(merged)
+    for kind in (k for k in gguf if k != "adapter"):
+        paths[f"gguf_{kind}"] = write_model_gguf(merged, tokenizer, export_dir / f"merged-{kind}.gguf", kind)
     merged = _cast(merged, dtype)
     with atomic_dir(merged_dir) as tmp:
         if _is_hf(merged):
@@ -90,7 +108,25 @@ def export(
             save_tensors(merged.state_dict(), tmp / "model.safetensors")
     print(f"lightning_lora: adapter (PEFT format) written to {adapter_dir}")
     print(f"lightning_lora: merged model written to {merged_dir}")
-    return {"adapter": adapter_dir, "merged": merged_dir}
+    for key in (k for k in paths if "gguf" in k):
+        print(f"lightning_lora: {key.replace('_', ' ')} written to {paths[key]}")
+    return paths
+
+
+def check_gguf_request(model: nn.Module, name: str, gguf: Sequence[str] | str | None, tokenizer) -> list[str]:
+    """The list of GGUF files asked for, after checking they can all be written (nothing is written here)."""
+    kinds = [gguf] if isinstance(gguf, str) else list(gguf or [])
+    bad = [k for k in kinds if k != "adapter" and k not in MODEL_DTYPES]
+    if bad:
+        raise ValueError(f"gguf={bad}: choose from 'adapter' (llama.cpp LoRA adapter) and {', '.join(MODEL_DTYPES)} "
+                         "(the merged model).")  # fmt: skip
+    if kinds:
+        hf_config(model)  # llama family only
+    if "adapter" in kinds:
+        lora_pairs(model, name)  # DoRA/VeRA: "merge first: --merged"
+    if any(k != "adapter" for k in kinds) and tokenizer is None:
+        raise ValueError("a merged GGUF needs the tokenizer: pass tokenizer= (or base_model=) to export.")
+    return kinds
 
 
 # ------------------------------------------------------------------ offline export from a checkpoint
@@ -119,9 +155,11 @@ def _facts_from_config(path: str) -> dict:
 
 
 def export_checkpoint(
-    ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None, base_model: str | None = None
+    ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None, base_model: str | None = None,
+    gguf: Sequence[str] | str | None = None,
 ) -> dict[str, Path]:
-    """Rebuild the high-precision base, load the checkpoint's adapter into it, and ``export`` (no training state)."""
+    """Rebuild the high-precision base, load the checkpoint's adapter into it, and ``export`` (no training state);
+    ``gguf`` as in ``export``."""
     from lightning_lora.io.models import load_causal_lm
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -147,7 +185,9 @@ def export_checkpoint(
             "is the config/base_model the one this checkpoint was trained with?"
         )
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
-    return export(model, export_dir, name=name, tokenizer=tokenizer, dtype=facts.get("dtype"), in_place=True)
+    run = {"steps": checkpoint.get("global_step"), **(facts.get("run") or {})}
+    return export(model, export_dir, name=name, base_model=None, tokenizer=tokenizer, dtype=facts.get("dtype"),
+                  in_place=True, gguf=gguf, run=run)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,8 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export_dir", required=True, help="output folder")
     parser.add_argument("--config", help="the run's YAML (base_model, adapter); default: read from the checkpoint")
     parser.add_argument("--base_model", help="override the base model (alias, folder or cached hub id)")
+    parser.add_argument("--format", choices=("peft", "gguf"), default="peft",
+                        help="gguf: also write llama.cpp GGUF: <export_dir>/adapter.gguf, or with --merged the merged "
+                             "model <export_dir>/merged-<outtype>.gguf")  # fmt: skip
+    parser.add_argument("--merged", action="store_true", help="with --format gguf: the merged model (any method)")
+    parser.add_argument("--outtype", choices=MODEL_DTYPES, default="f16", help="merged GGUF weight type")
     args = parser.parse_args(list(argv or [])[1:] if argv and argv[0] == "export" else argv)
-    export_checkpoint(args.ckpt_path, args.export_dir, config=args.config, base_model=args.base_model)
+    gguf = None if args.format == "peft" else [args.outtype] if args.merged else ["adapter"]
+    export_checkpoint(args.ckpt_path, args.export_dir, config=args.config, base_model=args.base_model, gguf=gguf)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
+from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.guards import check_finite_loss
 from lightning_lora.core.verbs import adapter_names, inject
 from lightning_lora.core.layer import AdapterConfig
@@ -49,6 +50,8 @@ class AdapterCallback(Callback):
             None adapts the whole LightningModule.
         export_dir: when set, export ``<dir>/adapter`` and ``<dir>/merged`` at the end of training.
         name: the adapter's name.
+        export_gguf: llama.cpp GGUF files to write to ``export_dir`` too (``"adapter"`` and/or ``"f16"``, ``"bf16"``,
+            ``"q8_0"`` for the merged model; llama-family Hugging Face models only).
 
     Raises:
         TypeError: ``adapter`` is not an adapter config.
@@ -62,6 +65,7 @@ class AdapterCallback(Callback):
         target: str | None = None,
         export_dir: str | None = None,
         name: str = "default",
+        export_gguf: list[str] | None = None,
     ):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
@@ -73,6 +77,7 @@ class AdapterCallback(Callback):
         self.target = target
         self.export_dir = export_dir
         self.name = name
+        self.export_gguf = export_gguf
 
     # ------------------------------------------------------------------ helpers
     def target_module(self, pl_module: LightningModule) -> nn.Module:
@@ -148,5 +153,6 @@ class AdapterCallback(Callback):
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name,
                               base_model=hf_source(model) if self.quantize else None,
-                              tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
+                              tokenizer=getattr(pl_module, "tokenizer", None), gguf=self.export_gguf,
+                              run=run_facts(trainer))  # fmt: skip
 

@@ -26,6 +26,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.io.export import CKPT_KEY
+from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.core.verbs import adapter_state_dict, inject
 from lightning_lora.core.layer import AdapterConfig
@@ -106,6 +107,8 @@ class LoRAModule(LightningModule):
         gradient_checkpointing: recompute activations in backward (Hugging Face ``gradient_checkpointing_enable``).
         export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
             end of training.
+        export_gguf: llama.cpp GGUF files to write there too: ``"adapter"`` and/or a merged type (``"f16"``,
+            ``"bf16"``, ``"q8_0"``); see ``io/export.py``.
         dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
         trust_remote_code: allow code shipped with the model (off by default).
         adapter_name: the adapter's name on the model.
@@ -124,6 +127,7 @@ class LoRAModule(LightningModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         adapter_name: str = "default",
+        export_gguf: list[str] | None = None,
     ):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
@@ -141,6 +145,7 @@ class LoRAModule(LightningModule):
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
+        self.export_gguf = export_gguf
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -289,7 +294,8 @@ class LoRAModule(LightningModule):
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
                               name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
-                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)  # fmt: skip
+                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
+                              gguf=self.export_gguf, run=run_facts(self.trainer))  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
