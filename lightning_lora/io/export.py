@@ -6,17 +6,14 @@ thus merges losslessly, W' = W_fp32 + s B A. ``<dir>/merged`` is then a ``save_p
 tokenizer, so ``AutoModelForCausalLM.from_pretrained(<dir>/merged)`` works. Other models merge a copy and save its
 state dict as ``<dir>/merged/model.safetensors``. Every folder is written atomically.
 
-Offline, from an adapter-only checkpoint written by ``LoRAModule``::
-
-    python -m lightning_lora export --ckpt_path runs/last.ckpt --export_dir out
-    python -m lightning_lora export --ckpt_path X --export_dir out --config configs/quickstart.yaml  # or --base_model
+Offline, from an adapter-only checkpoint: ``python -m lightning_lora export`` (``commands/export.py``). With
+``gguf=`` it also writes llama.cpp files: the adapter GGUF and/or the merged model GGUF.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,15 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_lora.core.dtypes import parse_dtype
+from lightning_lora.core.verbs import adapter_names, merge
 from lightning_lora.io.card import base_source
 from lightning_lora.io.files import atomic_dir, save_tensors
 from lightning_lora.io.gguf import hf_config, lora_pairs, write_adapter_gguf
 from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
-from lightning_lora.core.verbs import adapter_names, adapter_state_dict, inject, merge
-from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
 
-CKPT_KEY = "lightning_lora"  # plain-typed run facts LoRAModule stores in checkpoints (readable with weights_only=True)
+log = logging.getLogger(__name__)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -44,9 +42,10 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _cast(model: nn.Module, dtype: str | None) -> nn.Module:
-    if dtype in (None, "auto", "float32", "torch.float32"):
+    if dtype in (None, "auto"):
         return model
-    return model.to(getattr(torch, str(dtype).removeprefix("torch.")))
+    dtype = parse_dtype(dtype)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def export(
@@ -75,6 +74,9 @@ def export(
             ``<export_dir>/adapter.gguf`` (LoRA/rsLoRA only), and/or ``"f16"``, ``"bf16"``, ``"q8_0"`` for the merged
             model as ``<export_dir>/merged-<type>.gguf``. Everything is checked before anything is written.
         run: facts for the adapter's model card (``data``, ``steps``, ``val_loss``).
+
+    Returns:
+        ``{"adapter", "merged"}`` paths, plus ``"adapter_gguf"`` and ``"gguf_<type>"`` for the GGUF files written.
     """
     export_dir = Path(export_dir)
     gguf = check_gguf_request(model, name, gguf, tokenizer if base_model is None else "later")
@@ -87,8 +89,6 @@ def export(
         paths["adapter_gguf"] = write_adapter_gguf(model, export_dir / "adapter.gguf", name)
     merged_dir = export_dir / "merged"
     if base_model is not None:
-        from lightning_lora.io.models import load_causal_lm
-
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
         load_adapter(merged, adapter_dir / name if several and name != "default" else adapter_dir, name)
@@ -106,10 +106,7 @@ def export(
                 tokenizer.save_pretrained(tmp)
         else:
             save_tensors(merged.state_dict(), tmp / "model.safetensors")
-    print(f"lightning_lora: adapter (PEFT format) written to {adapter_dir}")
-    print(f"lightning_lora: merged model written to {merged_dir}")
-    for key in (k for k in paths if "gguf" in k):
-        print(f"lightning_lora: {key.replace('_', ' ')} written to {paths[key]}")
+    log.info("adapter (PEFT format) written to %s; merged model written to %s", adapter_dir, merged_dir)
     return paths
 
 
@@ -127,87 +124,3 @@ def check_gguf_request(model: nn.Module, name: str, gguf: Sequence[str] | str | 
     if any(k != "adapter" for k in kinds) and tokenizer is None:
         raise ValueError("a merged GGUF needs the tokenizer: pass tokenizer= (or base_model=) to export.")
     return kinds
-
-
-# ------------------------------------------------------------------ offline export from a checkpoint
-def _adapter_from_spec(spec: dict) -> AdapterConfig:
-    """An adapter config from ``{"class_path": ..., "init_args": {...}}`` (only AdapterConfig subclasses)."""
-    path = spec.get("class_path", "lightning_lora.LoRA")
-    if "." not in path:
-        path = f"lightning_lora.{path}"
-    module_name, _, cls_name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
-        raise ValueError(f"adapter class_path {path!r} is not a lightning_lora adapter config (LoRA, DoRA, VeRA).")
-    return cls(**(spec.get("init_args") or {}))
-
-
-def _facts_from_config(path: str) -> dict:
-    import yaml
-
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    model = config.get("model") or {}
-    model = model.get("init_args", model)
-    adapter = model.get("adapter") or {"class_path": "lightning_lora.LoRA"}
-    return {k: v for k, v in {"base_model": model.get("base_model"), "adapter": adapter,
-                              "adapter_name": model.get("adapter_name"), "dtype": model.get("dtype")}.items() if v}  # fmt: skip
-
-
-def export_checkpoint(
-    ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None, base_model: str | None = None,
-    gguf: Sequence[str] | str | None = None,
-) -> dict[str, Path]:
-    """Rebuild the high-precision base, load the checkpoint's adapter into it, and ``export`` (no training state);
-    ``gguf`` as in ``export``."""
-    from lightning_lora.io.models import load_causal_lm
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    facts = dict(checkpoint.get(CKPT_KEY) or {})
-    if config:
-        facts.update(_facts_from_config(config))
-    if base_model:
-        facts["base_model"] = base_model
-    if not facts.get("base_model") or not facts.get("adapter"):
-        raise ValueError(
-            f"{ckpt_path} does not say which base model and adapter it was trained with (it was not written by "
-            "LoRAModule); pass --config <the run's yaml> or --base_model."
-        )
-    name = facts.get("adapter_name") or "default"
-    model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
-    inject(model, _adapter_from_spec(facts["adapter"]), name)
-    state = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
-    wanted = set(adapter_state_dict(model, name))
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise ValueError(
-            f"{ckpt_path} lacks {len(missing)} adapter tensors the config implies (e.g. {missing[:2]}); "
-            "is the config/base_model the one this checkpoint was trained with?"
-        )
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
-    run = {"steps": checkpoint.get("global_step"), **(facts.get("run") or {})}
-    return export(model, export_dir, name=name, base_model=None, tokenizer=tokenizer, dtype=facts.get("dtype"),
-                  in_place=True, gguf=gguf, run=run)  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_lora export",
-        description="Export <export_dir>/adapter (PEFT) and <export_dir>/merged from an adapter-only checkpoint.",
-    )
-    parser.add_argument("--ckpt_path", "--ckpt", required=True, help="checkpoint written by a LoRAModule run")
-    parser.add_argument("--export_dir", required=True, help="output folder")
-    parser.add_argument("--config", help="the run's YAML (base_model, adapter); default: read from the checkpoint")
-    parser.add_argument("--base_model", help="override the base model (alias, folder or cached hub id)")
-    parser.add_argument("--format", choices=("peft", "gguf"), default="peft",
-                        help="gguf: also write llama.cpp GGUF: <export_dir>/adapter.gguf, or with --merged the merged "
-                             "model <export_dir>/merged-<outtype>.gguf")  # fmt: skip
-    parser.add_argument("--merged", action="store_true", help="with --format gguf: the merged model (any method)")
-    parser.add_argument("--outtype", choices=MODEL_DTYPES, default="f16", help="merged GGUF weight type")
-    args = parser.parse_args(list(argv or [])[1:] if argv and argv[0] == "export" else argv)
-    gguf = None if args.format == "peft" else [args.outtype] if args.merged else ["adapter"]
-    export_checkpoint(args.ckpt_path, args.export_dir, config=args.config, base_model=args.base_model, gguf=gguf)
-
-
-if __name__ == "__main__":
-    main()

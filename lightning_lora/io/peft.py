@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.core.targets import compact_targets
-from lightning_lora.io.card import base_source, model_card, task_type_of
-from lightning_lora.methods.dora import DoRA
-from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
 from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.targets import compact_targets
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
+from lightning_lora.io.card import base_source, model_card, task_type_of
+from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lightning_lora.methods.dora import DoRA
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA, VeRABranch
 

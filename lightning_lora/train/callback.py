@@ -29,13 +29,14 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.verbs import adapter_names, inject
+from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
+from lightning_lora.methods.lora import LoRA
+from lightning_lora.quant.nf4 import quantize
 from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.guards import check_finite_loss
-from lightning_lora.core.verbs import adapter_names, inject
-from lightning_lora.core.layer import AdapterConfig
-from lightning_lora.methods.lora import LoRA
-from lightning_lora.train.module import trainable_keys
 
 _ORIGINAL = "_lightning_lora_original_hooks"
 
@@ -106,8 +107,6 @@ class AdapterCallback(Callback):
         if self.name in adapter_names(model):
             return model
         if self.quantize is not None:
-            from lightning_lora.quant.nf4 import quantize
-
             quantize(model, self.quantize)  # in place
         inject(model, self.adapter, self.name)
         return model
@@ -128,9 +127,8 @@ class AdapterCallback(Callback):
 
         def on_save_checkpoint(checkpoint: dict) -> None:
             originals["on_save_checkpoint"](checkpoint)
-            if "state_dict" in checkpoint:
-                keep = trainable_keys(pl_module, callback.target_module(pl_module), callback._prefix())
-                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            keep_adapter_only(checkpoint, pl_module, callback.target_module(pl_module), callback._prefix())
+            write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize)
 
         object.__setattr__(pl_module, "configure_model", configure_model)
         object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
