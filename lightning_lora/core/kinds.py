@@ -12,8 +12,9 @@ the kind (``kind_of(layer)``) instead of testing layer types, so a new kind is o
 | ``conv1d/2d/3d`` | ``nn.Conv{1,2,3}d``, groups 1 | (in, out) channels | weight (out, in * prod(k)) | (r, in, *k), (out, r, 1, ...) |
 
 The bitsandbytes 4-bit linear is registered by ``lightning_lora.quant.nf4`` (core imports neither bitsandbytes nor
-quant). Conv layers follow PEFT's layout (arXiv:2106.09685 applied per PEFT): A is a conv with the base's kernel,
-stride, padding and dilation, B a 1x1 conv, so dW = B A reshaped to the base's (out, in, *k).
+quant). Conv layers follow PEFT's layout: A is a conv with the base's kernel, stride, padding and dilation, B a 1x1
+conv, so dW = B A reshaped to the base's (out, in, *k) and merging is exact. Deviation: PEFT 0.21's unmerged conv
+forward drops the base's dilation (its merge keeps it), so on a dilated conv only the merged models agree with PEFT.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class LayerKind:
         peft_vector_shape: PEFT's shape for a per-output-channel vector (DoRA's magnitude): (out,), or
             (1, out, 1, ...) on convs.
         peft_pair: PEFT's key suffixes for a LoRA pair on this kind (``lora_embedding_A``/``_B`` on embeddings).
+        example: a tiny seeded layer of this kind and an input for it; the contract tests (tests/test_contract.py)
+            run every method that supports the kind on it, so a new kind is tested with no new test code.
     """
 
     name: str
@@ -72,6 +75,7 @@ class LayerKind:
     reversed_init: bool = False
     peft_vector_shape: Callable[[int], tuple[int, ...]] = lambda n: (n,)
     peft_pair: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    example: Callable[[], tuple[nn.Module, Tensor]] | None = None
 
 
 KINDS: list[LayerKind] = []  # registration order; kind_of checks the newest first (a 4-bit linear is an nn.Linear)
@@ -184,6 +188,31 @@ def _conv_refuse(layer: nn.Module) -> str | None:
     return None
 
 
+def _seeded(make: Callable[[], nn.Module], *input_shape: int, ids: int = 0) -> Callable[[], tuple[nn.Module, Tensor]]:
+    def example() -> tuple[nn.Module, Tensor]:
+        torch.manual_seed(0)
+        layer = make()
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randint(0, ids, input_shape, generator=gen) if ids else torch.randn(input_shape, generator=gen)
+        return layer, x
+
+    return example
+
+
+def _gpt2_conv1d() -> nn.Module:
+    layer = Conv1D(10, 12)  # nf = out, nx = in
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+_CONV_EXAMPLES = {
+    1: _seeded(lambda: nn.Conv1d(3, 5, 3, padding=1), 2, 3, 9),
+    2: _seeded(lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), 2, 3, 7, 7),
+    3: _seeded(lambda: nn.Conv3d(2, 4, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1)), 2, 2, 3, 6, 5),
+}
+
+
 def _conv_kind(cls: type, dims: int) -> LayerKind:
     return LayerKind(
         name=f"conv{dims}d",
@@ -196,6 +225,7 @@ def _conv_kind(cls: type, dims: int) -> LayerKind:
         refuse=_conv_refuse,
         channel_dim=1,
         peft_vector_shape=lambda n: (1, n, *([1] * dims)),
+        example=_CONV_EXAMPLES[dims],
     )
 
 
@@ -208,6 +238,7 @@ register_kind(LayerKind(
     pair_shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
     apply_pair=_linear_pair,
     linear=True,
+    example=_seeded(lambda: nn.Linear(12, 10), 2, 3, 12),
 ))  # fmt: skip
 register_kind(LayerKind(
     name="hf_conv1d",
@@ -219,6 +250,7 @@ register_kind(LayerKind(
     apply_pair=_linear_pair,
     linear=True,
     fan_in_fan_out=True,
+    example=_seeded(_gpt2_conv1d, 2, 3, 12),
 ))  # fmt: skip
 register_kind(LayerKind(
     name="embedding",
@@ -231,6 +263,7 @@ register_kind(LayerKind(
     transposed=True,
     reversed_init=True,
     peft_pair=("lora_embedding_A", "lora_embedding_B"),
+    example=_seeded(lambda: nn.Embedding(20, 8), 2, 5, ids=20),
 ))  # fmt: skip
 for _cls, _dims in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
     register_kind(_conv_kind(_cls, _dims))

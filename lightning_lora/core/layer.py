@@ -73,6 +73,11 @@ class AdapterConfig:
         """True if this method adapts layers of ``kind`` (default: the linear kinds, incl. a 4-bit base)."""
         return kind.linear
 
+    @classmethod
+    def examples(cls) -> list[AdapterConfig]:
+        """Small configs of this method that the contract tests run on every kind it supports (default: ``cls()``)."""
+        return [cls()]
+
     def shared_state(self, layers: list[nn.Module]) -> object:
         """State shared by all adapted layers of one adapter (VeRA's random projections); none by default."""
         return None
@@ -84,6 +89,11 @@ class AdapterConfig:
     def to_peft(self, targets: list[str]) -> dict:
         """The ``adapter_config.json`` PEFT writes for this adapter on the layers ``targets``."""
         raise NotImplementedError(f"{self.method} has no PEFT format (to_peft is not implemented).")
+
+    @classmethod
+    def peft_supports(cls, kind: LayerKind) -> bool:
+        """True where PEFT itself has this method on ``kind`` (the contract tests then check PEFT both ways)."""
+        return cls.peft_type is not None and cls.supports(kind)
 
     @classmethod
     def from_peft(cls, peft_config: dict) -> AdapterConfig | None:

@@ -36,7 +36,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
     peft_config = config.to_peft(sorted(branches))
-    peft_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())  # GPT-2 Conv1D
+    if "fan_in_fan_out" in peft_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
+        peft_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
     with atomic_dir(path) as tmp:
         write_json(peft_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)

@@ -59,6 +59,10 @@ class LoRA(AdapterConfig):
     def supports(cls, kind: LayerKind) -> bool:
         return True  # every kind in the table: linear, GPT-2 Conv1D, embedding, conv1d/2d/3d, NF4
 
+    @classmethod
+    def examples(cls) -> list[LoRA]:
+        return [cls(r=4, alpha=8.0), cls(r=4, alpha=8.0, rslora=True)]
+
     def build(self, base_layer: nn.Module, shared: object = None) -> LoRABranch:
         return LoRABranch(self, base_layer)
 

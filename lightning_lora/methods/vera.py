@@ -94,6 +94,10 @@ class VeRA(AdapterConfig):
         super().__post_init__()
         self._check_rank(self.r)
 
+    @classmethod
+    def examples(cls) -> list[VeRA]:
+        return [cls(r=8, seed=3), cls(r=8, seed=3, save_projection=True)]
+
     def shared_state(self, layers: list[nn.Module]) -> Projections:
         dims = [in_out_features(layer) for layer in layers]
         return Projections.generate(self.seed, self.r, max(d[0] for d in dims), max(d[1] for d in dims))

@@ -321,6 +321,13 @@ def _plain_linear(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | Non
     return linear
 
 
+def _example() -> tuple[nn.Module, Tensor]:
+    """A tiny NF4 linear (in 64 = one block per row) and an input, for the contract tests."""
+    torch.manual_seed(0)
+    holder = quantize(nn.Sequential(nn.Linear(64, 32)))
+    return holder[0], torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
+
+
 NF4_LINEAR = register_kind(LayerKind(
     name="nf4_linear",
     matches=_is_4bit,
@@ -333,4 +340,5 @@ NF4_LINEAR = register_kind(LayerKind(
     quantized=True,
     rounding_error=nf4_rounding_error,
     warn_rounding=warn_merge_without_originals,
+    example=_example,
 ))  # fmt: skip
