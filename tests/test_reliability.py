@@ -90,7 +90,7 @@ def test_method_cannot_adapt_embedding():
 
 
 def test_not_an_adapter_config():
-    with pytest.raises(TypeError, match="must be a LoRA, DoRA or VeRA config"):
+    with pytest.raises(TypeError, match=r"must be an AdapterConfig \(LoRA, DoRA, VeRA"):
         ll.inject(tiny_llama(), {"r": 8})
 
 

@@ -65,7 +65,7 @@ class AdapterCallback(Callback):
     ):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
-            raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+            raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
         self.adapter = adapter
