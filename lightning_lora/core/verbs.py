@@ -13,8 +13,18 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, merged_base_layer
-from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer
+from lightning_lora.core.kinds import (
+    dense_weight,
+    is_quantized,
+    kind_of,
+    merged_base_layer,
+)
+from lightning_lora.core.layer import (
+    METHODS,
+    AdapterBranch,
+    AdapterConfig,
+    AdapterLayer,
+)
 from lightning_lora.core.targets import find_targets
 
 _REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection

@@ -21,7 +21,6 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind
