@@ -43,13 +43,13 @@ import functools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lightning_lora  # noqa: F401  (the built-in methods and the NF4 kind register on import)
+from lightning_lora.commands import command_args
 from lightning_lora.core.kinds import in_out_features
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
@@ -282,8 +282,7 @@ def render(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = argv[1:] if argv[:1] == ["estimate"] else argv
+    argv = command_args(argv, "estimate")
     p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
     p.add_argument("--adapter", default="lora", help=f"{', '.join(adapter_names())} or a module.Class path")

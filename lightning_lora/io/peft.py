@@ -16,28 +16,31 @@ import torch
 from torch import nn
 
 from lightning_lora.core.layer import METHODS, AdapterConfig
-from lightning_lora.core.verbs import (
-    adapter_layers,
-    adapter_names,
-    attach,
-    delete_adapter,
-    plan_injection,
-)
-from lightning_lora.io.files import (
-    atomic_dir,
-    load_tensors,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from lightning_lora.core.targets import compact_targets
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
+from lightning_lora.io.card import base_source, model_card, task_type_of
+from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.methods import dora, lora, vera  # noqa: F401  (the built-in methods join the registry)
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` of ``model`` to the folder ``path`` in PEFT's format (atomically). Returns the path."""
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    run: dict | None = None,
+) -> Path:
+    """Write adapter ``name`` of ``model`` to the folder ``path`` in PEFT's format (atomically), with a ``README.md``
+    card (``io/card.py``). Returns the path.
+
+    ``base_model_name_or_path`` and ``task_type`` default to where ``model`` was loaded from and ``"CAUSAL_LM"`` for
+    causal LMs; ``run`` (``data``, ``steps``, ``val_loss``) goes into the card.
+    """
     branches = {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
     if not branches:
         raise ValueError(f"save_adapter: no adapter named {name!r} on the model; it has {adapter_names(model)}.")
@@ -45,18 +48,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config = first.config
     tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    peft_config = config.to_peft(sorted(branches))
+    peft_config = config.to_peft(compact_targets(model, sorted(branches)))
     if "fan_in_fan_out" in peft_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         peft_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
+    peft_config["task_type"] = task_type or task_type_of(model)
+    peft_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
+    method = type(config).__name__ + (" (rsLoRA)" if getattr(config, "rslora", False) else "")
     with atomic_dir(path) as tmp:
         write_json(peft_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
+        (tmp / CARD_FILE).write_text(model_card(peft_config, method, run))
     return Path(path)
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapters(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
     """Write every adapter of ``model`` as PEFT's ``save_pretrained`` lays several out: adapter ``"default"`` at the
-    root of ``path``, each other one in the subfolder ``path/<name>`` (atomically, as one folder). PEFT reads it with
+    root of ``path``, each other one in the subfolder ``path/<name>`` (atomically, as one folder); ``kwargs`` go to
+    ``save_adapter``. PEFT reads it with
     ``PeftModel.from_pretrained(base, path)`` and ``.load_adapter(path/<name>, adapter_name=<name>)``."""
     names = adapter_names(model)
     if not names:
@@ -66,7 +74,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"save_adapters: adapter names {bad} cannot be folder names; rename them before saving.")
     with atomic_dir(path) as tmp:
         for name in sorted(names, key=lambda n: n != "default"):  # the root first: save_adapter replaces its folder
-            save_adapter(model, tmp if name == "default" else tmp / name, name)
+            save_adapter(model, tmp if name == "default" else tmp / name, name, **kwargs)
     return Path(path)
 
 

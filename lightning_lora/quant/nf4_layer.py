@@ -5,12 +5,15 @@ original weights. ``quant/nf4.py`` registers it. bitsandbytes is imported only w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind
+
+log = logging.getLogger(__name__)
 
 
 def nf4_rounding_error(layer: nn.Module) -> float:
@@ -43,23 +46,20 @@ def nf4_rounding_error(layer: nn.Module) -> float:
     return float(mse.sum().sqrt() / w.norm().clamp_min(1e-30))
 
 
-def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]], stacklevel: int = 3) -> None:
+def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]]) -> None:
     """One warning for a merge into dequantized NF4 weights; ``errors[layer] = (rounding error, update RMS)`` as
     relative RMS of the weight (``nf4_rounding_error``) and the adapter update's RMS over the weight's RMS."""
     if not errors:
         return
-    import warnings
-
     worst = max(errors, key=lambda n: errors[n][0] / max(errors[n][1], 1e-30))
     mean = sum(e for e, _ in errors.values()) / len(errors)
     err, upd = errors[worst]
-    warnings.warn(
+    log.warning(
         f"merge: {len(errors)} quantized layer(s) had no high-precision weight, so the adapters were merged into the "
         f"dequantized NF4 weights, which keep their rounding error: estimated {100 * mean:.1f}% of the weights' RMS "
         f"on average (from the 4-bit codes, see nf4_rounding_error); worst relative to the adapter update: {worst!r}, "
         f"rounding {100 * err:.1f}% vs update {100 * upd:.2f}% of the weight ({err / max(upd, 1e-30):.1f}x). "
-        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly.",
-        stacklevel=stacklevel,
+        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly."
     )
 
 
