@@ -86,6 +86,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
         if special.chat_template is None and getattr(tokenizer, "chat_template", None):
             special.chat_template = tokenizer.chat_template
+        probe = tokenizer("a").input_ids  # llama.cpp must add BOS/EOS exactly when this tokenizer does
+        for kind in ("bos", "eos"):
+            tid = getattr(tokenizer, f"{kind}_token_id", None)
+            special.add_special_token[kind] = tid is not None and (probe[:1] if kind == "bos" else probe[-1:]) == [tid]
         special.add_to_gguf(writer, quiet=True)
 
 
