@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.files import atomic_file
-from lightning_lora.io.gguf import _gguf, hf_config, permute_qk, tensor_namer
+from lightning_lora.io.gguf import hf_config, permute_qk, require_gguf, tensor_namer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _pre_tokenizer(spec: dict | None) -> str:
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Write ``tokenizer`` (a fast byte-level BPE tokenizer) into ``writer``'s metadata, padded to ``vocab_size``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
@@ -95,7 +95,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 def _tensor_data(weight: torch.Tensor, dtype: str):
     """``(array, raw_dtype)`` for GGUFWriter.add_tensor: f32 for 1-D tensors, else ``dtype``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     data = weight.detach().float().cpu().numpy()
     if data.ndim == 1:
         return data.astype(np.float32), None
@@ -112,7 +112,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, dtype
         ValueError: adapters still on the model (merge first), another architecture, a tokenizer that is not a
             byte-level BPE, an unknown ``dtype``, or a tensor llama.cpp's llama architecture has no name for.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"GGUF model dtype must be one of {MODEL_DTYPES}, got {dtype!r}.")
     if adapter_names(model):
