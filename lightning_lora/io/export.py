@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from lightning_lora.io.files import atomic_dir, save_tensors
+from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import SVD_INITS, prepare
 from lightning_lora.core.verbs import adapter_names, adapter_state_dict, inject, merge
 from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.io.init_export import merge_exact, save_for_original_base, svd_init
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
 
 CKPT_KEY = "lightning_lora"  # plain-typed run facts LoRAModule stores in checkpoints (readable with weights_only=True)
@@ -68,9 +71,21 @@ def export(
     """
     export_dir = Path(export_dir)
     several = len(adapter_names(model)) > 1  # then every adapter is exported, in PEFT's multi-adapter layout
-    adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
+    svd_start = svd_init(model, name)  # PiSSA/LoftQ: both exports compute the trained function (init_export.py)
+    if svd_start:
+        adapter_dir = save_for_original_base(model, export_dir / "adapter", name)
+    else:
+        adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
     merged_dir = export_dir / "merged"
-    if base_model is not None:
+    if svd_start:
+        from lightning_lora.io.models import load_causal_lm
+
+        fresh = None
+        if base_model is not None:
+            fresh, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
+            tokenizer = tokenizer if tokenizer is not None else source_tokenizer
+        merged = merge_exact(model, name, fresh)
+    elif base_model is not None:
         from lightning_lora.io.models import load_causal_lm
 
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
@@ -79,7 +94,8 @@ def export(
     else:
         # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
         merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})
-    merge(merged)
+    if not svd_start:
+        merge(merged)
     merged = _cast(merged, dtype)
     with atomic_dir(merged_dir) as tmp:
         if _is_hf(merged):
@@ -114,7 +130,7 @@ def _facts_from_config(path: str) -> dict:
     model = config.get("model") or {}
     model = model.get("init_args", model)
     adapter = model.get("adapter") or {"class_path": "lightning_lora.LoRA"}
-    return {k: v for k, v in {"base_model": model.get("base_model"), "adapter": adapter,
+    return {k: v for k, v in {"base_model": model.get("base_model"), "adapter": adapter, "quantize": model.get("quantize"),
                               "adapter_name": model.get("adapter_name"), "dtype": model.get("dtype")}.items() if v}  # fmt: skip
 
 
@@ -137,7 +153,12 @@ def export_checkpoint(
         )
     name = facts.get("adapter_name") or "default"
     model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
-    inject(model, _adapter_from_spec(facts["adapter"]), name)
+    adapter = _adapter_from_spec(facts["adapter"])
+    if getattr(adapter, "init", "default") in SVD_INITS:  # PiSSA/LoftQ: the trained base is rebuilt (deterministic)
+        quant = facts.get("quantize")
+        prepare(model, adapter, name, NF4(**(quant.get("init_args", quant) or {})) if quant else None)
+    else:
+        inject(model, adapter, name)
     state = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
     wanted = set(adapter_state_dict(model, name))
     missing = sorted(wanted - set(state))

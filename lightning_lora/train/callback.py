@@ -31,9 +31,10 @@ from torch import nn
 
 from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.train.guards import check_finite_loss
-from lightning_lora.core.verbs import adapter_names, inject
+from lightning_lora.core.verbs import adapter_names
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.methods.lora import LoRA
+from lightning_lora.quant.prepare import prepare
 from lightning_lora.train.module import trainable_keys
 
 _ORIGINAL = "_lightning_lora_original_hooks"
@@ -100,11 +101,7 @@ class AdapterCallback(Callback):
         model = self.target_module(pl_module)
         if self.name in adapter_names(model):
             return model
-        if self.quantize is not None:
-            from lightning_lora.quant.nf4 import quantize
-
-            quantize(model, self.quantize)  # in place
-        inject(model, self.adapter, self.name)
+        prepare(model, self.adapter, self.name, self.quantize)  # in place: quantize, inject, init (PiSSA/LoftQ)
         return model
 
     # ------------------------------------------------------------------ hooks

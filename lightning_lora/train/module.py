@@ -27,12 +27,13 @@ from torchmetrics.aggregation import MeanMetric
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.io.export import CKPT_KEY
 from lightning_lora.train.guards import FiniteLossGuard
-from lightning_lora.core.verbs import adapter_state_dict, inject
+from lightning_lora.core.verbs import adapter_state_dict
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import prepare
 
 
 
@@ -166,11 +167,7 @@ class LoRAModule(LightningModule):
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
-        if self.quantize is not None:
-            from lightning_lora.quant.nf4 import quantize
-
-            model = quantize(model, self.quantize)
-        inject(model, self.adapter, self.adapter_name)
+        prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
