@@ -18,6 +18,7 @@ from lightning_lora.methods.lora import LoRA
 from lightning_lora.train.optim import param_groups
 from lightning_lora.io.peft import load_adapter, load_adapters, save_adapter, save_adapters
 from lightning_lora.quant.nf4 import NF4, original_weights, quantize
+from lightning_lora.quant.prepare import prepare
 from lightning_lora.methods.vera import VeRA
 
 _LIGHTNING = {"LoRAModule": "lightning_lora.train.module", "AdapterCallback": "lightning_lora.train.callback"}
@@ -55,6 +56,7 @@ __all__ = [
     "merge",
     "param_groups",
     "per_sample_adapters",
+    "prepare",
     "remove",
     "save_adapter",
     "save_adapters",

@@ -29,6 +29,15 @@ QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The float64 SVD oracles here are many small LAPACK calls: on 2 shared cores one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama"))
@@ -161,6 +170,20 @@ def test_dora_pissa_is_identity_at_init_and_keeps_the_principal_part():
 
 
 # ------------------------------------------------------------------ exports
+def test_merge_of_an_svd_start_uses_the_trained_base():
+    import warnings
+
+    model = prepare(tiny_llama(), ll.LoRA(r=4, init="loftq"), quantize=NF4_32)
+    perturb_adapters(model, std=0.05)
+    trained = logits(model)
+    with pytest.raises(ValueError, match="started from an SVD"):  # the original W would count the start twice
+        ll.merge(model, base_weights=linear_weights(tiny_llama()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "merged into the dequantized NF4 weights" warning: that is the base here
+        ll.merge(model)
+    torch.testing.assert_close(logits(model), trained, atol=1e-5, rtol=0)
+
+
 def peft_logits(folder: str, adapter_dir) -> torch.Tensor:
     import peft
     from transformers import AutoModelForCausalLM
