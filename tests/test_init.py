@@ -304,6 +304,13 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged(adapter, quantize, 
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_lightning_entry_points_refuse_loftq_without_nf4_before_loading(tiny_dir):
+    with pytest.raises(ValueError, match="needs a quantized base"):
+        LoRAModule(tiny_dir, adapter=ll.LoRA(init="loftq"))
+    with pytest.raises(ValueError, match="not supported"):
+        AdapterCallback(ll.DoRA(init="loftq"), quantize=NF4_32)
+
+
 def test_already_quantized_or_adapted_models_are_refused():
     quantized = ll.quantize(tiny_llama(), NF4_32)
     with pytest.raises(ValueError, match="already quantized"):

@@ -110,15 +110,25 @@ def _quantizes(layer: nn.Module, target: str, nf4: NF4) -> bool:
             and unsupported_shape(layer, nf4.blocksize) is None)  # fmt: skip
 
 
-def _checked_plan(model: nn.Module, adapter: AdapterConfig, name: str, quantize: NF4 | None) -> list:
-    """The injection plan, after every check an SVD init needs (module docstring); raises before any change."""
-    init = adapter.init
+def check_start(adapter: AdapterConfig, quantize: object = None) -> None:
+    """The checks of ``adapter.init`` that need no model (LoRAModule and AdapterCallback run them at construction).
+
+    Raises:
+        ValueError: ``init="loftq"`` without ``quantize``, or DoRA with ``init="loftq"``.
+    """
+    init = getattr(adapter, "init", "default")
     if init == "loftq" and quantize is None:
         raise ValueError("init='loftq' chooses the NF4 base and the adapter's start together, so it needs a quantized "
                          "base: pass quantize=NF4() (YAML: model.quantize), or use init='pissa' on a full-precision base.")
     if init == "loftq" and isinstance(adapter, DoRA):
         raise ValueError("DoRA(init='loftq') is not supported (LoftQ fits an additive correction; neither paper nor "
                          "PEFT defines it for DoRA): use DoRA(init='pissa') or LoRA(init='loftq').")
+
+
+def _checked_plan(model: nn.Module, adapter: AdapterConfig, name: str, quantize: NF4 | None) -> list:
+    """The injection plan, after every check an SVD init needs (module docstring); raises before any change."""
+    init = adapter.init
+    check_start(adapter, quantize)
     if quantize is not None and not isinstance(quantize, NF4):
         raise TypeError(f"quantize must be an NF4 config or None, got {type(quantize).__name__}.")
     if any(isinstance(m, AdapterLayer) for m in model.modules()):

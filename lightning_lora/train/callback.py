@@ -34,7 +34,7 @@ from lightning_lora.train.guards import check_finite_loss
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.quant.prepare import prepare
+from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.module import trainable_keys
 
 _ORIGINAL = "_lightning_lora_original_hooks"
@@ -67,6 +67,7 @@ class AdapterCallback(Callback):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+        check_start(adapter, quantize)
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
         self.adapter = adapter

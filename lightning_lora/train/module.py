@@ -33,7 +33,7 @@ from lightning_lora.methods.lora import LoRA
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.quant.nf4 import NF4
-from lightning_lora.quant.prepare import prepare
+from lightning_lora.quant.prepare import check_start, prepare
 
 
 
@@ -129,6 +129,7 @@ class LoRAModule(LightningModule):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+        check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
         if lr_ratio is not None and not lr_ratio > 0:
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
         self.base_model = str(base_model)
