@@ -56,7 +56,7 @@ def run_one(key: str) -> dict:
             if found:
                 seconds.append(float(found.group(1)))
 
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(InitTime())
+    logging.getLogger("lightning_lora").addHandler(InitTime())
     cli = make_cli(argv, run=False)  # parses, seeds (seed_everything: 0) and builds model, data and trainer
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     start = time.perf_counter()

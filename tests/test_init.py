@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 import lightning_lora as ll
 from lightning_lora.core.verbs import adapter_layers
-from lightning_lora.io.export import export, export_checkpoint
+from lightning_lora.commands.export import export_checkpoint
+from lightning_lora.io.export import export
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import INIT_A, INIT_B, prepare

@@ -43,8 +43,9 @@ def svd_init(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def save_for_original_base(model: nn.Module, path: str | Path, name: str = "default") -> Path:
-    """Write adapter ``name`` in PEFT's format for the original base (module docstring), with a README note."""
+def save_for_original_base(model: nn.Module, path: str | Path, name: str = "default", **card) -> Path:
+    """Write adapter ``name`` in PEFT's format for the original base (module docstring), with a note on its start
+    added to the README card; ``card`` goes to ``save_adapter``."""
     init = svd_init(model, name)
     layers = {t: layer for t, layer in adapter_layers(model).items() if name in layer.adapters}
     config = next(iter(layers.values())).adapters[name].config
@@ -55,7 +56,7 @@ def save_for_original_base(model: nn.Module, path: str | Path, name: str = "defa
             for t, layer in layers.items():
                 layer.adapters[name] = _converted(originals[t], layer.base_layer)
         with atomic_dir(path) as tmp:
-            save_adapter(model, tmp / "peft", name)
+            save_adapter(model, tmp / "peft", name, **card)
             for f in (tmp / "peft").iterdir():
                 shutil.move(str(f), str(tmp / f.name))
             (tmp / "peft").rmdir()

@@ -25,6 +25,7 @@ model. The time taken is logged.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 
@@ -36,7 +37,9 @@ from lightning_lora.core.verbs import attach, inject, plan_injection
 from lightning_lora.methods.dora import DoRA, DoRABranch
 from lightning_lora.methods.pissa import pissa_factors
 from lightning_lora.quant.loftq import loftq, qpissa
-from lightning_lora.quant.nf4 import NF4, _info, quantize as quantize_model, unsupported_shape
+from lightning_lora.quant.nf4 import NF4, quantize as quantize_model, unsupported_shape
+
+log = logging.getLogger(__name__)
 
 SVD_INITS = ("pissa", "loftq")
 INIT_A, INIT_B = "init_lora_A", "init_lora_B"  # PiSSA's starting factors, kept on each branch
@@ -86,8 +89,8 @@ def prepare(model: nn.Module, adapter: AdapterConfig, name: str = "default", qua
                 _set_start(branch, model.get_submodule(target).base_layer, *factors[target], keep=init == "pissa")
     seconds = time.perf_counter() - start
     what = {"pissa": "QPiSSA" if quantize is not None else "PiSSA", "loftq": f"LoftQ ({adapter.loftq_iters} iter.)"}[init]
-    _info(f"init: {what} start for {len(factors)} layers in {seconds:.2f} s"
-          + (f"; default start for {len(kept)} layers NF4 keeps in high precision: {kept}" if kept else ""))
+    log.info("init: %s start for %d layers in %.2f s%s", what, len(factors), seconds,
+             f"; default start for {len(kept)} layers NF4 keeps in high precision: {kept}" if kept else "")
     return model
 
 
