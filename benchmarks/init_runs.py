@@ -4,6 +4,7 @@ and the init's seconds.
     python benchmarks/init_runs.py                 # the six runs, one subprocess each, then the table
     python benchmarks/init_runs.py --only loftq1   # one run (its JSON line is appended to the results)
     python benchmarks/init_runs.py --table         # print the table of what benchmarks/init_results.json holds
+    python benchmarks/init_runs.py --only qpissa --before-only   # the start only: init + validation, no training
 
 Every run is ``configs/quickstart.yaml`` (SmolLM2-135M-Instruct, LoRA r 8 alpha 16 on all linear layers, 40 steps of
 4 x 64 tokens, lr 1e-3, seed 0, 12 validation batches) with only the base's quantization and the adapter's ``init``
@@ -40,7 +41,7 @@ RUNS = {
 }
 
 
-def run_one(key: str) -> dict:
+def run_one(key: str, before_only: bool = False) -> dict:
     import torch
 
     from lightning_lora.commands.cli import make_cli
@@ -56,23 +57,29 @@ def run_one(key: str) -> dict:
             if found:
                 seconds.append(float(found.group(1)))
 
-    logging.getLogger("lightning_lora").addHandler(InitTime())
+    for logger in ("lightning_lora", "lightning.pytorch.utilities.rank_zero"):  # ours, or Lightning's in older trees
+        logging.getLogger(logger).addHandler(InitTime())
     cli = make_cli(argv, run=False)  # parses, seeds (seed_everything: 0) and builds model, data and trainer
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     start = time.perf_counter()
     model.configure_model()
     load_s = time.perf_counter() - start
     before = trainer.validate(model, datamodule=data, verbose=False)[0]["val_ppl"]
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_s = time.perf_counter() - start
-    after = float(trainer.callback_metrics["val_ppl"])
+    fit_s = after = None
+    if not before_only:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        fit_s = time.perf_counter() - start
+        after = float(trainer.callback_metrics["val_ppl"])
     return {"run": key, "label": RUNS[key][0], "ppl_before": float(before), "ppl_after": after,
             "configure_model_s": load_s, "init_s": seconds[0] if seconds else 0.0, "fit_s": fit_s, "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    by = {r["run"]: r for r in rows}
+    by = {}
+    for r in rows:  # a full run's row wins over a start-only one
+        if r["run"] not in by or r.get("ppl_after") is not None:
+            by[r["run"]] = r
     lines = ["| run | val ppl before | val ppl after | init s | log-ppl gap to fp32 closed at start |",
              "|---|---|---|---|---|"]
     fp, q = by.get("lora"), by.get("qlora")
@@ -85,7 +92,8 @@ def table(rows: list[dict]) -> str:
         if fp and q and key not in ("lora", "qlora"):
             gap = math.log(q["ppl_before"]) - math.log(fp["ppl_before"])
             closed = f"{100 * (math.log(q['ppl_before']) - math.log(r['ppl_before'])) / gap:.0f}%"
-        lines.append(f"| {r['label']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {extra} | {closed} |")
+        after = "not run" if r.get("ppl_after") is None else f"{r['ppl_after']:.2f}"
+        lines.append(f"| {r['label']} | {r['ppl_before']:.2f} | {after} | {extra} | {closed} |")
     return "\n".join(lines)
 
 
@@ -93,9 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(RUNS))
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--before-only", action="store_true", help="with --only: init and validate, no training")
     args = parser.parse_args()
     if args.only:
-        row = run_one(args.only)
+        row = run_one(args.only, args.before_only)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row))
