@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.dtypes import dtype_name, parse_dtype
-from lightning_lora.core.layer import AdapterLayer, dense_weight, is_quantized
+from lightning_lora.core.kinds import LayerKind, dense_weight, is_quantized, kind_of, register_kind
+from lightning_lora.core.layer import AdapterLayer
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     plan, kept = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module):
-            if type(module).__name__ == "Conv1D":
-                kept[name] = "Conv1D is not nn.Linear"
+            kind = kind_of(module)
+            if kind is not None and kind.linear and not kind.quantized:
+                kept[name] = f"{type(module).__name__} ({kind.name}) is not nn.Linear"
             continue
         why = "in skip_modules" if nf4.skips(name) else unsupported_shape(module, nf4.blocksize)
         if why is None and module.weight.is_meta:
@@ -188,7 +190,7 @@ def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Modul
     """
     names = list(names)
     if isinstance(source, nn.Module):
-        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if hasattr(m, "weight")}
+        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if kind_of(m) is not None}
         if any(is_quantized(m) for m in source.modules()):
             table = {k: v for k, v in table.items() if not is_quantized(source.get_submodule(k[: -len(".weight")]))}
         return {n: table[_find_key(n, table, "the given model")].detach() for n in names}
@@ -269,3 +271,52 @@ def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]]) -> N
         f"rounding {100 * err:.1f}% vs update {100 * upd:.2f}% of the weight ({err / max(upd, 1e-30):.1f}x). "
         "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly."
     )
+
+
+def _is_4bit(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer: its weight is a ``Params4bit`` (checked by name: importing bitsandbytes is slow)."""
+    weight = getattr(layer, "weight", None)
+    return isinstance(layer, nn.Linear) and (
+        getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit"
+    )
+
+
+def _dequantized(layer: nn.Module) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    weight = layer.weight
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state).reshape(layer.out_features, layer.in_features)
+
+
+def _plain_linear(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain ``nn.Linear`` holding the merged weight: re-quantizing would destroy most of a small update
+    (REFERENCE section 5), in ``dtype`` (default: the new weight's)."""
+    dtype = dtype or new_weight.dtype
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(new_weight.detach().to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    return linear
+
+
+def _example() -> tuple[nn.Module, Tensor]:
+    """A tiny NF4 linear (in 64 = one block per row) and an input, for the contract tests."""
+    torch.manual_seed(0)
+    holder = quantize(nn.Sequential(nn.Linear(64, 32)))
+    return holder[0], torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
+
+
+NF4_LINEAR = register_kind(LayerKind(
+    name="nf4_linear",
+    matches=_is_4bit,
+    in_out=lambda m: (m.in_features, m.out_features),
+    dense_weight=_dequantized,
+    write_back=_plain_linear,
+    pair_shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
+    apply_pair=lambda x, A, B, layer, p: nn.functional.linear(nn.functional.linear(nn.functional.dropout(x, p), A), B),
+    linear=True,
+    quantized=True,
+    rounding_error=nf4_rounding_error,
+    warn_rounding=warn_merge_without_originals,
+    example=_example,
+))  # fmt: skip

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lightning_lora.core.layer import AdapterConfig, AdapterLayer, dense_weight, in_out_features, is_quantized
+from lightning_lora.core.kinds import dense_weight, in_out_features, is_linear_like, is_quantized
+from lightning_lora.core.layer import AdapterConfig, AdapterLayer
 from lightning_lora.core.verbs import attach, inject, plan_injection
 from lightning_lora.methods.dora import DoRA, DoRABranch
 from lightning_lora.methods.pissa import pissa_factors
@@ -141,7 +142,7 @@ def _checked_plan(model: nn.Module, adapter: AdapterConfig, name: str, quantize:
     shared = _shared_weights(model)
     for target, _ in plan:
         layer = model.get_submodule(target)
-        if isinstance(layer, nn.Embedding) or not hasattr(layer, "weight"):
+        if not is_linear_like(layer):
             raise ValueError(f"init={init!r} starts from the SVD of a linear layer's weight; {target!r} is a "
                              f"{type(layer).__name__}: exclude it (exclude_modules) or use init='default'.")
         if is_quantized(layer):

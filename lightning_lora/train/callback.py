@@ -34,8 +34,8 @@ from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.prepare import check_start, prepare
-from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.train.card_facts import run_facts
+from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.train.guards import check_finite_loss
 
 _ORIGINAL = "_lightning_lora_original_hooks"
@@ -70,7 +70,7 @@ class AdapterCallback(Callback):
     ):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
-            raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+            raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
         check_start(adapter, quantize)
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
