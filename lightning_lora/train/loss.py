@@ -14,10 +14,10 @@ alive at any time. Logits are upcast to fp32 per chunk and the sum over chunks i
 bf16 (the recipe of torchtune's ``CEWithChunkedOutputLoss``; Liger's fused linear cross-entropy and Cut Cross-Entropy,
 arXiv:2411.09009, go further with fused kernels).
 
-The backbone runs through the model's own ``forward`` (so FSDP2's root hooks, attention masks, packed-sequence
-``position_ids`` and gradient checkpointing behave as usual) with its output head swapped for an identity for the
-duration of the call; the real head (``get_output_embeddings()``: a plain or adapted ``lm_head``, or tied to the input
-embeddings) is then applied to the labeled rows only. Models whose ``forward`` rescales logits after the head
+The model runs through its own ``forward`` (so FSDP2's hooks, attention masks, packed-sequence ``position_ids`` and
+gradient checkpointing behave as usual) with its output head swapped, for the duration of the call, for a stand-in
+that takes the last hidden states and returns the loss, applying the real head (``get_output_embeddings()``: a plain
+or adapted ``lm_head``, or tied to the input embeddings) to the labeled rows only. Models whose ``forward`` rescales logits after the head
 (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``) fall back to Hugging Face's own loss.
 
 Example (an ``AdapterCallback`` user's ``training_step``)::
@@ -46,11 +46,25 @@ CHUNK_SIZE = 512
 _RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-class _Identity(nn.Module):
-    """Stands in for the output head during the backbone pass: the model's "logits" are then its hidden states."""
+class _LossHead(nn.Module):
+    """Stands in for the output head during the model's forward: gets the last hidden states, returns the loss.
+
+    Running the real head inside the model's forward matters under FSDP2, whose root module holds the head: its
+    parameters are gathered only inside the root's forward (and again in backward, from the output on).
+    """
+
+    def __init__(self, head: nn.Module, labels: Tensor, chunk_size: int):
+        super().__init__()
+        self.head, self.labels, self.chunk_size = head, labels, chunk_size
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return hidden
+        if hidden.shape[:2] != self.labels.shape:
+            raise ValueError(f"causal_lm_loss: labels {tuple(self.labels.shape)} do not match the hidden states "
+                             f"{tuple(hidden.shape[:2])} (batch, seq).")
+        rows, targets = labeled_rows(hidden, self.labels)
+        if targets.numel() == 0:
+            return hidden.sum().float() * 0.0
+        return chunked_cross_entropy(self.head, rows, targets, self.chunk_size) / targets.numel()
 
 
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
@@ -67,23 +81,14 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
 
 
 @contextlib.contextmanager
-def _head_swapped(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block ``model``'s output head is an identity; yields the real head (put back on exit)."""
+def _head_swapped(model: nn.Module, stand_in) -> Iterator[None]:
+    """Inside the block ``model``'s output head is ``stand_in(head)``; the head is put back on exit."""
     parent, attr, head = _head_slot(model)
-    setattr(parent, attr, _Identity())
+    setattr(parent, attr, stand_in(head))
     try:
-        yield head
+        yield
     finally:
         setattr(parent, attr, head)
-
-
-def backbone_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
-                           position_ids: Tensor | None = None) -> tuple[Tensor, nn.Module]:
-    """The last hidden states (batch, seq, hidden) of a Hugging Face causal LM, and its output head."""
-    with _head_swapped(model) as head:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.logits if hasattr(out, "logits") else out[0]
-    return hidden, head
 
 
 def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -137,11 +142,11 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                     use_cache=False)
         return out.loss.float()
-    hidden, head = backbone_hidden_states(model, input_ids, attention_mask, position_ids)
-    rows, targets = labeled_rows(hidden, labels)
-    if targets.numel() == 0:
-        return hidden.sum().float() * 0.0
-    return chunked_cross_entropy(head, rows, targets, chunk_size) / targets.numel()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+    with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits  # what the model returns as its "logits" is the stand-in head's output: the loss
 
 
-__all__ = ["backbone_hidden_states", "causal_lm_loss", "chunked_cross_entropy", "labeled_rows"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_rows"]
