@@ -130,3 +130,27 @@ def test_gradient_checkpointing_recomputes_adapters_and_matches(kind):
     assert abs(ours.item() - ref_loss.item()) < 1e-5
     for name in g_ref:
         assert torch.allclose(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow
+def test_smollm2_loss_and_gradients_equal_hugging_face():
+    """The real SmolLM2-135M (tied 49,152-word head), LoRA on every linear layer and on lm_head, fp32."""
+    from lightning_lora.io.models import load_causal_lm
+
+    model, tok = load_causal_lm("smollm2-135m-instruct")
+    inject(model, LoRA(r=4, target_modules=["q_proj", "down_proj", "lm_head"]))
+    perturb_adapters(model, std=0.02)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -10:] = 0
+    labels = ids.clone()
+    labels[:, :12] = -100
+    labels[mask == 0] = -100
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ours = causal_lm_loss(model, ids, labels, mask, chunk_size=16)
+    assert abs(ours.item() - ref.item()) < 1e-5
+    g_ref, g_ours = grads(model, ref), grads(model, ours)
+    for name in g_ref:
+        assert torch.allclose(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4), name
