@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_lora.io.models import load_tokenizer
 from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,6 @@ class _TokenizedDataModule(pl.LightningDataModule):
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
             return self.tokenizer_name  # a tokenizer object, passed directly
         if self.tokenizer_name is not None:
-            from lightning_lora.io.models import load_tokenizer
-
             return load_tokenizer(self.tokenizer_name)
         module = self.trainer.lightning_module if self.trainer is not None else None
         if getattr(module, "tokenizer", None) is None:

@@ -9,12 +9,15 @@ QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter 
 from __future__ import annotations
 
 import io
+import logging
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, is_quantized
 from lightning_lora.train.optim import optimizer_class
+
+log = logging.getLogger(__name__)
 
 KINDS = ("quantized base", "unquantized base", "adapters", "optimizer state")
 
@@ -83,9 +86,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                    source="estimated (Adam: 2 x trainable bytes)")
     report["total"] = {k: sum(report[kind][k] for kind in KINDS) for k in ("params", "bytes")}
     if log_table:
-        from lightning.pytorch.utilities import rank_zero_info  # Lightning's logger is the one a fit shows
-
-        rank_zero_info("memory by kind:\n" + format_report(report))
+        log.info("memory by kind:\n%s", format_report(report))
     return report
 
 
