@@ -28,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,51 +214,53 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     from lightning_lora.io.files import write_json
 
-    results = {}
-    tmp = args.out.with_suffix(".tmp.d")
-    tmp.mkdir(exist_ok=True)
-    for setting in args.settings:
-        steps = args.steps or {"quickstart": 30, "long": 16}[setting]
-        data = tmp / f"{setting}.jsonl"
-        rows = conversations(setting, steps * SETTINGS[setting]["batch_size"] * 2)
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        facts = check_same_examples(data, setting)
-        if facts["examples"] < steps * SETTINGS[setting]["batch_size"]:
-            raise SystemExit(f"{setting}: only {facts['examples']} usable examples for {steps} steps")
-        runs: dict[str, list[dict]] = {"recipe": [], "ours": []}
-        for rep in range(args.repeats):
-            for variant in ("recipe", "ours") if rep % 2 == 0 else ("ours", "recipe"):
-                out = tmp / f"{setting}.{variant}.{rep}.json"
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-                cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", variant, str(data), setting, str(out)]
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{variant} {setting} failed:\n{proc.stderr[-4000:]}")
-                res = json.loads(out.read_text())
-                runs[variant].append(res)
-                print(f"{setting} {variant} run {rep}: {res['cpu_s'] / ((steps - 1) * 4):.3f} s/example, peak RSS "
-                      f"{res['peak_rss'] / 2**30:.2f} GiB (training {res['train_peak_rss'] / 2**30:.2f}), "
-                      f"loss(last 10) {statistics.mean(res['losses'][-10:]):.4f}", flush=True)
-        summary = {}
-        for variant, rs in runs.items():
-            per_example = [r["cpu_s"] / ((steps - 1) * SETTINGS[setting]["batch_size"]) for r in rs]
-            summary[variant] = {
-                "cpu_s_per_example": min(per_example), "cpu_s_per_example_runs": per_example,
-                "peak_rss_gib": max(r["peak_rss"] for r in rs) / 2**30,
-                "train_peak_rss_gib": max(r["train_peak_rss"] for r in rs) / 2**30,
-                "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in rs),
-                "losses": rs[0]["losses"],
-            }
-        o, r = summary["ours"], summary["recipe"]
-        summary["ratios"] = {"time_per_example": o["cpu_s_per_example"] / r["cpu_s_per_example"],
-                             "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
-                             "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
-                             "loss_last10": o["loss_last10"] / r["loss_last10"]}
-        summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts}
-        results[setting] = summary
-        print(f"{setting}: ours/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in summary["ratios"].items()), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        results = {setting: run_setting(setting, args, Path(folder)) for setting in args.settings}
     write_json(results, args.out)
     return results
+
+
+def run_setting(setting: str, args, tmp: Path) -> dict:
+    """Alternating runs of both variants on one setting; their summary and ratios."""
+    steps = args.steps or {"quickstart": 30, "long": 16}[setting]
+    data = tmp / f"{setting}.jsonl"
+    rows = conversations(setting, steps * SETTINGS[setting]["batch_size"] * 2)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts = check_same_examples(data, setting)
+    if facts["examples"] < steps * SETTINGS[setting]["batch_size"]:
+        raise SystemExit(f"{setting}: only {facts['examples']} usable examples for {steps} steps")
+    runs: dict[str, list[dict]] = {"recipe": [], "ours": []}
+    for rep in range(args.repeats):
+        for variant in ("recipe", "ours") if rep % 2 == 0 else ("ours", "recipe"):
+            out = tmp / f"{setting}.{variant}.{rep}.json"
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", variant, str(data), setting, str(out)]
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{variant} {setting} failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(out.read_text())
+            runs[variant].append(res)
+            print(f"{setting} {variant} run {rep}: {res['cpu_s'] / ((steps - 1) * SETTINGS[setting]['batch_size']):.3f} s/example, peak RSS "
+                  f"{res['peak_rss'] / 2**30:.2f} GiB (training {res['train_peak_rss'] / 2**30:.2f}), "
+                  f"loss(last 10) {statistics.mean(res['losses'][-10:]):.4f}", flush=True)
+    summary = {}
+    for variant, rs in runs.items():
+        per_example = [r["cpu_s"] / ((steps - 1) * SETTINGS[setting]["batch_size"]) for r in rs]
+        summary[variant] = {
+            "cpu_s_per_example": min(per_example), "cpu_s_per_example_runs": per_example,
+            "peak_rss_gib": max(r["peak_rss"] for r in rs) / 2**30,
+            "train_peak_rss_gib": max(r["train_peak_rss"] for r in rs) / 2**30,
+            "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in rs),
+            "losses": rs[0]["losses"],
+        }
+    o, r = summary["ours"], summary["recipe"]
+    summary["ratios"] = {"time_per_example": o["cpu_s_per_example"] / r["cpu_s_per_example"],
+                         "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
+                         "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
+                         "loss_last10": o["loss_last10"] / r["loss_last10"]}
+    summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts}
+    print(f"{setting}: ours/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in summary["ratios"].items()), flush=True)
+    return summary
 
 
 if __name__ == "__main__":
