@@ -150,3 +150,21 @@ def test_datamodule_packs_logs_padding_and_keeps_batch_size(tmp_path, caplog):
             assert sum(int(b["num_tokens"]) for b in batches) == sum(len(x["input_ids"]) for x in dm.train_set)
     # both see the same response tokens, less the first label of an example (never a response token here)
     assert seen[True] == seen[False]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_rows_under_gradient_checkpointing_give_the_same_loss_and_gradients(kind):
+    model, batch = model_for(kind), examples()
+    packed = collate_packed(batch, pad_id=0, capacity=20)
+
+    def loss_and_grads():
+        loss = causal_lm_loss(model, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        return loss.item(), torch.autograd.grad(loss, params)
+
+    ref_loss, ref = loss_and_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    loss, got = loss_and_grads()
+    assert abs(loss - ref_loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
