@@ -17,7 +17,8 @@ from lightning_lora.core.layer import AdapterConfig, AdapterLayer
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.train.optim import param_groups
 from lightning_lora.io.peft import load_adapter, load_adapters, save_adapter, save_adapters
-from lightning_lora.quant.nf4 import NF4, original_weights, quantize
+from lightning_lora.io.models import original_weights  # also resolves aliases and cached hub ids
+from lightning_lora.quant.nf4 import NF4, quantize
 from lightning_lora.methods.vera import VeRA
 
 _LIGHTNING = {"LoRAModule": "lightning_lora.train.module", "AdapterCallback": "lightning_lora.train.callback"}

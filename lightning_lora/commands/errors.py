@@ -50,10 +50,10 @@ def run_command(main: Callable[[list[str]], object], argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------- formatting
 def one_line(exc: BaseException) -> str:
     """``error: <what> (<config key>): <how to fix>`` for ``exc`` (its cause when a wrapper only repeats it)."""
-    exc = _innermost(exc)
     config = getattr(exc, "lightning_lora_config", None) or {}
+    typo = _typo(_squash(str(exc)), getattr(exc, "lightning_lora_parser", None))
+    exc = _innermost(exc)
     message = _squash(str(exc)) or type(exc).__name__
-    typo = _typo(message, getattr(exc, "lightning_lora_parser", None))
     if typo is not None:
         what, key, fix = typo
     else:
@@ -64,7 +64,8 @@ def one_line(exc: BaseException) -> str:
     if type(exc).__module__ not in ("builtins", "argparse") and not what.startswith(type(exc).__name__):
         what = f"{type(exc).__name__}: {what}"
     where = f" ({key})" if key else ""
-    return f"error: {what}{where}: {fix} (full traceback: {TRACEBACK_ENV}=1)"
+    fix = fix[:1].lower() + fix[1:] if fix[1:2].islower() else fix
+    return f"error: {what}{where}: {fix} (traceback: {TRACEBACK_ENV}=1)"
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -122,7 +123,8 @@ def config_key(message: str, config: dict) -> str | None:
 # ------------------------------------------------------------------------------------------------------ key typos
 def _typo(message: str, parser) -> tuple[str, str, str] | None:
     """``(what, key, fix)`` for jsonargparse's "unknown key" errors, with the nearest valid key."""
-    m = re.search(r"does not accept option '([^']+)'", message) or re.search(r"Key '([^']+)' is not expected", message)
+    m = (re.search(r"does not accept option '([^']+)'", message) or re.search(r"Key '([^']+)' is not expected", message)
+         or re.search(r"nrecognized arguments: --([\w.]+)", message))
     if m:
         wrong = m.group(1)
         valid = sorted(_parser_keys(parser))

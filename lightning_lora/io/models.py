@@ -11,14 +11,16 @@ Afterwards it loads from that folder in about a second.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_lora.io.files import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _convert_gguf(alias: str, src: Path, dest: Path) -> None:
     """GGUF -> a plain fp32 Hugging Face folder (model + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rank_zero_info(f"Converting {src.name} (alias {alias!r}) once into {dest}; this takes a minute.")
+    log.info(f"Converting {src.name} (alias {alias!r}) once into {dest}; this takes a minute.")
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = loaded.config
@@ -153,3 +155,18 @@ def load_causal_lm(
         path, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
     )
     return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def original_weights(source, names):
+    """``quant.nf4.original_weights`` that also reads a built-in alias (``"smollm2-135m-instruct"``) or a cached hub id:
+    the high-precision weights of the linear layers ``names``, for ``merge(model, base_weights=...)`` after QLoRA.
+
+    Example::
+
+        ll.merge(model, base_weights=ll.original_weights("smollm2-135m-instruct", quantized_layer_names(model)))
+    """
+    from lightning_lora.quant import nf4
+
+    if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists():
+        source = resolve_model_path(source)
+    return nf4.original_weights(source, names)
