@@ -59,7 +59,6 @@ def show_library_logs() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.set_name("lightning_lora")
         logger.addHandler(handler)
-        logger.propagate = False
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
 
