@@ -1,7 +1,8 @@
 """lightning_lora: parameter-efficient fine-tuning (LoRA, rsLoRA, LoRA+, QLoRA, DoRA, VeRA) for PyTorch Lightning."""
 
 from lightning_lora.compose import combine, per_sample_adapters
-from lightning_lora.methods.dora import DoRA
+from lightning_lora.core.layer import AdapterConfig, AdapterLayer
+from lightning_lora.core.log import setup_logging
 from lightning_lora.core.verbs import (
     active_adapters,
     adapter_names,
@@ -13,13 +14,15 @@ from lightning_lora.core.verbs import (
     remove,
     set_adapter,
 )
-from lightning_lora.core.layer import AdapterConfig, AdapterLayer
-from lightning_lora.methods.lora import LoRA
-from lightning_lora.train.optim import param_groups
 from lightning_lora.io.peft import load_adapter, load_adapters, save_adapter, save_adapters
-from lightning_lora.io.models import original_weights  # also resolves aliases and cached hub ids
-from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.methods.dora import DoRA
+from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA
+from lightning_lora.io.models import original_weights  # nf4.original_weights that also resolves aliases
+from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.train.optim import param_groups
+
+setup_logging()
 
 _LIGHTNING = {"LoRAModule": "lightning_lora.train.module", "AdapterCallback": "lightning_lora.train.callback"}
 

@@ -15,7 +15,7 @@ COMMANDS = {
     "test": "lightning_lora.commands.cli",
     "estimate": "lightning_lora.commands.estimate",
     "generate": "lightning_lora.commands.generate",
-    "export": "lightning_lora.io.export",
+    "export": "lightning_lora.commands.export",
     "plot": "lightning_lora.commands.plot",
 }
 

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, layers_set
 from lightning_lora.core.layer import AdapterBranch, AdapterLayer
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, layers_set
 from lightning_lora.methods.lora import LoRA, LoRABranch
 from lightning_lora.methods.vera import VeRABranch
 

@@ -87,3 +87,19 @@ def test_unknown_command_says_usage():
 
     with pytest.raises(SystemExit, match="usage"):
         main(["train"])
+
+
+def test_parse_only_keeps_a_value_that_equals_a_command_word(tmp_path):
+    cli = make_cli(["fit", "--config", str(ROOT / "configs" / "lora.yaml"), "--model.adapter_name", "fit",
+                    "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    assert cli.model.adapter_name == "fit"
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "estimate"])
+def test_main_without_argv_reads_sys_argv(command, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["lightning_lora", command, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"lightning_lora.commands.{command}").main(None)
+    assert exit_info.value.code == 0 and f"lightning_lora {command}" in capsys.readouterr().out

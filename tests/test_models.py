@@ -32,7 +32,7 @@ def test_local_folder_loads(tiny_dirs, arch):
 def test_dtype_argument(tiny_dirs):
     model, _ = load_causal_lm(str(tiny_dirs["llama"]), dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    with pytest.raises(ValueError, match="not a torch dtype"):
+    with pytest.raises(ValueError, match="is not a dtype lightning_lora accepts"):
         load_causal_lm(str(tiny_dirs["llama"]), dtype="float77")
 
 

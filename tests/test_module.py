@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_lora import LoRA
-from lightning_lora.io.export import export_checkpoint
+from lightning_lora.commands.export import export_checkpoint
 from lightning_lora.train.module import LoRAModule
 from tiny_assets import make_tiny_model_dir
 

@@ -268,7 +268,7 @@ class _Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from lightning_lora.io.export import export_checkpoint
+    from lightning_lora.commands.export import export_checkpoint
 
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "lightning_lora": _Payload()}, ckpt)

@@ -96,7 +96,8 @@ class LoRACLI(LightningCLI):
 
 
 def make_cli(argv: list[str], run: bool = True) -> LoRACLI:
-    """The CLI object (``run=False`` parses and instantiates without running a subcommand)."""
+    """The CLI object. ``run=False`` parses and instantiates without running a subcommand; a leading command word
+    (``fit``, ...) is then dropped, and only that one: the same word later (a value) stays."""
     enable_adapter_subclass_mode()
     return LoRACLI(
         LoRAModule,
@@ -105,7 +106,7 @@ def make_cli(argv: list[str], run: bool = True) -> LoRACLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         # args=None reads sys.argv (LightningCLI warns when both are given and equal)
-        args=None if run and argv == sys.argv[1:] else argv if run else [a for a in argv if a not in _COMMANDS],
+        args=None if run and argv == sys.argv[1:] else argv if run else argv[1:] if argv[:1] in ([c] for c in _COMMANDS) else argv,
         run=run,
     )
 

@@ -43,15 +43,15 @@ import functools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_lora.core.verbs import adapter_layers, inject, remove
+from lightning_lora.commands import command_args
 from lightning_lora.core.layer import in_out_features
 from lightning_lora.core.targets import find_targets
+from lightning_lora.core.verbs import adapter_layers, inject, remove
 
 _LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
               tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
@@ -265,8 +265,7 @@ def render(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = argv[1:] if argv[:1] == ["estimate"] else argv
+    argv = command_args(argv, "estimate")
     p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
     p.add_argument("--adapter", default="lora", choices=ADAPTERS)

@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_lora.commands import command_args
 from lightning_lora.compose import per_sample_adapters
-from lightning_lora.io.files import atomic_dir, write_json
+from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.core.verbs import merge, set_adapter
+from lightning_lora.io.files import atomic_dir, write_json
+from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter
 
 MERGE_RECORD = "lightning_lora_merge.json"  # written into a merged folder: what it was made from
@@ -105,14 +108,12 @@ def export_combination(
 ) -> Path:
     """Merge ``{adapter folder: weight}`` into a fresh fp32 copy of ``base_model``, W' = W + sum_i w_i dW_i, and write
     a Hugging Face folder (model, tokenizer, ``lightning_lora_merge.json``) to ``out_dir`` atomically."""
-    from lightning_lora.io.models import load_causal_lm
-
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
     weights = load_adapters_weighted(model, adapters)
     set_adapter(model, weights)
     merge(model)
-    if dtype not in (None, "float32"):
-        model = model.to(getattr(torch, dtype))
+    if dtype is not None:
+        model = model.to(parse_dtype(dtype))
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -151,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, str] | Path:
-    argv = list(argv or [])
-    args = build_parser().parse_args(argv[1:] if argv and argv[0] == "generate" else argv)
+    args = build_parser().parse_args(command_args(argv, "generate"))
     adapters: dict[str, float] = {}
     for spec in args.adapter:
         path, weight = parse_adapter(spec)
@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> dict[str, str] | Path:
         raise SystemExit("generate: give --prompt (or --merge_to DIR to export the combination).")
     if args.max_new_tokens <= 0:
         raise SystemExit(f"generate: --max_new_tokens must be positive, got {args.max_new_tokens}.")
-    from lightning_lora.io.models import load_causal_lm
-
     model, tokenizer = load_causal_lm(args.base_model)
     weights = load_adapters_weighted(model, adapters)
     texts = generate_variants(model, tokenizer, args.prompt, weights, args.compare, args.max_new_tokens, not args.no_chat)

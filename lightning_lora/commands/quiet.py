@@ -13,7 +13,8 @@ libraries are imported; the Python API changes nothing:
   falls back): the level of that logger, ERROR;
 - the ``_pytree`` deprecation Lightning triggers in torch: a ``warnings`` filter on that message.
 
-``LIGHTNING_LORA_VERBOSE=1`` keeps everything. Our own library logs (``lightning_lora.*``) are shown at INFO.
+``LIGHTNING_LORA_VERBOSE=1`` keeps everything. Our own library logs (``lightning_lora.*``) are shown at INFO
+(``core/log.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ _IGNORED_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", r".
 
 def quiet() -> None:
     """Apply the settings above (idempotent); call before importing transformers, Lightning or bitsandbytes."""
-    show_library_logs()
     if os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes"):
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -50,17 +50,6 @@ def quiet() -> None:
     for pattern in _IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 
-
-def show_library_logs() -> None:
-    """Our ``lightning_lora`` loggers print their message (INFO and up) on stderr, once."""
-    logger = logging.getLogger("lightning_lora")
-    if not any(h.get_name() == "lightning_lora" for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.set_name("lightning_lora")
-        logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
 
 
 __all__ = ["VERBOSE_ENV", "quiet"]

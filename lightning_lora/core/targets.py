@@ -113,6 +113,16 @@ def find_targets(
     return chosen
 
 
+def compact_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """``targets`` as PEFT writes them: the layer-name suffixes (``["q_proj", "v_proj"]``) when PEFT's list rule
+    (a name equal to a suffix or ending with ``"." + suffix``) selects exactly ``targets`` on ``model``; otherwise
+    the full names, sorted. Adapted layers count by their own name, not their internals."""
+    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    names = [n for n, _ in adaptable_modules(model) if n]
+    selected = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)}
+    return suffixes if selected == set(targets) else sorted(targets)
+
+
 def _closest(patterns: list[str], names: list[str], available: list[str]) -> str:
     """`` (closest: ...)`` for each pattern that looks like a misspelt layer name, else ``""``."""
     leaves = available  # suggest only layers the method can adapt

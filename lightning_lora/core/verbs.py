@@ -7,15 +7,24 @@ model exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import warnings
+import logging
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig, AdapterLayer, dense_weight, is_quantized, merged_base_layer
-from lightning_lora.quant.nf4 import nf4_rounding_error, warn_merge_without_originals
+from lightning_lora.core.layer import (
+    AdapterBranch,
+    AdapterConfig,
+    AdapterLayer,
+    dense_weight,
+    is_quantized,
+    merged_base_layer,
+)
 from lightning_lora.core.targets import find_targets
+from lightning_lora.quant.nf4 import nf4_rounding_error, warn_merge_without_originals
+
+log = logging.getLogger(__name__)
 
 _REQUIRES_GRAD = "_lightning_lora_requires_grad"  # the model's requires_grad flags before the first injection
 _LAYER_CACHE = "_lightning_lora_layers"  # (structure version, adapted layers) cached for set_adapter
@@ -214,7 +223,7 @@ def _untie(model: nn.Module, target: str, base: nn.Module) -> None:
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
-        warnings.warn(f"merge: {target!r} shared its weight with {users}; it was untied so the merge changes only it.", stacklevel=3)
+        log.warning("merge: %r shared its weight with %s; it was untied so the merge changes only it.", target, users)
 
 
 @contextlib.contextmanager

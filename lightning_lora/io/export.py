@@ -6,29 +6,31 @@ thus merges losslessly, W' = W_fp32 + s B A. ``<dir>/merged`` is then a ``save_p
 tokenizer, so ``AutoModelForCausalLM.from_pretrained(<dir>/merged)`` works. Other models merge a copy and save its
 state dict as ``<dir>/merged/model.safetensors``. Every folder is written atomically.
 
-Offline, from an adapter-only checkpoint written by ``LoRAModule``::
-
-    python -m lightning_lora export --ckpt_path runs/last.ckpt --export_dir out
-    python -m lightning_lora export --ckpt_path X --export_dir out --config configs/quickstart.yaml  # or --base_model
+Offline, from an adapter-only checkpoint: ``python -m lightning_lora export`` (``commands/export.py``). With
+``gguf=`` it also writes llama.cpp files: the adapter GGUF and/or the merged model GGUF.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_lora.core.dtypes import parse_dtype
+from lightning_lora.core.verbs import adapter_names, merge
+from lightning_lora.io.card import base_source
 from lightning_lora.io.files import atomic_dir, save_tensors
-from lightning_lora.core.verbs import adapter_names, adapter_state_dict, inject, merge
-from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.io.gguf import hf_config, lora_pairs, write_adapter_gguf
+from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
+from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
 
-CKPT_KEY = "lightning_lora"  # plain-typed run facts LoRAModule stores in checkpoints (readable with weights_only=True)
+log = logging.getLogger(__name__)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -40,9 +42,10 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _cast(model: nn.Module, dtype: str | None) -> nn.Module:
-    if dtype in (None, "auto", "float32", "torch.float32"):
+    if dtype in (None, "auto"):
         return model
-    return model.to(getattr(torch, str(dtype).removeprefix("torch.")))
+    dtype = parse_dtype(dtype)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def export(
@@ -54,6 +57,8 @@ def export(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     in_place: bool = False,
+    gguf: Sequence[str] | str | None = None,
+    run: dict | None = None,
 ) -> dict[str, Path]:
     """Write ``<export_dir>/adapter`` and ``<export_dir>/merged`` for adapter ``name`` of ``model``; return both paths.
 
@@ -65,14 +70,25 @@ def export(
             None merges a deep copy of ``model`` (or ``model`` itself with ``in_place=True``).
         tokenizer: saved next to a merged Hugging Face model (default: the source's tokenizer, if any).
         dtype: dtype of the saved merged model (default float32).
+        gguf: llama.cpp files to write too (``io/gguf.py``, ``io/gguf_model.py``): ``"adapter"`` for
+            ``<export_dir>/adapter.gguf`` (LoRA/rsLoRA only), and/or ``"f16"``, ``"bf16"``, ``"q8_0"`` for the merged
+            model as ``<export_dir>/merged-<type>.gguf``. Everything is checked before anything is written.
+        run: facts for the adapter's model card (``data``, ``steps``, ``val_loss``).
+
+    Returns:
+        ``{"adapter", "merged"}`` paths, plus ``"adapter_gguf"`` and ``"gguf_<type>"`` for the GGUF files written.
     """
     export_dir = Path(export_dir)
+    gguf = check_gguf_request(model, name, gguf, tokenizer if base_model is None else "later")
     several = len(adapter_names(model)) > 1  # then every adapter is exported, in PEFT's multi-adapter layout
-    adapter_dir = save_adapters(model, export_dir / "adapter") if several else save_adapter(model, export_dir / "adapter", name)
+    card = {"base_model_name_or_path": base_source(model, base_model), "run": run}
+    adapter_dir = (save_adapters(model, export_dir / "adapter", **card) if several
+                   else save_adapter(model, export_dir / "adapter", name, **card))  # fmt: skip
+    paths = {"adapter": adapter_dir, "merged": export_dir / "merged"}
+    if "adapter" in gguf:
+        paths["adapter_gguf"] = write_adapter_gguf(model, export_dir / "adapter.gguf", name)
     merged_dir = export_dir / "merged"
     if base_model is not None:
-        from lightning_lora.io.models import load_causal_lm
-
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
         load_adapter(merged, adapter_dir / name if several and name != "default" else adapter_dir, name)
@@ -80,6 +96,8 @@ def export(
         # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
         merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})
     merge(merged)
+    for kind in (k for k in gguf if k != "adapter"):
+        paths[f"gguf_{kind}"] = write_model_gguf(merged, tokenizer, export_dir / f"merged-{kind}.gguf", kind)
     merged = _cast(merged, dtype)
     with atomic_dir(merged_dir) as tmp:
         if _is_hf(merged):
@@ -88,88 +106,21 @@ def export(
                 tokenizer.save_pretrained(tmp)
         else:
             save_tensors(merged.state_dict(), tmp / "model.safetensors")
-    print(f"lightning_lora: adapter (PEFT format) written to {adapter_dir}")
-    print(f"lightning_lora: merged model written to {merged_dir}")
-    return {"adapter": adapter_dir, "merged": merged_dir}
+    log.info("adapter (PEFT format) written to %s; merged model written to %s", adapter_dir, merged_dir)
+    return paths
 
 
-# ------------------------------------------------------------------ offline export from a checkpoint
-def _adapter_from_spec(spec: dict) -> AdapterConfig:
-    """An adapter config from ``{"class_path": ..., "init_args": {...}}`` (only AdapterConfig subclasses)."""
-    path = spec.get("class_path", "lightning_lora.LoRA")
-    if "." not in path:
-        path = f"lightning_lora.{path}"
-    module_name, _, cls_name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
-        raise ValueError(f"adapter class_path {path!r} is not a lightning_lora adapter config (LoRA, DoRA, VeRA).")
-    return cls(**(spec.get("init_args") or {}))
-
-
-def _facts_from_config(path: str) -> dict:
-    import yaml
-
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    model = config.get("model") or {}
-    model = model.get("init_args", model)
-    adapter = model.get("adapter") or {"class_path": "lightning_lora.LoRA"}
-    return {k: v for k, v in {"base_model": model.get("base_model"), "adapter": adapter,
-                              "adapter_name": model.get("adapter_name"), "dtype": model.get("dtype")}.items() if v}  # fmt: skip
-
-
-def export_checkpoint(
-    ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None, base_model: str | None = None
-) -> dict[str, Path]:
-    """Rebuild the high-precision base, load the checkpoint's adapter into it, and ``export`` (no training state)."""
-    from lightning_lora.io.models import load_causal_lm
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    facts = dict(checkpoint.get(CKPT_KEY) or {})
-    if config:
-        facts.update(_facts_from_config(config))
-    if base_model:
-        facts["base_model"] = base_model
-    if not facts.get("base_model") or not facts.get("adapter"):
-        raise ValueError(
-            f"{ckpt_path} does not say which base model and adapter it was trained with (it was not written by "
-            "LoRAModule); pass --config <the run's yaml> or --base_model."
-        )
-    name = facts.get("adapter_name") or "default"
-    model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
-    inject(model, _adapter_from_spec(facts["adapter"]), name)
-    state = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
-    wanted = set(adapter_state_dict(model, name))
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise ValueError(
-            f"{ckpt_path} lacks {len(missing)} adapter tensors the config implies (e.g. {missing[:2]}); "
-            "is the config/base_model the one this checkpoint was trained with?"
-        )
-    mine = adapter_state_dict(model, name)
-    for key in mine:  # model order: the first mismatching layer
-        if key in wanted and tuple(state[key].shape) != tuple(mine[key].shape):
-            raise ValueError(
-                f"{ckpt_path}: {key} has shape {tuple(state[key].shape)} but the base {facts['base_model']!r} needs "
-                f"{tuple(mine[key].shape)}. The adapter was trained on another base model: pass that one as "
-                "--base_model (or the run's --config)."
-            )
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
-    return export(model, export_dir, name=name, tokenizer=tokenizer, dtype=facts.get("dtype"), in_place=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_lora export",
-        description="Export <export_dir>/adapter (PEFT) and <export_dir>/merged from an adapter-only checkpoint.",
-    )
-    parser.add_argument("--ckpt_path", "--ckpt", required=True, help="checkpoint written by a LoRAModule run")
-    parser.add_argument("--export_dir", required=True, help="output folder")
-    parser.add_argument("--config", help="the run's YAML (base_model, adapter); default: read from the checkpoint")
-    parser.add_argument("--base_model", help="override the base model (alias, folder or cached hub id)")
-    args = parser.parse_args(list(argv or [])[1:] if argv and argv[0] == "export" else argv)
-    export_checkpoint(args.ckpt_path, args.export_dir, config=args.config, base_model=args.base_model)
-
-
-if __name__ == "__main__":
-    main()
+def check_gguf_request(model: nn.Module, name: str, gguf: Sequence[str] | str | None, tokenizer) -> list[str]:
+    """The list of GGUF files asked for, after checking they can all be written (nothing is written here)."""
+    kinds = [gguf] if isinstance(gguf, str) else list(gguf or [])
+    bad = [k for k in kinds if k != "adapter" and k not in MODEL_DTYPES]
+    if bad:
+        raise ValueError(f"gguf={bad}: choose from 'adapter' (llama.cpp LoRA adapter) and {', '.join(MODEL_DTYPES)} "
+                         "(the merged model).")  # fmt: skip
+    if kinds:
+        hf_config(model)  # llama family only
+    if "adapter" in kinds:
+        lora_pairs(model, name)  # DoRA/VeRA: "merge first: --merged"
+    if any(k != "adapter" for k in kinds) and tokenizer is None:
+        raise ValueError("a merged GGUF needs the tokenizer: pass tokenizer= (or base_model=) to export.")
+    return kinds

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.io.files import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _convert_gguf(alias: str, src: Path, dest: Path) -> None:
     """GGUF -> a plain fp32 Hugging Face folder (model + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info(f"Converting {src.name} (alias {alias!r}) once into {dest}; this takes a minute.")
+    log.info("Converting %s (alias %r) once into %s; this takes a minute.", src.name, alias, dest)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = loaded.config
@@ -120,12 +121,7 @@ def resolve_model_path(base_model: str | os.PathLike) -> Path | str:
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'auto'.")
-        return resolved
-    return dtype
+    return dtype if dtype == "auto" else parse_dtype(dtype)
 
 
 def load_tokenizer(base_model: str | os.PathLike, trust_remote_code: bool = False):

@@ -14,23 +14,38 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.methods.dora import DoRA
-from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
 from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.targets import compact_targets
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
+from lightning_lora.io.card import base_source, model_card, task_type_of
+from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lightning_lora.methods.dora import DoRA
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA, VeRABranch
 
 PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
 _SUFFIXES = (
     "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
     "vera_lambda_b", "vera_lambda_d",
 )  # fmt: skip
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` of ``model`` to the folder ``path`` in PEFT's format (atomically). Returns the path."""
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    run: dict | None = None,
+) -> Path:
+    """Write adapter ``name`` of ``model`` to the folder ``path`` in PEFT's format (atomically), with a ``README.md``
+    card (``io/card.py``). Returns the path.
+
+    ``base_model_name_or_path`` and ``task_type`` default to where ``model`` was loaded from and ``"CAUSAL_LM"`` for
+    causal LMs; ``run`` (``data``, ``steps``, ``val_loss``) goes into the card.
+    """
     branches = {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
     if not branches:
         raise ValueError(f"save_adapter: no adapter named {name!r} on the model; it has {adapter_names(model)}.")
@@ -40,18 +55,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if isinstance(first, VeRABranch) and config.save_projection:
         tensors["base_model.vera_A"] = first.projections.A
         tensors["base_model.vera_B"] = first.projections.B
-    peft_config = config.to_peft(sorted(branches))
+    peft_config = config.to_peft(compact_targets(model, sorted(branches)))
     layers = adapter_layers(model)
     peft_config["fan_in_fan_out"] = any(isinstance(layers[t].base_layer, Conv1D) for t in branches)  # GPT-2
+    peft_config["task_type"] = task_type or task_type_of(model)
+    peft_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
+    method = type(config).__name__ + (" (rsLoRA)" if getattr(config, "rslora", False) else "")
     with atomic_dir(path) as tmp:
         write_json(peft_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
+        (tmp / CARD_FILE).write_text(model_card(peft_config, method, run))
     return Path(path)
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapters(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
     """Write every adapter of ``model`` as PEFT's ``save_pretrained`` lays several out: adapter ``"default"`` at the
-    root of ``path``, each other one in the subfolder ``path/<name>`` (atomically, as one folder). PEFT reads it with
+    root of ``path``, each other one in the subfolder ``path/<name>`` (atomically, as one folder); ``kwargs`` go to
+    ``save_adapter``. PEFT reads it with
     ``PeftModel.from_pretrained(base, path)`` and ``.load_adapter(path/<name>, adapter_name=<name>)``."""
     names = adapter_names(model)
     if not names:
@@ -61,7 +81,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"save_adapters: adapter names {bad} cannot be folder names; rename them before saving.")
     with atomic_dir(path) as tmp:
         for name in sorted(names, key=lambda n: n != "default"):  # the root first: save_adapter replaces its folder
-            save_adapter(model, tmp if name == "default" else tmp / name, name)
+            save_adapter(model, tmp if name == "default" else tmp / name, name, **kwargs)
     return Path(path)
 
 

@@ -109,7 +109,7 @@ class _DoRALinear(torch.autograd.Function):
         scale, p = ctx.scale, ctx.p
         mask = None if bits is None else _unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
-        grad_x = grad_base = grad_A = grad_B = grad_m = None
+        grad_x = grad_A = grad_B = grad_m = None
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
         if need_x or need_A:
             grad_h = (grad_dir @ B).mul_(scale)

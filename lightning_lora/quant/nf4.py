@@ -23,6 +23,7 @@ bitsandbytes 0.50.2 on CPU, found by testing every shape (tests/test_quantize.py
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,27 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.core.dtypes import dtype_name, parse_dtype
 from lightning_lora.core.layer import AdapterLayer, dense_weight, is_quantized
 
+log = logging.getLogger(__name__)
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.50.2 accepts these for 4-bit (CPU and CUDA)
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-_STORAGE = {**_DTYPES, "uint8": torch.uint8}
-
-
-def _dtype_name(value: object, field: str, table: Mapping[str, torch.dtype]) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype):
-        value = str(value)
-    if isinstance(value, str):
-        key = value.lower().removeprefix("torch.")
-        if key in table:
-            return str(table[key]).removeprefix("torch.")
-    raise ValueError(f"NF4: {field} must be one of {sorted(set(table))} (or a torch dtype), got {value!r}.")
+_STORAGE = {"uint8": torch.uint8}  # besides the float dtypes: bitsandbytes' default packed storage
 
 
 @dataclasses.dataclass
@@ -82,8 +69,8 @@ class NF4:
             raise ValueError(f"NF4: blocksize must be one of {BLOCKSIZES} (bitsandbytes' 4-bit block sizes), got {self.blocksize!r}.")
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"NF4: double_quant must be True or False, got {self.double_quant!r}.")
-        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", _DTYPES)
-        self.quant_storage = _dtype_name(self.quant_storage, "quant_storage", _STORAGE)
+        self.compute_dtype = dtype_name(self.compute_dtype, "NF4 compute_dtype")
+        self.quant_storage = dtype_name(self.quant_storage, "NF4 quant_storage", _STORAGE)
         skip = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules or ())
         if not all(isinstance(s, str) and s for s in skip):
             raise ValueError(f"NF4: skip_modules must be layer names (strings), got {self.skip_modules!r}.")
@@ -92,12 +79,12 @@ class NF4:
     def dtype_for(self, device: torch.device | str) -> torch.dtype:
         """The compute dtype on ``device``: the configured one, else bf16 on CUDA and fp32 elsewhere."""
         if self.compute_dtype is not None:
-            return _DTYPES[self.compute_dtype]
+            return parse_dtype(self.compute_dtype)
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return _STORAGE[self.quant_storage] if self.quant_storage else torch.uint8
+        return parse_dtype(self.quant_storage, extra=_STORAGE) if self.quant_storage else torch.uint8
 
     def skips(self, name: str) -> bool:
         """True if layer ``name`` is in ``skip_modules`` (whole name or a run of its dotted parts)."""
@@ -152,15 +139,9 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    _info(f"quantize: {len(new)} linear layers to NF4 (blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
+    log.info(f"quantize: {len(new)} linear layers to NF4 (blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
           + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
-
-
-def _info(message: str) -> None:
-    from lightning.pytorch.utilities import rank_zero_info  # Lightning's logger is the one a fit shows
-
-    rank_zero_info(message)
 
 
 def _nf4_linear(bnb, linear: nn.Linear, nf4: NF4, device: torch.device | str | None) -> nn.Module:
@@ -273,21 +254,18 @@ def nf4_rounding_error(layer: nn.Module) -> float:
     return float(mse.sum().sqrt() / w.norm().clamp_min(1e-30))
 
 
-def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]], stacklevel: int = 3) -> None:
+def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]]) -> None:
     """One warning for a merge into dequantized NF4 weights; ``errors[layer] = (rounding error, update RMS)`` as
     relative RMS of the weight (``nf4_rounding_error``) and the adapter update's RMS over the weight's RMS."""
     if not errors:
         return
-    import warnings
-
     worst = max(errors, key=lambda n: errors[n][0] / max(errors[n][1], 1e-30))
     mean = sum(e for e, _ in errors.values()) / len(errors)
     err, upd = errors[worst]
-    warnings.warn(
+    log.warning(
         f"merge: {len(errors)} quantized layer(s) had no high-precision weight, so the adapters were merged into the "
         f"dequantized NF4 weights, which keep their rounding error: estimated {100 * mean:.1f}% of the weights' RMS "
         f"on average (from the 4-bit codes, see nf4_rounding_error); worst relative to the adapter update: {worst!r}, "
         f"rounding {100 * err:.1f}% vs update {100 * upd:.2f}% of the weight ({err / max(upd, 1e-30):.1f}x). "
-        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly.",
-        stacklevel=stacklevel,
+        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly."
     )

@@ -29,12 +29,14 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
-from lightning_lora.train.guards import check_finite_loss
-from lightning_lora.core.verbs import adapter_names, inject
 from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.verbs import adapter_names, inject
+from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.train.module import trainable_keys
+from lightning_lora.quant.nf4 import quantize
+from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
+from lightning_lora.train.card_facts import run_facts
+from lightning_lora.train.guards import check_finite_loss
 
 _ORIGINAL = "_lightning_lora_original_hooks"
 
@@ -49,6 +51,8 @@ class AdapterCallback(Callback):
             None adapts the whole LightningModule.
         export_dir: when set, export ``<dir>/adapter`` and ``<dir>/merged`` at the end of training.
         name: the adapter's name.
+        export_gguf: llama.cpp GGUF files to write to ``export_dir`` too (``"adapter"`` and/or ``"f16"``, ``"bf16"``,
+            ``"q8_0"`` for the merged model; llama-family Hugging Face models only).
 
     Raises:
         TypeError: ``adapter`` is not an adapter config.
@@ -62,6 +66,7 @@ class AdapterCallback(Callback):
         target: str | None = None,
         export_dir: str | None = None,
         name: str = "default",
+        export_gguf: list[str] | None = None,
     ):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
@@ -73,6 +78,7 @@ class AdapterCallback(Callback):
         self.target = target
         self.export_dir = export_dir
         self.name = name
+        self.export_gguf = export_gguf
 
     # ------------------------------------------------------------------ helpers
     def target_module(self, pl_module: LightningModule) -> nn.Module:
@@ -101,8 +107,6 @@ class AdapterCallback(Callback):
         if self.name in adapter_names(model):
             return model
         if self.quantize is not None:
-            from lightning_lora.quant.nf4 import quantize
-
             quantize(model, self.quantize)  # in place
         inject(model, self.adapter, self.name)
         return model
@@ -123,9 +127,8 @@ class AdapterCallback(Callback):
 
         def on_save_checkpoint(checkpoint: dict) -> None:
             originals["on_save_checkpoint"](checkpoint)
-            if "state_dict" in checkpoint:
-                keep = trainable_keys(pl_module, callback.target_module(pl_module), callback._prefix())
-                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            keep_adapter_only(checkpoint, pl_module, callback.target_module(pl_module), callback._prefix())
+            write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize)
 
         object.__setattr__(pl_module, "configure_model", configure_model)
         object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
@@ -148,5 +151,6 @@ class AdapterCallback(Callback):
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name,
                               base_model=hf_source(model) if self.quantize else None,
-                              tokenizer=getattr(pl_module, "tokenizer", None))  # fmt: skip
+                              tokenizer=getattr(pl_module, "tokenizer", None), gguf=self.export_gguf,
+                              run=run_facts(trainer))  # fmt: skip
 

@@ -23,6 +23,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_lora.io.models import load_tokenizer
+
 log = logging.getLogger(__name__)
 IGNORE = -100
 CHATTERBOT_PIP = "pip install --no-deps chatterbot-corpus==1.3.3"
@@ -177,8 +179,6 @@ class _TokenizedDataModule(pl.LightningDataModule):
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
             return self.tokenizer_name  # a tokenizer object, passed directly
         if self.tokenizer_name is not None:
-            from lightning_lora.io.models import load_tokenizer
-
             return load_tokenizer(self.tokenizer_name)
         module = self.trainer.lightning_module if self.trainer is not None else None
         if getattr(module, "tokenizer", None) is None:

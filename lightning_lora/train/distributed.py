@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.verbs import adapter_layers, adapter_state_dict
+from lightning_lora.io.export import export
 
 
 def _dtensor_type():
@@ -179,8 +180,6 @@ def export_from_rank_zero(model: nn.Module, export_dir, *, is_global_zero: bool,
     Raises:
         ValueError: (every rank) the model is sharded and no source of its base weights is known.
     """
-    from lightning_lora.io.export import export
-
     if is_sharded(model) and base_model is None:
         base_model = hf_source(model)
         if base_model is None:

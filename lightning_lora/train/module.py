@@ -24,16 +24,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_lora.train.distributed import export_from_rank_zero, shard_for
-from lightning_lora.io.export import CKPT_KEY
-from lightning_lora.train.guards import FiniteLossGuard
-from lightning_lora.core.verbs import adapter_state_dict, inject
+from lightning_lora.core.dtypes import dtype_name
 from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.verbs import inject
+from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
+from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
+from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.train.card_facts import run_facts
+from lightning_lora.train.distributed import export_from_rank_zero, shard_for
+from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
-from lightning_lora.quant.nf4 import NF4
-
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -82,14 +84,6 @@ def optimizer_defaults(optimizer: Any) -> dict[str, Any]:
     return out
 
 
-def trainable_keys(module: nn.Module, model: nn.Module, prefix: str) -> set[str]:
-    """State-dict keys of ``module`` to checkpoint: the adapters of ``model`` (under ``prefix``) and every
-    parameter that still requires grad (e.g. a head the user unfroze)."""
-    keys = {prefix + k for k in adapter_state_dict(model)}
-    keys |= {n for n, p in module.named_parameters() if p.requires_grad}
-    return keys
-
-
 class LoRAModule(LightningModule):
     """Adapter fine-tuning of a causal LM (see the module docstring).
 
@@ -106,6 +100,8 @@ class LoRAModule(LightningModule):
         gradient_checkpointing: recompute activations in backward (Hugging Face ``gradient_checkpointing_enable``).
         export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
             end of training.
+        export_gguf: llama.cpp GGUF files to write there too: ``"adapter"`` and/or a merged type (``"f16"``,
+            ``"bf16"``, ``"q8_0"``); see ``io/export.py``.
         dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
         trust_remote_code: allow code shipped with the model (off by default).
         adapter_name: the adapter's name on the model.
@@ -124,6 +120,7 @@ class LoRAModule(LightningModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         adapter_name: str = "default",
+        export_gguf: list[str] | None = None,
     ):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
@@ -138,9 +135,12 @@ class LoRAModule(LightningModule):
         self.lr_ratio = lr_ratio
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
-        self.dtype_name = dtype
+        self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
+        if dtype == "auto":
+            self.dtype_name = "auto"
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
+        self.export_gguf = export_gguf
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -152,8 +152,6 @@ class LoRAModule(LightningModule):
     def tokenizer(self):
         """The base model's tokenizer, loaded on first use (data modules read it in their ``setup``)."""
         if self._tokenizer is None:
-            from lightning_lora.io.models import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.base_model, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
@@ -161,14 +159,10 @@ class LoRAModule(LightningModule):
         """Load the base, quantize it (if asked), inject the adapter. A second call does nothing."""
         if self.model is not None:
             return
-        from lightning_lora.io.models import load_causal_lm
-
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         if self.quantize is not None:
-            from lightning_lora.quant.nf4 import quantize
-
             model = quantize(model, self.quantize)
         inject(model, self.adapter, self.adapter_name)
         if self.gradient_checkpointing:
@@ -265,27 +259,12 @@ class LoRAModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints and export
-    def run_facts(self) -> dict:
-        """What an offline export needs to rebuild the model, in plain types (safe for ``weights_only`` loading)."""
-        quant = None
-        if self.quantize is not None and dataclasses.is_dataclass(self.quantize):
-            quant = {"class_path": f"{type(self.quantize).__module__}.{type(self.quantize).__qualname__}",
-                     "init_args": _plain(dataclasses.asdict(self.quantize))}  # fmt: skip
-        return {
-            "base_model": self.base_model,
-            "adapter": {"class_path": f"{type(self.adapter).__module__}.{type(self.adapter).__qualname__}",
-                        "init_args": _plain(dataclasses.asdict(self.adapter))},  # fmt: skip
-            "adapter_name": self.adapter_name,
-            "quantize": quant,
-            "dtype": self.dtype_name,
-        }
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the adapter (and any other trainable tensor) in the checkpoint's state dict."""
-        if self.model is not None and "state_dict" in checkpoint:
-            keep = trainable_keys(self, self.model, "model.")
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[CKPT_KEY] = self.run_facts()
+        """Keep only the adapter (and any other trainable tensor), plus the run facts an offline export needs."""
+        if self.model is not None:
+            keep_adapter_only(checkpoint, self, self.model, "model.")
+        write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
+                    quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
 
     def on_train_end(self) -> None:
         if self.export_dir is None:
@@ -293,18 +272,9 @@ class LoRAModule(LightningModule):
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
                               name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
-                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)  # fmt: skip
+                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
+                              gguf=self.export_gguf, run=run_facts(self.trainer))  # fmt: skip
 
-
-def _plain(value: Any) -> Any:
-    """``value`` with tuples as lists and non-plain leaves as strings (for weights_only-safe checkpoints)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 __all__ = ["AdamW", "LoRAModule", "enable_adapter_subclass_mode", "optimizer_defaults"]

@@ -17,10 +17,9 @@ magnitudes B's rate (as PEFT's helper does) makes them move ``lr_ratio`` times f
 
 from __future__ import annotations
 
-import math
-
 import functools
 import inspect
+import math
 from typing import Any
 
 from torch import nn

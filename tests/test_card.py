@@ -1,0 +1,101 @@
+"""Complete PEFT folders: task_type, base_model_name_or_path, compact target_modules, README.md card; PEFT as oracle."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_assets import make_tiny_model_dir
+from tiny_models import perturb_adapters, tiny_llama
+
+import lightning_lora as ll
+from lightning_lora.core.targets import compact_targets
+from lightning_lora.core.verbs import adapter_layers
+from lightning_lora.io.card import base_source
+from lightning_lora.io.models import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("card") / "llama")
+
+
+def _adapted(base_dir, adapter):
+    model, _ = load_causal_lm(str(base_dir))
+    ll.inject(model, adapter)
+    perturb_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("adapter", [ll.LoRA(r=4, alpha=8, target_modules="all-linear"),
+                                     ll.LoRA(r=4, alpha=8, rslora=True, target_modules=["q_proj", "v_proj"])])
+def test_auto_peft_loads_offline_with_same_logits(base_dir, tmp_path, monkeypatch, adapter):
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = _adapted(base_dir, adapter)
+    folder = ll.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_compact_when_exact_else_full_names():
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj", "v_proj"]))
+    targets = sorted(adapter_layers(model))
+    assert len(targets) == 4
+    assert compact_targets(model, targets) == ["q_proj", "v_proj"]
+    only_first = [t for t in targets if ".layers.0." in t]  # suffixes would also select layer 1: keep full names
+    assert compact_targets(model, only_first) == sorted(only_first)
+
+
+def test_partial_targets_written_in_full_and_reload_into_peft(base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = _adapted(base_dir, ll.LoRA(r=2, target_modules=r"model\.layers\.0\.self_attn\.(q|k)_proj"))
+    folder = ll.save_adapter(model, tmp_path / "a")
+    targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    assert targets == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(targets)  # PEFT adapts exactly those layers
+
+
+def test_card_gives_the_facts(base_dir, tmp_path):
+    model = _adapted(base_dir, ll.LoRA(r=4, alpha=8, target_modules="all-linear"))
+    run = {"data": "chatterbot pairs", "steps": 17, "val_loss": 2.5}
+    folder = ll.save_adapter(model, tmp_path / "a", run=run)
+    card = (folder / "README.md").read_text()
+    for fact in (str(base_dir.resolve()), "LoRA", "| rank r | 4 |", "scale 2.0000", "`q_proj`", "chatterbot pairs",
+                 "| steps | 17 |", "2.5000", f"{math.exp(2.5):.3f}", "AutoPeftModelForCausalLM", "llama-cli"):
+        assert fact in card, fact
+
+
+def test_base_source_hub_snapshot_is_the_hub_id(tmp_path):
+    snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    model = tiny_llama()
+    model.name_or_path = str(snap)
+    assert base_source(model) == "HuggingFaceTB/SmolLM2-135M"
+    assert base_source(base_model="org/not-a-folder") == "org/not-a-folder"
+
+
+def test_folder_written_by_peft_loads_into_ours(base_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                           task_type="CAUSAL_LM", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "p")
+    ours, _ = load_causal_lm(str(base_dir))
+    ll.load_adapter(ours, tmp_path / "p")
+    ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,175 @@
+"""GGUF export: the llama.cpp adapter (read back with gguf.GGUFReader) and the merged model (transformers' GGUF
+loader as the oracle: same logits within the storage type's rounding, same tokenizer and chat template)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_assets import make_tiny_model_dir
+from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
+
+import lightning_lora as ll
+from lightning_lora.core.verbs import adapter_layers
+from lightning_lora.io.export import export
+from lightning_lora.io.gguf import write_adapter_gguf
+from lightning_lora.io.gguf_model import write_model_gguf
+from lightning_lora.io.models import load_causal_lm
+
+gguf = pytest.importorskip("gguf")
+
+
+def _fields(path):
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, {t.name: np.array(t.data) for t in reader.tensors}
+
+
+def _llama_rows(out: int, heads: int) -> list[int]:
+    """llama.cpp's q/k row order written as a formula: new row (h, i, j) = old row (h, j, i) for i < hd/2, j < 2."""
+    hd = out // heads
+    return [h * hd + j * (hd // 2) + i for h in range(heads) for i in range(hd // 2) for j in range(2)]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_gguf_metadata_names_shapes_values(tmp_path, rslora):
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=4, alpha=8, rslora=rslora, target_modules="all-linear"))
+    perturb_adapters(model)
+    meta, tensors = _fields(write_adapter_gguf(model, tmp_path / "a.gguf"))
+    assert meta["general.type"] == "adapter" and meta["general.architecture"] == "llama"
+    assert meta["adapter.type"] == "lora"
+    scale = 8 / math.sqrt(4) if rslora else 8 / 4
+    assert meta["adapter.lora.alpha"] / 4 == pytest.approx(scale)  # llama.cpp applies alpha / r
+    layers = adapter_layers(model)
+    assert len(tensors) == 2 * len(layers) == 2 * 2 * 7
+    cfg = model.config
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for target, layer in layers.items():
+        block, kind = target.split(".")[2], target.rsplit(".", 1)[-1]
+        base = f"blk.{block}.{gguf_names[kind]}.weight"
+        A = layer.adapters["default"].peft_tensors()["lora_A.weight"].detach()
+        B = layer.adapters["default"].peft_tensors()["lora_B.weight"].detach()
+        if kind in ("q_proj", "k_proj"):
+            heads = cfg.num_attention_heads if kind == "q_proj" else cfg.num_key_value_heads
+            B = B[_llama_rows(B.shape[0], heads)]
+        np.testing.assert_array_equal(tensors[base + ".lora_a"], A.numpy())  # (r, in)
+        np.testing.assert_array_equal(tensors[base + ".lora_b"], B.numpy())  # (out, r)
+
+
+@pytest.mark.parametrize("adapter", [ll.DoRA(r=2), ll.VeRA(r=4)])
+def test_adapter_gguf_refuses_dora_vera(tmp_path, adapter):
+    model = tiny_llama()
+    ll.inject(model, adapter)
+    with pytest.raises(ValueError, match="merge first: --merged"):
+        write_adapter_gguf(model, tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match="merge first: --merged"):
+        export(model, tmp_path / "out", gguf=["adapter"])
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_other_architectures_refused_by_name(tmp_path):
+    model = tiny_gpt2()
+    ll.inject(model, ll.LoRA(r=2, target_modules="c_attn"))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*gpt2"):
+        write_adapter_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """A tiny Llama folder with a tokenizer, a perturbed LoRA merged into it; GGUF files of it in three types."""
+    folder = make_tiny_model_dir(tmp_path_factory.mktemp("gguf") / "base")
+    model, tokenizer = load_causal_lm(str(folder))
+    ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear"))
+    perturb_adapters(model)
+    ll.merge(model)
+    out = tmp_path_factory.mktemp("gguf_out")
+    for kind in ("f16", "bf16", "q8_0"):
+        write_model_gguf(model, tokenizer, out / f"m-{kind}.gguf", kind)
+    return model, tokenizer, out
+
+
+def _q8_0(w):
+    """Q8_0 as ggml defines it: blocks of 32 along a row, d = max|x| / 127 stored as f16, q = round(x / d)."""
+    blocks = w.reshape(-1, 32)
+    d = blocks.abs().amax(1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(d == 0, torch.ones_like(d), d))
+    return (q * d.half().float()).reshape(w.shape)
+
+
+def _rounded(model, dtype):
+    """A copy of ``model`` whose 2-D weights went through ``dtype`` (the reference for a GGUF stored in it)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(_q8_0(p) if dtype == "q8_0" else p.to(dtype).float())
+    return ref
+
+
+@pytest.mark.parametrize("kind,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_transformers_loads_merged_gguf_same_logits(merged, kind, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, out = merged
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"m-{kind}.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over 12 lazy dogs.").input_ids])
+    with torch.no_grad():
+        got, ref, exact = loaded(ids).logits, _rounded(model, dtype)(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # the same weights, rounded to the storage type
+    assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_q8_0_merged_gguf_close(merged):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, out = merged
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="m-q8_0.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("Lists are mutable sequences.").input_ids])
+    with torch.no_grad():
+        got, ref = loaded(ids).logits, _rounded(model, "q8_0")(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    meta, tensors = _fields(out / "m-q8_0.gguf")
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_merged_gguf_tokenizer_and_chat_template(merged):
+    from transformers import AutoTokenizer
+
+    model, tokenizer, out = merged
+    loaded = AutoTokenizer.from_pretrained(out, gguf_file="m-f16.gguf")
+    text = "Hello world 123 <|user|>\nhi<|end|>"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    messages = [{"role": "user", "content": "What is a list?"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+    meta, _ = _fields(out / "m-f16.gguf")
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["llama.attention.head_count_kv"] == model.config.num_key_value_heads
+
+
+def test_merged_gguf_refuses_unmerged_and_bad_type(tmp_path):
+    model = tiny_llama()
+    ll.inject(model, ll.LoRA(r=2))
+    with pytest.raises(ValueError, match="merge them first"):
+        write_model_gguf(model, object(), tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="gguf=\\['q4_k'\\]"):
+        export(model, tmp_path / "out", gguf=["q4_k"])
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "out").exists()
+
+
+def test_export_writes_gguf_files_and_card(tmp_path):
+    folder = make_tiny_model_dir(tmp_path / "base")
+    model, tokenizer = load_causal_lm(str(folder))
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj", "v_proj"]))
+    paths = export(model, tmp_path / "out", tokenizer=tokenizer, gguf=["adapter", "q8_0"], run={"steps": 3})
+    assert paths["adapter_gguf"] == tmp_path / "out" / "adapter.gguf"
+    assert paths["gguf_q8_0"] == tmp_path / "out" / "merged-q8_0.gguf"
+    meta, tensors = _fields(paths["adapter_gguf"])
+    assert sorted(tensors) == sorted(f"blk.{b}.attn_{k}.weight.lora_{ab}" for b in (0, 1) for k in "qv" for ab in "ab")
+    assert "| steps | 3 |" in (paths["adapter"] / "README.md").read_text()
