@@ -8,8 +8,8 @@
 - Runs of any length work: the last step validates (``ValidateAtEnd``), a ``last.ckpt`` is always written
   (``ModelCheckpoint(save_last=True)`` unless the config has its own), and an integer ``val_check_interval`` counts
   steps across epochs (``check_val_every_n_epoch: null``), so it may exceed one epoch of a small data set.
-- ``validate_before_fit: true`` (top level) validates before ``fit`` (the restored adapter when resuming with
-  ``--ckpt_path``); the before and after figures end up in the run summary printed at the end of ``fit``.
+- ``validate_before_fit`` (top level, default true) validates before ``fit`` (the restored adapter when resuming
+  with ``--ckpt_path``); the before and after figures end up in the run summary printed at the end of ``fit``.
 - Output: one progress bar in steps (``StepProgressBar``), learning rates logged per group (``LearningRateMonitor``),
   TensorBoard logs (Lightning's default logger when ``tensorboard`` is installed), errors on one line
   (``commands/errors.py``).
@@ -57,8 +57,8 @@ class LoRACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--validate_before_fit", type=bool, default=False,
-            help="fit: run validation once before training and print its perplexity",
+            "--validate_before_fit", type=bool, default=True,
+            help="fit: validate once before training, so the summary compares perplexity before and after",
         )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
 VERBOSE_ENV = "LIGHTNING_LORA_VERBOSE"
@@ -49,7 +48,6 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(level)
     for pattern in _IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-
 
 
 __all__ = ["VERBOSE_ENV", "quiet"]
