@@ -93,8 +93,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         # QLoRA's 4.127 bits/param counts the 4-bit data, the 8-bit absmax per block of 64 and the fp32 absmax of the
         # double quantization per 256 blocks; bitsandbytes also keeps, per layer, two fp32 code tables (16 and 256
         # values) and an offset: on small layers that adds a few hundredths of a bit.
-        quant["source"] = (f"{8 * (quant['bytes'] - tables) / quant['params']:.3f} without the per-layer code tables "
-                           f"and offsets ({tables:,} bytes), as QLoRA's 4.127 counts")  # fmt: skip
+        quant["source"] = (f"{8 * (quant['bytes'] - tables) / quant['params']:.3f} as QLoRA counts; the rest: "
+                           f"per-layer code tables and offsets ({tables:,} bytes)")  # fmt: skip
     report["total"] = {k: sum(report[kind][k] for kind in KINDS) for k in ("params", "bytes")}
     if log_table:
         log.info(format_report(report).rstrip())  # the table's title says what it is
