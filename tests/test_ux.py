@@ -275,3 +275,28 @@ def test_original_weights_resolves_the_alias():
     got = ll.original_weights("smollm2-135m-instruct", [name])[name]
     with safe_open(str(next(Path(folder).glob("*.safetensors"))), framework="pt") as f:
         assert torch.equal(got, f.get_tensor(name + ".weight"))
+
+
+def test_validate_at_end_and_last_checkpoint_for_a_run_shorter_than_the_interval(tmp_path):
+    """max_steps 3 < val_check_interval 40: the last step still validates, and last.ckpt is written after it."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_lora.train.summary import RunSummary, ValidateAtEnd
+
+    class Counting(BoringModel):
+        validated_at: list[int] = []
+
+        def on_validation_epoch_end(self):
+            self.validated_at.append(self.trainer.global_step)
+
+    summary = RunSummary()
+    callbacks = [ValidateAtEnd(), summary, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+    trainer = Trainer(max_steps=3, val_check_interval=40, check_val_every_n_epoch=None, limit_val_batches=2,
+                      num_sanity_val_steps=0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks)  # fmt: skip
+    trainer.fit(Counting())
+    assert Counting.validated_at == [3] and (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert trainer.global_step == 3 and summary.steps == 3 and summary.last_loss is not None
+    assert "steps 0 -> 3" in summary.summary_lines(trainer)[0]

@@ -4,7 +4,8 @@
   interval (``max_steps: 10`` with ``val_check_interval: 40``) never validates, and a checkpoint callback that saves
   after validation never saves. Asking the trainer to stop (``trainer.should_stop``) on the last step makes Lightning
   run its validation there (its rule for early stopping), so every fit ends with a validation and a checkpoint.
-- ``RunSummary``: counts steps, tokens (``attention_mask`` ones, else every id) and wall time of the training, keeps
+- ``RunSummary``: counts steps, tokens (``attention_mask`` ones, else every id), the wall time of the training loop
+  and the time inside training steps (tokens/s is counted on the latter), keeps
   the first and last training loss, and gives ``summary_lines``: steps, time, tokens/s, validation loss and
   perplexity before and after, where the checkpoint, the exports and the logs are, and how to look at the curves.
 """
@@ -62,8 +63,10 @@ class RunSummary(Callback):
         self.tokens = 0
         self.steps = 0
         self.start_step = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall time of the fit's training loop (validations included)
+        self.step_seconds = 0.0  # time inside training steps only: tokens/s is counted on it
         self._t0: float | None = None
+        self._batch_t0: float | None = None
 
     def set_before(self, metrics: dict[str, Any]) -> None:
         """The validation metrics before training (the CLI runs that validation)."""
@@ -73,8 +76,13 @@ class RunSummary(Callback):
         self.start_step = trainer.global_step
         self._t0 = time.perf_counter()
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_t0 = time.perf_counter()
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
+        if self._batch_t0 is not None:
+            self.step_seconds += time.perf_counter() - self._batch_t0
         self.tokens += _batch_tokens(batch)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         loss = _float(loss.detach()) if torch.is_tensor(loss) else None
@@ -91,9 +99,9 @@ class RunSummary(Callback):
 
     def summary_lines(self, trainer: Trainer, export_dir: str | None = None) -> list[str]:
         """The run in a few lines: what was done, how well, and where everything is."""
-        rate = f"{self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 else "- tokens/s"
-        lines = [f"steps {self.start_step} -> {trainer.global_step} ({self.steps} this run) in {self.seconds:.1f} s, "
-                 f"{self.tokens:,} tokens, {rate}"]  # fmt: skip
+        rate = f"{self.tokens / self.step_seconds:,.1f} tokens/s" if self.step_seconds > 0 else "- tokens/s"
+        lines = [f"steps {self.start_step} -> {trainer.global_step} ({self.steps} this run) in {self.seconds:.1f} s "
+                 f"({self.step_seconds:.1f} s training), {self.tokens:,} tokens, {rate}"]  # fmt: skip
         if self.first_loss is not None:
             lines.append(f"train loss {self.first_loss:.4f} (first step) -> {self.last_loss:.4f} (last step)")
         for key in ("val_loss", "val_ppl"):
