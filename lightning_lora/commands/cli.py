@@ -44,8 +44,8 @@ class LoRACLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         self.summary = RunSummary()
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False,
-                                            **{c: {"exit_on_error": False} for c in (*_COMMANDS, "predict")}})  # fmt: skip
+        raising = {"exit_on_error": False}  # parse errors raise, so the command can put them on one line
+        kwargs.setdefault("parser_kwargs", {**raising, **{c: raising for c in (*_COMMANDS, "predict")}})
         try:
             super().__init__(*args, **kwargs)
         except Exception as exc:  # give commands/errors.py what it needs to name the config key
@@ -71,7 +71,8 @@ class LoRACLI(LightningCLI):
         config = self.config_init[self.subcommand].get("trainer", {}) if self.subcommand else {}
         given = list(config.get("callbacks") or [])
         extra = [ValidateAtEnd(), self.summary]
-        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
+        checkpointing = config.get("enable_checkpointing", True) is not False
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in given):
             extra.append(ModelCheckpoint(save_last=True))
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(StepProgressBar())

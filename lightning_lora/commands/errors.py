@@ -150,7 +150,8 @@ def _suggest(wrong: str, valid: list[str]) -> tuple[str, str, str]:
         key = ".".join(parts[: depth + 1])
         close = difflib.get_close_matches(part, level, n=3, cutoff=0.6)
         if close:
-            fix = f"did you mean '{close[0]}'?" + (f" (or {', '.join(repr(c) for c in close[1:])})" if close[1:] else "")
+            others = f" (or {', '.join(repr(c) for c in close[1:])})" if close[1:] else ""
+            fix = f"did you mean '{close[0]}'?{others}"
         else:
             fix = f"valid keys here: {', '.join(level[:25]) or '(none)'}"
         return f"unknown key '{part}'", key, fix

@@ -78,14 +78,16 @@ def find_targets(
     excluded = _as_patterns(exclude_modules)
     modules = [(n, m) for n, m in adaptable_modules(model) if n and not any(name_matches(n, p) for p in excluded)]
     base_of = {n: (m.base_layer if isinstance(m, AdapterLayer) else m) for n, m in modules}
-    available = sorted({n.rsplit(".", 1)[-1] for n, m in modules if supports is None or isinstance(base_of[n], supports)})
+    available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules
+                        if supports is None or isinstance(base_of[n], supports)})  # fmt: skip
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         chosen = [n for n, _ in modules if is_linear_like(base_of[n]) and n not in heads]
         if not chosen:
             raise ValueError(
                 f'target_modules="all-linear" matches no layer of {type(model).__name__}: it has no linear layer. '
-                f"Name the layers to adapt instead; layer names that can be targeted: {', '.join(available[:30]) or '(none)'}."
+                "Name the layers to adapt instead; layer names that can be targeted: "
+                f"{', '.join(available[:30]) or '(none)'}."
             )
         _log_left_out(model, modules, base_of, chosen, supports)
     else:

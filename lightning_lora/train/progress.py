@@ -41,8 +41,8 @@ class StepProgressBar(ProgressBar):
             return
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
         total = int(total) if total != float("inf") else None
-        self._bar = tqdm(total=total, initial=trainer.global_step, desc="step", unit="step", dynamic_ncols=True,
-                         file=sys.stderr, bar_format="{desc} {n_fmt}/{total_fmt} {bar:20} [{elapsed}<{remaining}]{postfix}")  # fmt: skip
+        self._bar = tqdm(total=total, initial=trainer.global_step, desc="step", unit="step", file=sys.stderr,
+                         bar_format="{desc} {n_fmt}/{total_fmt} {bar:20} [{elapsed}<{remaining}]{postfix}")
 
     def _show(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._bar is None:

@@ -118,7 +118,8 @@ class RunSummary(Callback):
         if log_dir:
             lines.append(f"logs        {log_dir}")
             if type(trainer.logger).__name__ == "TensorBoardLogger":
-                lines.append(f"curves      tensorboard --logdir {log_dir}   (or: python -m lightning_lora plot {log_dir})")
+                lines.append(f"curves      tensorboard --logdir {log_dir}")
+                lines.append(f"            (or a PNG: python -m lightning_lora plot {log_dir})")
         return lines
 
 
