@@ -244,7 +244,11 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``)."""
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
+        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
+            return []
         return [FiniteLossGuard()]
 
     # ---------------------------------------------------------------- optimizers
