@@ -2,7 +2,8 @@
 
 Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
 ``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real branches of any registered method
-(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
+(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
+Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
 
 - weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
   selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
