@@ -19,6 +19,7 @@ from lightning_lora.methods.dora import DoRA
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA
 from lightning_lora.quant.nf4 import NF4, original_weights, quantize
+from lightning_lora.quant.prepare import prepare
 from lightning_lora.train.optim import param_groups
 
 setup_logging()
@@ -58,6 +59,7 @@ __all__ = [
     "merge",
     "param_groups",
     "per_sample_adapters",
+    "prepare",
     "remove",
     "save_adapter",
     "save_adapters",

@@ -195,7 +195,7 @@ def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Modul
     """
     names = list(names)
     if isinstance(source, nn.Module):
-        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if hasattr(m, "weight")}
+        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if kind_of(m) is not None}
         if any(is_quantized(m) for m in source.modules()):
             table = {k: v for k, v in table.items() if not is_quantized(source.get_submodule(k[: -len(".weight")]))}
         return {n: table[_find_key(n, table, "the given model")].detach() for n in names}

@@ -26,11 +26,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.core.dtypes import dtype_name
 from lightning_lora.core.layer import AdapterConfig
-from lightning_lora.core.verbs import inject
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
@@ -125,6 +125,7 @@ class LoRAModule(LightningModule):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
+        check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
         if lr_ratio is not None and not lr_ratio > 0:
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
         self.base_model = str(base_model)
@@ -162,9 +163,7 @@ class LoRAModule(LightningModule):
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
-        if self.quantize is not None:
-            model = quantize(model, self.quantize)
-        inject(model, self.adapter, self.adapter_name)
+        prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
