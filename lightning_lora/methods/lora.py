@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind
 from lightning_lora.core.layer import AdapterBranch, AdapterConfig
+from lightning_lora.methods import siblings
 
 
 @dataclasses.dataclass
@@ -253,7 +254,11 @@ class LoRABranch(AdapterBranch):
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         p = self.p if self.training else 0.0
         if self.fused:
-            return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
+            h = siblings.shared_down(self, x) if p == 0.0 else None  # q/k/v, gate/up: one A GEMM (siblings.py)
+            if h is not None:
+                return siblings.lora_up(h, base_out, self.lora_B, self.scale * weight)
+            out = lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
+            return siblings.note_output(out)
         x = x.to(self.lora_A.dtype) if x.is_floating_point() else x
         delta = self.kind.apply_pair(x, self.lora_A, self.lora_B, base_layer, p)
         return base_out + delta.mul_(self.scale * weight).to(base_out.dtype)
