@@ -121,6 +121,8 @@ def test_different_inputs_never_fuse(monkeypatch):
     x = torch.randn(2, 5, model.config.hidden_size)
     for _ in range(2):  # observe, then commit through a backward
         (attn.q_proj(x).sum() + attn.k_proj(x).sum()).backward()
+    q_branch, k_branch = attn.q_proj.adapters["default"], attn.k_proj.adapters["default"]
+    assert [r() for r in siblings._GROUPS[q_branch]] == [q_branch, k_branch]  # q and k form a group
     y = x.clone()
     got = attn.q_proj(x), attn.k_proj(y)
     ref = attn.q_proj.base_layer(x), attn.k_proj.base_layer(y)
@@ -136,4 +138,3 @@ def test_different_inputs_never_fuse(monkeypatch):
         branch = attn.k_proj.adapters["default"]
         expect = attn.k_proj.base_layer(x) + branch.scale * x @ branch.lora_A.t() @ branch.lora_B.t()
     torch.testing.assert_close(k, expect, atol=1e-6, rtol=1e-6)
-    assert q.shape == k.shape

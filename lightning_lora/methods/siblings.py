@@ -147,7 +147,8 @@ def shared_down(branch: nn.Module, x: Tensor) -> Tensor | None:
     A = branch.lora_A
     key = (x._version, A.dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     slot = _SLOT
-    if slot.x_ref is not None and slot.x_ref() is x and slot.key == key:
+    same = slot.x_ref is not None and slot.x_ref() is x and slot.key == key
+    if same and not any(b is branch for b in slot.seen):  # a branch seen twice starts a new round (same x again)
         slot.seen.append(branch)
         part = slot.parts.pop(id(branch), None)
         if part is not None and part[1] is A and part[2] == A._version:
