@@ -20,6 +20,7 @@ from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA
 from lightning_lora.io.models import original_weights  # nf4.original_weights that also resolves aliases
 from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.quant.prepare import prepare
 from lightning_lora.train.optim import param_groups
 
 setup_logging()
@@ -59,6 +60,7 @@ __all__ = [
     "merge",
     "param_groups",
     "per_sample_adapters",
+    "prepare",
     "remove",
     "save_adapter",
     "save_adapters",

@@ -26,10 +26,17 @@ so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30)
 
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
-  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the logits,
-  batch x seq x vocab, 12 bytes each: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and
-  of the loss's backward (saved log-softmax + two fp32 gradients). Assumed: no dropout (a mask adds 1 byte per adapted
-  input); frozen embeddings (the first layer then keeps a little less: an upper bound).
+  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
+  logits term, rows x vocab x 12 bytes: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax)
+  and of the loss's backward (saved log-softmax + two fp32 gradients). With the chunked labeled-only loss of
+  ``LoRAModule`` (``train/loss.py``, the default here) rows = ``--loss-chunk-size`` (512; at most the tokens), plus
+  the gathered labeled hidden states (a h per token, an upper bound: every token labeled); with Hugging Face's loss
+  (``--loss-chunk-size 0``) rows = every position (batch x seq). The loss runs after the last layer and before
+  backward recomputes any layer, so with checkpointing the peak is the kept layer inputs + the larger of the two.
+  Packing (``--packing``) lays examples end to end: batch x seq counts real tokens, and transformers' sdpa/eager
+  path adds a block-diagonal boolean mask (batch x seq x seq bytes; none with a varlen flash-attention kernel).
+  Assumed: no dropout (a mask adds 1 byte per adapted input); frozen embeddings (the first layer then keeps a little
+  less: an upper bound).
 - overhead: a fixed 0.5 GB for the CUDA context, cuBLAS workspace and allocator slack (``--overhead-gb``); the
   context alone is ~0.3-0.5 GB on recent GPUs with lazy module loading. Fragmentation beyond that is not modelled.
 
@@ -48,8 +55,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lightning_lora  # noqa: F401  (the built-in methods and the NF4 kind register on import)
 from lightning_lora.commands import command_args
-from lightning_lora.core.layer import in_out_features
+from lightning_lora.core.kinds import in_out_features
+from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
 from lightning_lora.core.verbs import adapter_layers, inject, remove
 
@@ -72,9 +81,8 @@ PRESETS: dict[str, dict] = {  # values from the models' published config.json fi
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True),
 }
-ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "llama-3.1-8b": "llama-3-8b"}  # 3.1: same shapes, longer RoPE
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ADAPTERS = ("lora", "dora", "vera")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 GB, GIB = 10**9, 2**30
 
@@ -111,12 +119,30 @@ def _meta_model(config_json: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def adapter_config(adapter: str, r: int, target_modules):
-    from lightning_lora import DoRA, LoRA, VeRA
+def adapter_names() -> list[str]:
+    """The registered methods' names, lower case (``--adapter`` choices; a ``module.Class`` path also works)."""
+    return [name.lower() for name in METHODS]
 
-    if adapter not in ADAPTERS:
-        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}.")
-    return {"lora": LoRA, "dora": DoRA, "vera": VeRA}[adapter](r=r, target_modules=target_modules)
+
+def adapter_config(adapter: str | AdapterConfig, r: int, target_modules) -> AdapterConfig:
+    """An adapter config: given, a registered method's name (any case) or a ``module.Class`` path, with ``r``."""
+    if isinstance(adapter, AdapterConfig):
+        return adapter
+    by_name = {name.lower(): cls for name, cls in METHODS.items()}
+    cls = by_name.get(str(adapter).lower())
+    if cls is None and "." in str(adapter):
+        import importlib
+
+        module, _, name = str(adapter).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import adapter class {adapter!r}: {err}.") from None
+        if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
+            raise ValueError(f"{adapter!r} is not an AdapterConfig subclass.")
+    if cls is None:
+        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(adapter_names())} or a module.Class path.")
+    return cls(r=r, target_modules=target_modules)
 
 
 def count(config, adapter) -> dict:
@@ -131,10 +157,8 @@ def count(config, adapter) -> dict:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         shapes = {n: in_out_features(m.base_layer) for n, m in layers.items()}
-        frozen = 0
-        if adapter.method == "VeRA":
-            proj = next(iter(layers.values())).adapters["default"].projections
-            frozen = proj.A.numel() + proj.B.numel()
+        shared = next(iter(layers.values())).adapters["default"].shared
+        frozen = sum(t.numel() for t in adapter.shared_tensors(shared).values())  # VeRA's projections
     finally:
         remove(model)
     return dict(base=base, trainable=trainable, tensors=tensors, quantizable=quantizable, shapes=shapes, frozen=frozen)
@@ -148,8 +172,17 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return math.ceil(numel / 2) + absmax + 64
 
 
-def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq: int, a: int, adapter_b: int,
-                     checkpointing: bool) -> int:
+def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> int:
+    """The loss's peak: rows x vocab x 12 bytes, rows = one chunk (chunked loss) or every position (0), plus the
+    gathered labeled hidden states when chunked (module docstring)."""
+    tokens = batch * seq
+    if loss_chunk_size <= 0:
+        return tokens * 12 * config.vocab_size
+    return min(loss_chunk_size, tokens) * 12 * config.vocab_size + tokens * a * config.hidden_size
+
+
+def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
+                     checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False) -> int:
     """Peak activation bytes kept for backward (formula in the module docstring)."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
     kv = getattr(config, "head_dim", None) or h // heads
@@ -157,21 +190,22 @@ def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq:
     per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
     for name, (n_in, n_out) in shapes.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
-        extra = {"LoRA": a * r, "DoRA": a * (r + n_out), "VeRA": a * (2 * r + n_out)}[method]
-        if adapter_b != a and method != "VeRA":
-            extra += adapter_b * n_in
+        extra = adapter.activation_bytes(n_in, n_out, a, adapter_b)  # the method's own count
         if found:
             per_layer[int(found.group(1))] += extra
     tokens = batch * seq
-    layers = L * a * h + max(per_layer) if checkpointing else sum(per_layer)
-    head = 4 * h + 4 + 12 * config.vocab_size
-    return tokens * (layers + head)
+    loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
+    norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
+    if checkpointing:
+        return tokens * L * a * h + norm_and_mask + max(tokens * max(per_layer), loss)
+    return tokens * sum(per_layer) + norm_and_mask + loss
 
 
-def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, target_modules="all-linear",
+def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", r: int = 64, target_modules="all-linear",
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
-             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5) -> dict:
+             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
+             loss_chunk_size: int = 512, packing: bool = False) -> dict:
     """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r (the rank) must be a positive integer, got {r!r}.")
@@ -187,6 +221,7 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
         raise ValueError(f"unknown quantization {quantize!r}; use nf4 (or leave it out).")
     quantize = None if quantize == "none" else quantize
     config, cfg = model_config(model), adapter_config(adapter, r, target_modules)
+    r = getattr(cfg, "r", r)
     c = count(config, cfg)
     a, ab = DTYPE_BYTES[dtype], DTYPE_BYTES[adapter_dtype]
     quantized = sum(c["quantizable"]) if quantize else 0
@@ -194,8 +229,10 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
     adapters = (c["trainable"] + c["frozen"]) * ab
     states = {"adamw": 2 * c["trainable"] * ab + 4 * c["tensors"],
               "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
-    act = {ckpt: activation_bytes(config, c["shapes"], cfg.method, r, batch_size, seq_len, a, ab, ckpt)
-           for ckpt in (False, True)}
+    if loss_chunk_size < 0:
+        raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
+    act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
+                                  loss_chunk_size, packing) for ckpt in (False, True)}
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
                  overhead_bytes=int(overhead_gb * GB))
@@ -205,7 +242,8 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
     for name, (n_in, n_out) in c["shapes"].items():
         kinds_shapes.setdefault(f"{n_in}x{n_out}", []).append(name.rsplit(".", 1)[-1])
     notes = []
-    if cfg.method != "VeRA" and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
+    pairs = sum(r * (n_in + n_out) for n_in, n_out in c["shapes"].values())  # a rank-r pair per adapted layer
+    if c["trainable"] >= pairs and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
         shapes = ", ".join(f"{','.join(dict.fromkeys(v))} {k}" for k, v in kinds_shapes.items())
         notes.append(
             f"Why not {naive:,}? That popular figure ({len(c['shapes'])} matrices x 2 x {config.hidden_size} x {r}) "
@@ -216,12 +254,14 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
         notes.append(f"Tight: under 5% headroom in {gpu_memory:g} GB; allocator fragmentation and backward transients "
                      "are not modelled (shorter sequences, --optimizer adamw8bit or a smaller r give room).")
     return dict(
-        model=model, adapter=adapter, r=r, target_modules=target_modules, quantize=quantize,
+        model=model, adapter=adapter if isinstance(adapter, str) else cfg.method, r=r, target_modules=target_modules, quantize=quantize,
         double_quant=bool(quantize) and double_quant, dtype=dtype, adapter_dtype=adapter_dtype, optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
-        activation_bytes_checkpointing=act[True], total_bytes=total,
+        activation_bytes_checkpointing=act[True], loss_chunk_size=loss_chunk_size, packing=packing,
+        logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
+        logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
         gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),
         fits=None if gpu_memory is None else total <= gpu_memory * GB, notes=notes,
     )
@@ -249,11 +289,15 @@ def render(res: dict) -> None:
         ("optimizer state", res["optimizer_bytes"], res["optimizer"]),
         ("activations", res["activation_bytes"],
          f"{'with' if ckpt else 'no'} checkpointing ({'without' if ckpt else 'with'}: {other / GB:.2f} GB)"),
+        ("  of which loss/logits", res["logits_bytes"],
+         f"{min(res['loss_chunk_size'], res['batch_size'] * res['seq_len'])} of {res['batch_size'] * res['seq_len']} "
+         f"rows at a time (every row at once: {res['logits_bytes_unchunked'] / GB:.2f} GB)"
+         if res["loss_chunk_size"] else "every position at once (Hugging Face's loss)"),
         ("CUDA/framework overhead", res["overhead_bytes"], "context, workspace, allocator slack"),
     ]
     for name, n, note in rows:
         table.add_row(name, f"{n:,}", f"{n / GB:.2f}", f"{n / GIB:.2f}", note)
-    total = res["total_bytes"]
+    total = res["total_bytes"]  # "of which" rows are inside "activations", not added again
     table.add_row("total", f"{total:,}", f"{total / GB:.2f}", f"{total / GIB:.2f}", "", style="bold")
     console.print(table)
     if res["fits"] is not None:
@@ -268,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = command_args(argv, "estimate")
     p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
-    p.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    p.add_argument("--adapter", default="lora", help=f"{', '.join(adapter_names())} or a module.Class path")
     p.add_argument("--r", type=int, default=64, help="rank (> 0)")
     p.add_argument("--target-modules", nargs="+", default=["all-linear"], help='names, globs, regexes or "all-linear"')
     p.add_argument("--quantize", choices=["none", "nf4"], default="none")
@@ -281,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--overhead-gb", type=float, default=0.5)
+    p.add_argument("--loss-chunk-size", type=int, default=512,
+                   help="rows per chunk of the labeled-only loss (LoRAModule); 0: Hugging Face's loss over every position")
+    p.add_argument("--packing", action="store_true", help="examples packed end to end (adds sdpa's block mask)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.r <= 0:
@@ -289,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
                        args.seq_len, args.gradient_checkpointing, args.gpu_memory, args.dtype, args.adapter_dtype,
-                       args.optimizer, args.overhead_gb)
+                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing)
     except ValueError as err:
         p.error(str(err))
     print(json.dumps(res)) if args.json else render(res)

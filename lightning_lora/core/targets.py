@@ -12,11 +12,12 @@ import difflib
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from lightning_lora.core.layer import AdapterLayer, is_linear_like
+from lightning_lora.core.kinds import KINDS, LayerKind, is_linear_like, kind_of
+from lightning_lora.core.layer import AdapterLayer
 
 log = logging.getLogger(__name__)
 TargetSpec = str | Sequence[str]
@@ -66,20 +67,22 @@ def find_targets(
     model: nn.Module,
     target_modules: TargetSpec,
     exclude_modules: TargetSpec | None,
-    supports: type | tuple | None = None,
+    supports: Callable[[LayerKind], bool] | None = None,
     method: str = "LoRA",
 ) -> list[str]:
     """Names of the modules selected by ``target_modules`` minus ``exclude_modules``, in model order.
 
+    ``"all-linear"`` selects the linear kinds (``kinds.py``) but the output head; convs and embeddings are selected
+    by name or pattern. ``supports(kind)`` says which layer kinds ``method`` adapts.
+
     Raises:
-        ValueError: nothing matches (the message lists layer names that could be targeted), or a matched module is
-            of a type ``method`` cannot adapt.
+        ValueError: nothing matches (the message lists layer names that could be targeted), a matched module is
+            of a kind ``method`` cannot adapt, or its kind refuses it (e.g. a grouped conv).
     """
     excluded = _as_patterns(exclude_modules)
     modules = [(n, m) for n, m in adaptable_modules(model) if n and not any(name_matches(n, p) for p in excluded)]
     base_of = {n: (m.base_layer if isinstance(m, AdapterLayer) else m) for n, m in modules}
-    available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules
-                        if supports is None or isinstance(base_of[n], supports)})  # fmt: skip
+    available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules if _adaptable(base_of[n], supports)})
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         chosen = [n for n, _ in modules if is_linear_like(base_of[n]) and n not in heads]
@@ -103,16 +106,27 @@ def find_targets(
             f"Layer names that can be targeted: {', '.join(available[:30]) or '(none)'}. "
             'Use one of them (suffix match), a glob such as "*.q_proj", a regex, or "all-linear".'
         )
-    if supports is not None:
-        bad = [(n, type(base_of[n]).__name__) for n in chosen if not isinstance(base_of[n], supports)]
-        if bad:
-            shown = ", ".join(f"{n} ({t})" for n, t in bad[:5])
-            kinds = ", ".join(t.__name__ for t in (supports if isinstance(supports, tuple) else (supports,)))
-            raise ValueError(
-                f"{method} cannot adapt {len(bad)} matched module(s): {shown}. It supports {kinds}; "
-                "narrow target_modules (or add the others to exclude_modules)."
-            )
+    bad = [(n, type(base_of[n]).__name__) for n in chosen if not _adaptable(base_of[n], supports)]
+    if bad:
+        shown = ", ".join(f"{n} ({t})" for n, t in bad[:5])
+        raise ValueError(
+            f"{method} cannot adapt {len(bad)} matched module(s): {shown}. It supports "
+            f"{', '.join(_kind_names(supports))}; narrow target_modules (or add the others to exclude_modules)."
+        )
+    refused = [(n, kind_of(base_of[n]).refuse(base_of[n])) for n in chosen]
+    refused = [(n, why) for n, why in refused if why]
+    if refused:
+        raise ValueError(f"{method} cannot adapt {refused[0][0]!r}: {refused[0][1]}.")
     return chosen
+
+
+def _adaptable(module: nn.Module, supports: Callable[[LayerKind], bool] | None) -> bool:
+    kind = kind_of(module)
+    return kind is not None and (supports is None or supports(kind))
+
+
+def _kind_names(supports: Callable[[LayerKind], bool] | None) -> list[str]:
+    return [k.name for k in KINDS if supports is None or supports(k)]
 
 
 def compact_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -156,7 +170,7 @@ def _log_left_out(model: nn.Module, modules: list, base_of: dict, chosen: list[s
             continue
         left.setdefault(type(base).__name__, []).append(n)
     for kind, names in left.items():
-        can = supports is None or isinstance(base_of[names[0]], supports)
+        can = _adaptable(base_of[names[0]], supports)
         log.warning(
             f'target_modules="all-linear" adapts the {len(chosen)} linear layers of {type(model).__name__} and leaves '
             f"out its {len(names)} {kind} layer(s) (e.g. {names[0]}); "

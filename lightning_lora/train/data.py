@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.io.models import load_tokenizer
+from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -156,6 +157,7 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 # ----------------------------------------------------------------------------------------------------- datamodules
 class _TokenizedDataModule(pl.LightningDataModule):
     SOURCES: tuple[str, ...] = ()
+    packing: bool | None = None  # None: rows are all alike (plain shuffled batches); else see ``train/packing.py``
 
     def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit):
         super().__init__()
@@ -205,9 +207,18 @@ class _TokenizedDataModule(pl.LightningDataModule):
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=functools.partial(collate, pad_id=pad or 0))
+        pad = (self.tokenizer.eos_token_id if pad is None else pad) or 0
+        packing = self.packing
+        if packing is None:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                              collate_fn=functools.partial(collate, pad_id=pad))
+        lengths = [len(x["input_ids"]) for x in data]
+        if shuffle:
+            log_padding(lengths, self.batch_size, self.seed, packing, self.max_length)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed) if shuffle and not packing else None
+        fn = functools.partial(collate_packed, capacity=self.max_length) if packing else collate
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=functools.partial(fn, pad_id=pad))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -228,6 +239,10 @@ class InstructionDataModule(_TokenizedDataModule):
         tokenizer: alias or model folder to read the tokenizer from; None: the LightningModule's ``.tokenizer``.
         max_length: longer examples are truncated (their count is logged).
         limit: keep at most this many examples (a seeded random subset).
+        packing: lay the ``batch_size`` examples of each batch end to end in rows of up to ``max_length`` tokens
+            (padding-free packing, ``train/packing.py``): a batch still holds ``batch_size`` examples, in fewer rows,
+            with ``position_ids`` restarting per example and attention kept inside each example. Off: training
+            batches are grouped by length. Either way the padding share before/after is logged once.
 
     Example::
 
@@ -238,11 +253,12 @@ class InstructionDataModule(_TokenizedDataModule):
 
     def __init__(self, path: str | None = None, source: str | None = "chatterbot", tokenizer: str | None = None,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, limit: int | None = None):
+                 num_workers: int = 0, limit: int | None = None, packing: bool = False):
         super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
         self.max_length = max_length
+        self.packing = bool(packing)
 
     def _examples(self):
         convs = read_jsonl(self.path) if self.path is not None else chatterbot_pairs()
