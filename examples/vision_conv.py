@@ -69,6 +69,7 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
 def fit(model: LightningModule, data: TensorDataset, epochs: int, callbacks=()) -> None:
     trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
+    model.train()  # accuracy() left it in eval mode; Lightning keeps submodule modes
     trainer.fit(model, DataLoader(data, batch_size=64, shuffle=True))
 
 

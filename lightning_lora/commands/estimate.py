@@ -1,8 +1,9 @@
 """``python -m lightning_lora estimate``: will a fine-tune fit? Memory of an adapter fine-tune from architecture numbers.
 
 Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
-``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real LoRA/DoRA/VeRA branches on it,
-so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
+``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real branches of any registered method
+(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
+Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
 
 - weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
   selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
@@ -21,8 +22,9 @@ so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30)
     + a (3h + 2 kv)       q/k/v input (norm output), q and k after RoPE, v (kv = kv_heads x head_dim), attention output
     + 4 heads             SDPA's fp32 logsumexp
     + a (h + 4m)          gate/up input (norm output); gate, silu(gate), up, product (m = intermediate size)
-    + per adapted linear  LoRA: a r; DoRA: a (r + out); VeRA: a (2r + out); an adapter dtype other than ``--dtype``
-                          adds the input cast to it (in x adapter bytes)
+    + per adapted linear  the method's own ``activation_bytes`` (the method contract): LoRA: a r; DoRA: a (r + out);
+                          VeRA: a (2r + out); for LoRA/DoRA an adapter dtype other than ``--dtype`` adds the input
+                          cast to it (in x adapter bytes)
 
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per

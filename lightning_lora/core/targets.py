@@ -166,7 +166,8 @@ def _log_left_out(model: nn.Module, modules: list, base_of: dict, chosen: list[s
     left = {}
     for n, _ in modules:
         base = base_of[n]
-        if n in chosen_set or is_linear_like(base) or not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kind = kind_of(base)
+        if n in chosen_set or kind is None or is_linear_like(base) or kind.name == "embedding":
             continue
         left.setdefault(type(base).__name__, []).append(n)
     for kind, names in left.items():

@@ -129,7 +129,8 @@ def _split_key(key: str, config: AdapterConfig, source: Path) -> tuple[str, str]
     for old, new in config.peft_aliases.items():
         if key.endswith("." + old):
             key = key[: -len(old)] + new
-    for suffix in config.peft_suffixes:
+    others = [s for cls in METHODS.values() for s in cls.peft_suffixes]  # so a mislabelled file names its tensors
+    for suffix in dict.fromkeys([*config.peft_suffixes, *others]):
         if key.startswith(PREFIX) and key.endswith("." + suffix):
             return key[len(PREFIX) : -len(suffix) - 1], suffix
     raise ValueError(f"{source}: unexpected tensor {key!r}; is this a PEFT {config.method} adapter?")
