@@ -11,7 +11,8 @@ On an embedding the roles flip (as in PEFT): y = E[ids] + s * (A^T[ids]) B^T wit
 The linear branch is one autograd function that saves only what backward needs: the input x (the base layer saves
 the same tensor, so it costs nothing), the r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed
 8 per byte instead of a dropped copy of x. It adds into the base output in place (one ``addmm_``, no (N, out)
-temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs.
+temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs. Layers that read the same input
+tensor (q/k/v, gate/up) share one A GEMM forward and backward instead (``siblings.py``).
 """
 
 from __future__ import annotations
