@@ -29,29 +29,24 @@ from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, AdapterLayer
 from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, layers_set
-from lightning_lora.methods.lora import LoRA, LoRABranch
-from lightning_lora.methods.vera import VeRABranch
+from lightning_lora.methods.lora import LoRA
 
 log = logging.getLogger(__name__)
 
 
 def factors(branch: AdapterBranch) -> tuple[Tensor, Tensor]:
-    """(B', A') with ``B' @ A' == dW`` in LoRA's parameter orientation ((out, in); (dim, vocab) for an embedding).
+    """2-D (B', A') with ``B' @ A' == dW`` in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
+    embedding): the branch's own ``factors()`` (the method contract).
 
     Raises:
-        ValueError: the branch is not additive (DoRA) or of a kind this module does not know.
+        ValueError: the branch is not additive (DoRA) or its method does not factor.
     """
     if not branch.additive:
         raise ValueError(
             f"{branch.config.method} adapters cannot be combined: the magnitude rescales W + s B A row by row, so a "
-            "weighted sum is not a low-rank update. Merge it alone (lightning_lora.merge) or combine LoRA/VeRA adapters."
+            "weighted sum is not a low-rank update. Merge it alone (lightning_lora.merge) or combine additive adapters."
         )
-    if isinstance(branch, LoRABranch):
-        return branch.lora_B * branch.scale, branch.lora_A
-    if isinstance(branch, VeRABranch):
-        A, B = branch.sliced()
-        return branch.lambda_b[:, None] * B, branch.lambda_d[:, None] * A
-    raise ValueError(f"combine: adapters of kind {type(branch).__name__} are not supported (LoRA, rsLoRA, VeRA are).")
+    return branch.factors()
 
 
 def combine(
@@ -114,8 +109,8 @@ def combine(
                 err2, norm2 = err2 + lost2, norm2 + lost2 + kept2
                 worst = max(worst, (math.sqrt(lost2 / max(lost2 + kept2, 1e-300)), target))
             branch = config.build(layer.base_layer)
-            branch.lora_B.copy_(B)
-            branch.lora_A.copy_(A)
+            branch.lora_B.copy_(B.reshape(branch.lora_B.shape))  # conv kinds: (out, R, 1, ...), (R, in, *k)
+            branch.lora_A.copy_(A.reshape(branch.lora_A.shape))
             plan.append((target, branch))
     attach(model, plan, name)
     if method == "cat":

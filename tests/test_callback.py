@@ -158,7 +158,7 @@ def test_lora_plus_one_line():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="LoRA, DoRA or VeRA"):
+    with pytest.raises(TypeError, match="AdapterConfig \\(LoRA, DoRA, VeRA or your own subclass\\)"):
         AdapterCallback(adapter={"r": 8})
     module = InInit()
     with pytest.raises(AttributeError, match="no module at 'model'"):

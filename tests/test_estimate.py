@@ -159,7 +159,7 @@ def test_cli_table(capsys):
     [
         (["--model", "llama-9-1t"], "Presets: llama-2-13b, llama-2-70b, llama-2-7b, llama-3-70b, llama-3-8b"),
         (["--model", "smollm2-135m", "--r", "0"], "--r must be a positive integer"),
-        (["--model", "smollm2-135m", "--adapter", "prefix"], "invalid choice: 'prefix'"),
+        (["--model", "smollm2-135m", "--adapter", "prefix"], "unknown adapter 'prefix'; choose one of lora, dora, vera"),
         (["--model", "smollm2-135m", "--target-modules", "nope_proj"], "matches no layer"),
     ],
 )

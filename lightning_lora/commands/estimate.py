@@ -1,8 +1,9 @@
 """``python -m lightning_lora estimate``: will a fine-tune fit? Memory of an adapter fine-tune from architecture numbers.
 
 Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
-``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real LoRA/DoRA/VeRA branches on it,
-so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
+``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real branches of any registered method
+(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
+Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
 
 - weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
   selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
@@ -21,8 +22,9 @@ so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30)
     + a (3h + 2 kv)       q/k/v input (norm output), q and k after RoPE, v (kv = kv_heads x head_dim), attention output
     + 4 heads             SDPA's fp32 logsumexp
     + a (h + 4m)          gate/up input (norm output); gate, silu(gate), up, product (m = intermediate size)
-    + per adapted linear  LoRA: a r; DoRA: a (r + out); VeRA: a (2r + out); an adapter dtype other than ``--dtype``
-                          adds the input cast to it (in x adapter bytes)
+    + per adapted linear  the method's own ``activation_bytes`` (the method contract): LoRA: a r; DoRA: a (r + out);
+                          VeRA: a (2r + out); for LoRA/DoRA an adapter dtype other than ``--dtype`` adds the input
+                          cast to it (in x adapter bytes)
 
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
@@ -55,8 +57,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lightning_lora  # noqa: F401  (the built-in methods and the NF4 kind register on import)
 from lightning_lora.commands import command_args
-from lightning_lora.core.layer import in_out_features
+from lightning_lora.core.kinds import in_out_features
+from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
 from lightning_lora.core.verbs import adapter_layers, inject, remove
 
@@ -81,7 +85,6 @@ PRESETS: dict[str, dict] = {  # values from the models' published config.json fi
 }
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "llama-3.1-8b": "llama-3-8b"}  # 3.1: same shapes, longer RoPE
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ADAPTERS = ("lora", "dora", "vera")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 GB, GIB = 10**9, 2**30
 
@@ -118,12 +121,30 @@ def _meta_model(config_json: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def adapter_config(adapter: str, r: int, target_modules):
-    from lightning_lora import DoRA, LoRA, VeRA
+def adapter_names() -> list[str]:
+    """The registered methods' names, lower case (``--adapter`` choices; a ``module.Class`` path also works)."""
+    return [name.lower() for name in METHODS]
 
-    if adapter not in ADAPTERS:
-        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}.")
-    return {"lora": LoRA, "dora": DoRA, "vera": VeRA}[adapter](r=r, target_modules=target_modules)
+
+def adapter_config(adapter: str | AdapterConfig, r: int, target_modules) -> AdapterConfig:
+    """An adapter config: given, a registered method's name (any case) or a ``module.Class`` path, with ``r``."""
+    if isinstance(adapter, AdapterConfig):
+        return adapter
+    by_name = {name.lower(): cls for name, cls in METHODS.items()}
+    cls = by_name.get(str(adapter).lower())
+    if cls is None and "." in str(adapter):
+        import importlib
+
+        module, _, name = str(adapter).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import adapter class {adapter!r}: {err}.") from None
+        if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
+            raise ValueError(f"{adapter!r} is not an AdapterConfig subclass.")
+    if cls is None:
+        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(adapter_names())} or a module.Class path.")
+    return cls(r=r, target_modules=target_modules)
 
 
 def count(config, adapter) -> dict:
@@ -138,10 +159,8 @@ def count(config, adapter) -> dict:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         shapes = {n: in_out_features(m.base_layer) for n, m in layers.items()}
-        frozen = 0
-        if adapter.method == "VeRA":
-            proj = next(iter(layers.values())).adapters["default"].projections
-            frozen = proj.A.numel() + proj.B.numel()
+        shared = next(iter(layers.values())).adapters["default"].shared
+        frozen = sum(t.numel() for t in adapter.shared_tensors(shared).values())  # VeRA's projections
     finally:
         remove(model)
     return dict(base=base, trainable=trainable, tensors=tensors, quantizable=quantizable, shapes=shapes, frozen=frozen)
@@ -164,7 +183,7 @@ def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> 
     return min(loss_chunk_size, tokens) * 12 * config.vocab_size + tokens * a * config.hidden_size
 
 
-def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq: int, a: int, adapter_b: int,
+def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
                      checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False) -> int:
     """Peak activation bytes kept for backward (formula in the module docstring)."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
@@ -173,9 +192,7 @@ def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq:
     per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
     for name, (n_in, n_out) in shapes.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
-        extra = {"LoRA": a * r, "DoRA": a * (r + n_out), "VeRA": a * (2 * r + n_out)}[method]
-        if adapter_b != a and method != "VeRA":
-            extra += adapter_b * n_in
+        extra = adapter.activation_bytes(n_in, n_out, a, adapter_b)  # the method's own count
         if found:
             per_layer[int(found.group(1))] += extra
     tokens = batch * seq
@@ -186,7 +203,7 @@ def activation_bytes(config, shapes: dict, method: str, r: int, batch: int, seq:
     return tokens * sum(per_layer) + norm_and_mask + loss
 
 
-def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, target_modules="all-linear",
+def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", r: int = 64, target_modules="all-linear",
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
@@ -206,6 +223,7 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
         raise ValueError(f"unknown quantization {quantize!r}; use nf4 (or leave it out).")
     quantize = None if quantize == "none" else quantize
     config, cfg = model_config(model), adapter_config(adapter, r, target_modules)
+    r = getattr(cfg, "r", r)
     c = count(config, cfg)
     a, ab = DTYPE_BYTES[dtype], DTYPE_BYTES[adapter_dtype]
     quantized = sum(c["quantizable"]) if quantize else 0
@@ -215,7 +233,7 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
               "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
     if loss_chunk_size < 0:
         raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
-    act = {ckpt: activation_bytes(config, c["shapes"], cfg.method, r, batch_size, seq_len, a, ab, ckpt,
+    act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
                                   loss_chunk_size, packing) for ckpt in (False, True)}
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
@@ -226,7 +244,8 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
     for name, (n_in, n_out) in c["shapes"].items():
         kinds_shapes.setdefault(f"{n_in}x{n_out}", []).append(name.rsplit(".", 1)[-1])
     notes = []
-    if cfg.method != "VeRA" and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
+    pairs = sum(r * (n_in + n_out) for n_in, n_out in c["shapes"].values())  # a rank-r pair per adapted layer
+    if c["trainable"] >= pairs and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
         shapes = ", ".join(f"{','.join(dict.fromkeys(v))} {k}" for k, v in kinds_shapes.items())
         notes.append(
             f"Why not {naive:,}? That popular figure ({len(c['shapes'])} matrices x 2 x {config.hidden_size} x {r}) "
@@ -237,7 +256,7 @@ def estimate(model: str = "llama-2-70b", adapter: str = "lora", r: int = 64, tar
         notes.append(f"Tight: under 5% headroom in {gpu_memory:g} GB; allocator fragmentation and backward transients "
                      "are not modelled (shorter sequences, --optimizer adamw8bit or a smaller r give room).")
     return dict(
-        model=model, adapter=adapter, r=r, target_modules=target_modules, quantize=quantize,
+        model=model, adapter=adapter if isinstance(adapter, str) else cfg.method, r=r, target_modules=target_modules, quantize=quantize,
         double_quant=bool(quantize) and double_quant, dtype=dtype, adapter_dtype=adapter_dtype, optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
@@ -295,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = command_args(argv, "estimate")
     p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
-    p.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    p.add_argument("--adapter", default="lora", help=f"{', '.join(adapter_names())} or a module.Class path")
     p.add_argument("--r", type=int, default=64, help="rank (> 0)")
     p.add_argument("--target-modules", nargs="+", default=["all-linear"], help='names, globs, regexes or "all-linear"')
     p.add_argument("--quantize", choices=["none", "nf4"], default="none")

@@ -1,7 +1,7 @@
 """The contract every adapter method implements, and the wrapper that puts adapters on a frozen layer.
 
-``AdapterLayer`` wraps a frozen base layer (``nn.Linear``, bitsandbytes ``Linear4bit``, Hugging Face GPT-2 ``Conv1D``
-or ``nn.Embedding``) and holds named adapter branches. Its output is
+``AdapterLayer`` wraps a frozen base layer of any registered kind (``kinds.py``: ``nn.Linear``, GPT-2 ``Conv1D``,
+``nn.Embedding``, ``nn.Conv1d/2d/3d``, bitsandbytes ``Linear4bit``) and holds named adapter branches. Its output is
 
     y = base(x)                     then, for each active adapter a with weight w_a,
     y = branch_a(x, y, base, w_a)   (LoRA/VeRA add w_a * dW_a x; DoRA rescales, see ``dora.py``)
@@ -17,77 +17,45 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-LINEAR_TYPES = (nn.Linear, Conv1D)  # bitsandbytes Linear4bit subclasses nn.Linear
+from lightning_lora.core.kinds import (  # noqa: F401  (re-exported: the layer helpers live with the kinds)
+    LayerKind,
+    dense_weight,
+    in_out_features,
+    is_linear_like,
+    is_quantized,
+    kind_named,
+    kind_of,
+    merged_base_layer,
+)
 
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES)
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit layer (its weight is a ``Params4bit`` holding packed NF4 data)."""
-    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None or type(
-        getattr(layer, "weight", None)
-    ).__name__ == "Params4bit"
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) of a linear-like layer; (num_embeddings, embedding_dim) of an embedding."""
-    if isinstance(layer, nn.Embedding):
-        return layer.num_embeddings, layer.embedding_dim
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
-
-
-def dense_weight(layer: nn.Module) -> Tensor:
-    """The layer's weight as a dense (out, in) matrix ((vocab, dim) for an embedding); NF4 layers are dequantized."""
-    weight = layer.weight
-    if is_quantized(layer):
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).reshape(layer.out_features, layer.in_features)
-    if isinstance(layer, Conv1D):
-        return weight.t()
-    return weight
-
-
-def merged_base_layer(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | None = None) -> nn.Module:
-    """The base layer with ``new_weight`` (same orientation as ``dense_weight``) written in.
-
-    Dense layers are updated in place; a quantized layer becomes a plain ``nn.Linear`` (re-quantizing would destroy
-    most of a small update, REFERENCE section 5), in ``dtype`` (default: the new weight's dtype).
-    """
-    if is_quantized(layer):
-        dtype = dtype or new_weight.dtype
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(new_weight.detach().to(dtype), requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        return linear
-    weight = layer.weight
-    with torch.no_grad():
-        if isinstance(layer, Conv1D):
-            weight.t().copy_(new_weight)
-        elif new_weight.is_contiguous() and new_weight.dtype == weight.dtype and new_weight.device == weight.device:
-            weight.data = new_weight.detach()  # the merged tensor is new: adopt it instead of copying it over
-        else:
-            weight.copy_(new_weight)
-    return layer
+METHODS: dict[str, type[AdapterConfig]] = {}  # method name -> config class; subclasses join on definition
+ROLES = ("slow", "fast", "vector", "embedding")  # LoRA+ optimizer roles (train/optim.py)
 
 
 @dataclasses.dataclass
 class AdapterConfig:
-    """Fields shared by every method. Subclasses add theirs and implement ``build``."""
+    """The method contract: a config class carries everything its method knows (see docs/adding-a-method.md).
+
+    A subclass that sets ``method`` joins ``METHODS`` by itself (``__init_subclass__``), wherever it is defined, and
+    then works with every verb, PEFT files (its own ``peft_type``), ``combine`` (when additive), LoRA+ groups, the
+    estimator, ``LoRAModule``, ``AdapterCallback`` and the CLI (``class_path``). It implements ``build`` and, for PEFT
+    files, ``to_peft``/``from_peft``/``peft_suffixes``; the other hooks have defaults.
+    """
 
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
 
     method: ClassVar[str] = "adapter"
-    supports: ClassVar[tuple] = LINEAR_TYPES
+    peft_type: ClassVar[str | None] = None  # PEFT's ``peft_type`` of the files this method writes
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()  # every per-layer PEFT key suffix a branch may use
+    peft_aliases: ClassVar[dict[str, str]] = {}  # older suffixes read as current ones
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in vars(cls):
+            METHODS[cls.method] = cls
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -99,6 +67,17 @@ class AdapterConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"{self.method}: r (the rank) must be a positive integer, got {r!r}.")
 
+    # -- layers ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def supports(cls, kind: LayerKind) -> bool:
+        """True if this method adapts layers of ``kind`` (default: the linear kinds, incl. a 4-bit base)."""
+        return kind.linear
+
+    @classmethod
+    def examples(cls) -> list[AdapterConfig]:
+        """Small configs of this method that the contract tests run on every kind it supports (default: ``cls()``)."""
+        return [cls()]
+
     def shared_state(self, layers: list[nn.Module]) -> object:
         """State shared by all adapted layers of one adapter (VeRA's random projections); none by default."""
         return None
@@ -106,19 +85,59 @@ class AdapterConfig:
     def build(self, base_layer: nn.Module, shared: object) -> AdapterBranch:
         raise NotImplementedError
 
+    # -- PEFT files -------------------------------------------------------------------------------------------------
     def to_peft(self, targets: list[str]) -> dict:
         """The ``adapter_config.json`` PEFT writes for this adapter on the layers ``targets``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.method} has no PEFT format (to_peft is not implemented).")
+
+    @classmethod
+    def peft_supports(cls, kind: LayerKind) -> bool:
+        """True where PEFT itself has this method on ``kind`` (the contract tests then check PEFT both ways)."""
+        return cls.peft_type is not None and cls.supports(kind)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict) -> AdapterConfig | None:
+        """Our config for a PEFT ``adapter_config.json``, or None when the file is not this method's."""
+        return None
+
+    def shared_tensors(self, shared: object) -> dict[str, Tensor]:
+        """The frozen tensors of ``shared_state`` by PEFT name (``vera_A``, ...); none by default."""
+        return {}
+
+    def peft_shared_tensors(self, shared: object) -> dict[str, Tensor]:
+        """The shared tensors written into PEFT files as ``base_model.<name>`` (default: all of them)."""
+        return self.shared_tensors(shared)
+
+    def load_shared_tensors(self, shared: object, tensors: dict[str, Tensor], source: str) -> None:
+        """Put shared tensors read from a file (names without ``base_model.``) into ``shared``, checking shapes."""
+        if tensors:
+            raise ValueError(f"{source}: unexpected shared tensors {sorted(tensors)} for a {self.method} adapter.")
+
+    # -- estimate -----------------------------------------------------------------------------------------------------
+    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
+        """Bytes per token that one adapted (n_in -> n_out) layer keeps for backward beyond its base layer
+        (``commands/estimate.py``). Default: one output-wide tensor."""
+        return act_bytes * n_out
 
 
 class AdapterBranch(nn.Module):
-    """One adapter on one layer. ``forward`` returns the layer's new output given the base output."""
+    """One adapter on one layer. ``forward`` returns the layer's new output given the base output.
+
+    ``kind`` is the base layer's ``LayerKind``; ``shared`` the adapter's ``shared_state`` (or None).
+    """
 
     additive: ClassVar[bool] = True  # output = base + w * dW x, so runtime weighting and `cat` combination are exact
 
-    def __init__(self, config: AdapterConfig):
+    def __init__(self, config: AdapterConfig, base_layer: nn.Module | None = None, shared: object = None):
         super().__init__()
         self.config = config
+        kind = None if base_layer is None else kind_of(base_layer)
+        self.kind_name = None if kind is None else kind.name  # a name, so modules stay picklable
+        self.shared = shared
+
+    @property
+    def kind(self) -> LayerKind:
+        return kind_named(self.kind_name)
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         raise NotImplementedError
@@ -134,6 +153,19 @@ class AdapterBranch(nn.Module):
     def peft_tensors(self) -> dict[str, Tensor]:
         """This branch's tensors under PEFT's key suffixes (``lora_A.weight``, ...)."""
         raise NotImplementedError
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """2-D (B', A') with ``B' @ A'`` = dW in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
+        embedding), for ``combine``. Raises ValueError for a method whose update is not additive."""
+        raise ValueError(
+            f"{self.config.method} adapters cannot be combined: their update is not an additive low-rank product "
+            "(e.g. DoRA's magnitude rescales W + s B A row by row). Merge it alone or combine additive adapters."
+        )
+
+    def param_roles(self) -> dict[str, str]:
+        """LoRA+ role of each own parameter (one of ``ROLES``): ``slow`` (lr), ``fast`` (lr * ratio), ``vector``
+        (lr, no weight decay), ``embedding`` (embedding_lr). Default: 1-D tensors are vectors, the rest slow."""
+        return {n: "vector" if p.ndim == 1 else "slow" for n, p in self.named_parameters(recurse=False)}
 
 
 class AdapterLayer(nn.Module):

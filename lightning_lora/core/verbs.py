@@ -13,16 +13,9 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.layer import (
-    AdapterBranch,
-    AdapterConfig,
-    AdapterLayer,
-    dense_weight,
-    is_quantized,
-    merged_base_layer,
-)
+from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, merged_base_layer
+from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer
 from lightning_lora.core.targets import find_targets
-from lightning_lora.quant.nf4 import nf4_rounding_error, warn_merge_without_originals
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +46,9 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[tuple[str, AdapterBranch]]:
     """The branches ``inject`` would add, one per target layer, built but not yet attached."""
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(config).__name__}.")
+        raise TypeError(
+            f"adapter must be an AdapterConfig ({', '.join(METHODS)}, or your own subclass), got {type(config).__name__}."
+        )
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}.")
     if name in adapter_names(model):
@@ -173,22 +168,34 @@ def merge(
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
-    rounded: dict[str, tuple[float, float]] = {}  # quantized layers merged without their original weight
+    rounded: dict = {}  # kind -> {layer: (rounding error, update)}: quantized layers merged without their original weight
+    # An SVD start (init="pissa"/"loftq", quant/prepare.py) trained on the residual or on LoftQ's Q: that base, not
+    # the original W, is the one to merge into (the original would count the start twice).
+    svd_started = {t for t, layer in layers.items()
+                   if any(getattr(b.config, "init", None) in ("pissa", "loftq") for b in layer.adapters.values())}
+    if base_weights is not None and svd_started & set(base_weights):
+        raise ValueError(f"merge: the adapters on {sorted(svd_started & set(base_weights))[:3]} started from an SVD "
+                         "(init='pissa'/'loftq') and trained on the base they changed; merge without base_weights "
+                         "(their merge is then exact), or use lightning_lora.io.export.")
     with torch.no_grad():
         # Pass 1 checks every merged weight and keeps none (memory: one layer's weight, not a second model), so a
         # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
         for target, layer in layers.items():
             start = _original_weight(target, layer.base_layer, base_weights)
             weight = _merged_weight(layer, start)
-            if is_quantized(layer.base_layer) and not (base_weights is not None and target in base_weights):
-                rounded[target] = (nf4_rounding_error(layer.base_layer), float((weight - start).norm() / start.norm()))
+            kind = kind_of(layer.base_layer)
+            if (kind.rounding_error is not None and target not in svd_started
+                    and not (base_weights is not None and target in base_weights)):
+                update = float((weight - start).norm() / start.norm())
+                rounded.setdefault(kind, {})[target] = (kind.rounding_error(layer.base_layer), update)
             if not _all_finite(weight):
                 raise ValueError(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
                 )
             del weight, start
-        warn_merge_without_originals(rounded)
+        for kind, errors in rounded.items():
+            kind.warn_rounding(errors)
         for target, layer in layers.items():
             _untie(model, target, layer.base_layer)
         for target, layer in layers.items():

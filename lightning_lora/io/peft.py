@@ -1,8 +1,10 @@
 """Adapters on disk in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are ``base_model.model.<module name>.<suffix>`` with PEFT's suffixes (``lora_A.weight``, ``lora_B.weight``,
-``lora_embedding_A``, ``lora_magnitude_vector``, ``vera_lambda_b``, ...), so a folder written here loads with
-``peft.PeftModel.from_pretrained`` and a folder PEFT wrote loads with ``load_adapter``. Only safetensors are read.
+Keys are ``base_model.model.<module name>.<suffix>`` with each method's PEFT suffixes (``lora_A.weight``,
+``lora_magnitude_vector``, ``vera_lambda_b``, ...) plus its shared tensors as ``base_model.<name>`` (``vera_A``), so a
+folder written here loads with ``peft.PeftModel.from_pretrained`` and a folder PEFT wrote loads with ``load_adapter``.
+Everything method-specific comes from the method contract (``core/layer.py``): ``to_peft``/``from_peft``,
+``peft_suffixes``, ``peft_tensors`` and the shared-tensor hooks. Only safetensors are read.
 """
 
 from __future__ import annotations
@@ -12,23 +14,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.core.layer import AdapterConfig
+from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import compact_targets
 from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from lightning_lora.methods.dora import DoRA
-from lightning_lora.methods.lora import LoRA
-from lightning_lora.methods.vera import VeRA, VeRABranch
+from lightning_lora.methods import dora, lora, vera  # noqa: F401  (the built-in methods join the registry)
 
-PREFIX = "base_model.model."
+PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
-_SUFFIXES = (
-    "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-    "vera_lambda_b", "vera_lambda_d",
-)  # fmt: skip
 
 
 def save_adapter(
@@ -49,15 +44,13 @@ def save_adapter(
     branches = {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
     if not branches:
         raise ValueError(f"save_adapter: no adapter named {name!r} on the model; it has {adapter_names(model)}.")
-    config = next(iter(branches.values())).config
-    tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     first = next(iter(branches.values()))
-    if isinstance(first, VeRABranch) and config.save_projection:
-        tensors["base_model.vera_A"] = first.projections.A
-        tensors["base_model.vera_B"] = first.projections.B
+    config = first.config
+    tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
+    tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
     peft_config = config.to_peft(compact_targets(model, sorted(branches)))
-    layers = adapter_layers(model)
-    peft_config["fan_in_fan_out"] = any(isinstance(layers[t].base_layer, Conv1D) for t in branches)  # GPT-2
+    if "fan_in_fan_out" in peft_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
+        peft_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
     peft_config["task_type"] = task_type or task_type_of(model)
     peft_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
     method = type(config).__name__ + (" (rsLoRA)" if getattr(config, "rslora", False) else "")
@@ -109,39 +102,38 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> AdapterConfig:
-    """Our config for a PEFT ``adapter_config.json`` (targets are set by the caller from the file's tensors)."""
-    kind = peft_config.get("peft_type")
+    """Our config for a PEFT ``adapter_config.json``: the one registered method whose ``from_peft`` claims it
+    (targets are set by the caller from the file's tensors)."""
     unsupported = {k: peft_config.get(k) for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if peft_config.get(k)}
     if peft_config.get("bias", "none") != "none":
         unsupported["bias"] = peft_config["bias"]
     if unsupported:
         raise ValueError(f"{source}: PEFT options not supported by lightning_lora: {unsupported}.")
-    if kind == "LORA":
-        cls = DoRA if peft_config.get("use_dora") else LoRA
-        return cls(
-            r=int(peft_config["r"]),
-            alpha=float(peft_config.get("lora_alpha", 8)),
-            dropout=float(peft_config.get("lora_dropout", 0.0)),
-            rslora=bool(peft_config.get("use_rslora", False)),
+    claims = {name: cfg for name, cls in METHODS.items() if (cfg := cls.from_peft(peft_config)) is not None}
+    if len(claims) > 1:
+        raise ValueError(f"{source}: methods {sorted(claims)} all claim this file; make their from_peft disjoint.")
+    if not claims:
+        known = sorted({cls.peft_type for cls in METHODS.values() if cls.peft_type})
+        raise ValueError(
+            f"{source}: peft_type {peft_config.get('peft_type')!r} is not supported; lightning_lora reads "
+            f"{', '.join(known)} (registered methods: {', '.join(METHODS)})."
         )
-    if kind == "VERA":
-        return VeRA(
-            r=int(peft_config["r"]),
-            seed=int(peft_config.get("projection_prng_key", 0)),
-            d_initial=float(peft_config.get("d_initial", 0.1)),
-            dropout=float(peft_config.get("vera_dropout", 0.0)),
-            save_projection=bool(peft_config.get("save_projection", True)),
-        )
-    raise ValueError(f"{source}: peft_type {kind!r} is not supported; lightning_lora reads LORA (incl. DoRA) and VERA.")
+    return next(iter(claims.values()))
 
 
-def _split_key(key: str, source: Path) -> tuple[str, str]:
-    if key.endswith("lora_magnitude_vector.weight"):  # older PEFT releases
-        key = key[: -len(".weight")]
-    for suffix in _SUFFIXES:
+def _is_shared(key: str) -> bool:
+    return key.startswith(SHARED_PREFIX) and not key.startswith(PREFIX) and "." not in key[len(SHARED_PREFIX) :]
+
+
+def _split_key(key: str, config: AdapterConfig, source: Path) -> tuple[str, str]:
+    for old, new in config.peft_aliases.items():
+        if key.endswith("." + old):
+            key = key[: -len(old)] + new
+    others = [s for cls in METHODS.values() for s in cls.peft_suffixes]  # so a mislabelled file names its tensors
+    for suffix in dict.fromkeys([*config.peft_suffixes, *others]):
         if key.startswith(PREFIX) and key.endswith("." + suffix):
             return key[len(PREFIX) : -len(suffix) - 1], suffix
-    raise ValueError(f"{source}: unexpected tensor {key!r}; is this a PEFT LoRA/DoRA/VeRA adapter?")
+    raise ValueError(f"{source}: unexpected tensor {key!r}; is this a PEFT {config.method} adapter?")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
@@ -165,11 +157,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         )
     config = config_from_peft(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
-    projections = {k: tensors.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in tensors}
+    shared = {k[len(SHARED_PREFIX) :]: tensors.pop(k) for k in list(tensors) if _is_shared(k)}
     _drop_saved_embeddings(model, tensors, weights_path)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        layer, suffix = _split_key(key, weights_path)
+        layer, suffix = _split_key(key, config, weights_path)
         by_layer.setdefault(layer, {})[suffix] = value
     if not by_layer:
         raise ValueError(f"{weights_path} holds no adapter tensors.")
@@ -182,8 +174,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         )
     config.target_modules = sorted(by_layer)
     plan = plan_injection(model, config, name)
-    if isinstance(config, VeRA) and projections:
-        _use_saved_projections(plan, projections, weights_path)
+    config.load_shared_tensors(plan[0][1].shared, shared, str(weights_path))
     for target, branch in plan:
         expected = branch.peft_tensors()
         given = by_layer[target]
@@ -217,13 +208,3 @@ def _drop_saved_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], s
                 "lightning_lora loads adapters only. Load that base model first."
             )
         del tensors[key]
-
-
-def _use_saved_projections(plan, projections: dict[str, torch.Tensor], source: Path) -> None:
-    shared = plan[0][1].projections
-    for key, mine in (("base_model.vera_A", shared.A), ("base_model.vera_B", shared.B)):
-        if key in projections and tuple(projections[key].shape) != tuple(mine.shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(projections[key].shape)}, expected {tuple(mine.shape)}.")
-    shared.A = projections.get("base_model.vera_A", shared.A).float()
-    shared.B = projections.get("base_model.vera_B", shared.B).float()
-    shared._copies.clear()

@@ -31,15 +31,15 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.core.layer import dense_weight, is_quantized
+from lightning_lora.core.kinds import LayerKind, dense_weight
 from lightning_lora.methods.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
 
 
 @dataclasses.dataclass
 class DoRA(LoRA):
-    """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4).
+    """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4) and
+    ``nn.Conv1d/2d/3d`` (magnitude per output channel, norm over (in, *kernel)), not embeddings.
 
     Example::
 
@@ -47,13 +47,28 @@ class DoRA(LoRA):
     """
 
     method: ClassVar[str] = "DoRA"
-    supports: ClassVar[tuple] = (nn.Linear, Conv1D)
+    peft_suffixes: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    peft_aliases: ClassVar[dict[str, str]] = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # older PEFT
+
+    @classmethod
+    def supports(cls, kind: LayerKind) -> bool:
+        return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
 
     def build(self, base_layer: nn.Module, shared: object = None) -> DoRABranch:
         return DoRABranch(self, base_layer)
 
     def to_peft(self, targets: list[str]) -> dict:
         return {**super().to_peft(targets), "use_dora": True}
+
+    @classmethod
+    def from_peft(cls, peft_config: dict) -> DoRA | None:
+        if cls is not DoRA or peft_config.get("peft_type") != "LORA" or not peft_config.get("use_dora"):
+            return None
+        return cls(**cls._peft_fields(peft_config))
+
+    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
+        """LoRA's plus the output y (out wide), which the magnitude's gradient reads."""
+        return super().activation_bytes(n_in, n_out, act_bytes, adapter_bytes) + act_bytes * n_out
 
 
 def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tensor | None = None) -> Tensor:
@@ -155,26 +170,45 @@ class DoRABranch(LoRABranch):
     def norm(self, base_layer: nn.Module) -> Tensor:
         """n = ||W + s B A||_row in fp32, detached; ||W||^2_row is cached while a dense weight stays the same."""
         weight = dense_weight(base_layer)
-        if is_quantized(base_layer):
-            return row_norm(weight, self.lora_A, self.lora_B, self.scale)
+        B, A = self.pair()
+        if self.kind.quantized:
+            return row_norm(weight, A, B, self.scale)
         raw = base_layer.weight
         key = (raw.data_ptr(), raw._version, raw.device, raw.dtype, tuple(raw.shape))
         if self._weight_sq is None or self._weight_sq[0] != key:
             self._weight_sq = (key, weight.float().pow(2).sum(1))
-        return row_norm(weight, self.lora_A, self.lora_B, self.scale, self._weight_sq[1])
+        return row_norm(weight, A, B, self.scale, self._weight_sq[1])
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         if weight != 1.0:
             raise ValueError("DoRA adapters cannot be weighted at run time (the magnitude is not additive).")
         p = self.p if self.training else 0.0
-        return dora_linear(
-            x, base_out, self.lora_A, self.lora_B, self.magnitude, self.norm(base_layer), base_layer.bias, self.scale, p
-        )
+        if self.fused:
+            return dora_linear(
+                x, base_out, self.lora_A, self.lora_B, self.magnitude, self.norm(base_layer), base_layer.bias,
+                self.scale, p,
+            )  # fmt: skip
+        return self._forward_unfused(x, base_out, base_layer, p)
+
+    def _forward_unfused(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, p: float) -> Tensor:
+        """Any kind with ``apply_pair`` (convs): f * (y0 + s B A dropout(x)) - y0 + base_out, f = m / n broadcast
+        over the kind's channel dim; plain autograd (n detached)."""
+        dtype, dim = self.lora_A.dtype, self.kind.channel_dim
+        shape = [1] * base_out.dim()
+        shape[dim] = -1
+        factor = (self.magnitude / self.norm(base_layer).to(dtype)).view(shape)
+        base = base_out.to(dtype)
+        bias = base_layer.bias
+        y0 = base if bias is None else base - bias.detach().to(dtype).view(shape)
+        direction = y0 + self.kind.apply_pair(x.to(dtype), self.lora_A, self.lora_B, base_layer, p) * self.scale
+        out = factor * direction if bias is None else factor * direction - y0 + base
+        return out.to(base_out.dtype)
 
     def merged_weight(self, weight: Tensor, base_layer: nn.Module, scale: float = 1.0) -> Tensor:
         if scale != 1.0:
             raise ValueError("DoRA adapters cannot be merged with a weight other than 1.")
-        combined = weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
+        B, A = self.pair(torch.float32)
+        combined = weight.float() + self.scale * (B @ A)
         factor = self.magnitude.float() / combined.norm(dim=1)
         return (combined * factor[:, None]).to(weight.dtype)
 
@@ -183,4 +217,8 @@ class DoRABranch(LoRABranch):
         return self.merged_weight(weight, base_layer) - weight
 
     def peft_tensors(self) -> dict[str, Tensor]:
-        return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude}
+        shape = self.kind.peft_vector_shape(self.magnitude.shape[0])
+        return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude.view(shape)}
+
+    def param_roles(self) -> dict[str, str]:
+        return {**super().param_roles(), "magnitude": "vector"}

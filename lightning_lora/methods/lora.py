@@ -21,11 +21,10 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_out_features
+from lightning_lora.core.kinds import LayerKind
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig
 
 
 @dataclasses.dataclass
@@ -40,22 +39,54 @@ class LoRA(AdapterConfig):
     r: int = 8
     alpha: float = 16.0
     rslora: bool = False
+    init: str = "default"  # "default" | "gaussian" | "pissa" | "loftq": see INITS and lightning_lora/quant/prepare.py
+    pissa_niter: int | None = None  # PiSSA: None = exact SVD; k = randomized SVD with k subspace iterations
+    loftq_iters: int = 1  # LoftQ: alternating steps Q = NF4(W - s B A), (B, A) = top-r SVD of W - Q
 
     method: ClassVar[str] = "LoRA"
-    supports: ClassVar[tuple] = (nn.Linear, Conv1D, nn.Embedding)
+    peft_type: ClassVar[str] = "LORA"
+    peft_suffixes: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_rank(self.r)
         if not self.alpha > 0:
             raise ValueError(f"{self.method}: alpha must be > 0, got {self.alpha}.")
+        check_init(self)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    @classmethod
+    def supports(cls, kind: LayerKind) -> bool:
+        return True  # every kind in the table: linear, GPT-2 Conv1D, embedding, conv1d/2d/3d, NF4
+
+    @classmethod
+    def examples(cls) -> list[LoRA]:
+        return [cls(r=4, alpha=8.0), cls(r=4, alpha=8.0, rslora=True)]
+
     def build(self, base_layer: nn.Module, shared: object = None) -> LoRABranch:
         return LoRABranch(self, base_layer)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict) -> LoRA | None:
+        if cls is not LoRA or peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora"):
+            return None
+        return cls(**cls._peft_fields(peft_config))
+
+    @staticmethod
+    def _peft_fields(peft_config: dict) -> dict:
+        return dict(
+            r=int(peft_config["r"]),
+            alpha=float(peft_config.get("lora_alpha", 8)),
+            dropout=float(peft_config.get("lora_dropout", 0.0)),
+            rslora=bool(peft_config.get("use_rslora", False)),
+        )
+
+    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
+        """h = A x (r wide); an adapter dtype other than the activations' adds the input cast to it."""
+        return act_bytes * self.r + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0)
 
     def to_peft(self, targets: list[str]) -> dict:
         return {
@@ -73,6 +104,21 @@ class LoRA(AdapterConfig):
             "modules_to_save": None,
             "task_type": None,
         }
+
+
+INITS = ("default", "gaussian", "pissa", "loftq")
+
+
+def check_init(config: LoRA) -> None:
+    """Validate ``init``, ``pissa_niter`` and ``loftq_iters`` (their meaning: ``lightning_lora/quant/prepare.py``)."""
+    if config.init not in INITS:
+        raise ValueError(f"{config.method}: init must be one of {INITS}, got {config.init!r}.")
+    niter = config.pissa_niter
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise ValueError(f"{config.method}: pissa_niter must be None (exact SVD) or an integer >= 0, got {niter!r}.")
+    iters = config.loftq_iters
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{config.method}: loftq_iters must be an integer >= 1, got {iters!r}.")
 
 
 _BIT_SHIFTS: dict[torch.device, Tensor] = {}
@@ -177,50 +223,67 @@ def lora_linear(
 
 
 class LoRABranch(AdapterBranch):
-    """LoRA on one layer: parameters ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
+    """LoRA on one layer: parameters ``lora_A`` and ``lora_B`` shaped by the layer kind (``kinds.py``): (r, in) and
+    (out, r) on linear kinds, (r, in, *k) and (out, r, 1, ...) on convs (PEFT's layout)."""
 
     def __init__(self, config: LoRA, base_layer: nn.Module):
-        super().__init__(config)
-        n_in, n_out = in_out_features(base_layer)
-        self.embedding = isinstance(base_layer, nn.Embedding)
+        super().__init__(config, base_layer)
+        kind = self.kind
+        shape_A, shape_B = kind.pair_shapes(base_layer, config.r)
+        self.fused = kind.linear  # (..., in) -> (..., out): the fused GEMM path
         self.scale = config.scaling
         self.p = config.dropout
         device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(config.r, n_in, device=device))
-        self.lora_B = nn.Parameter(torch.empty(n_out, config.r, device=device))
+        self.lora_A = nn.Parameter(torch.empty(shape_A, device=device))
+        self.lora_B = nn.Parameter(torch.empty(shape_B, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            if self.embedding:  # reversed init, as PEFT: A zeros, B normal
+            if self.kind.reversed_init:  # embeddings, as PEFT: A zeros, B normal
                 nn.init.zeros_(self.lora_A)
                 nn.init.normal_(self.lora_B)
-            else:
+            elif getattr(self.config, "init", "default") == "gaussian":  # as PEFT's init_lora_weights="gaussian"
+                nn.init.normal_(self.lora_A, std=1.0 / self.config.r)
+                nn.init.zeros_(self.lora_B)
+            else:  # "default"; "pissa" and "loftq" overwrite A and B after injection (quant/prepare.py)
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
-        if self.embedding:
-            after_A = F.embedding(
-                x, self.lora_A.t(), base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
-                base_layer.scale_grad_by_freq, base_layer.sparse,
-            )  # fmt: skip
-            return base_out + (after_A @ self.lora_B.t()).mul_(self.scale * weight).to(base_out.dtype)
         p = self.p if self.training else 0.0
-        return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
+        if self.fused:
+            return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
+        x = x.to(self.lora_A.dtype) if x.is_floating_point() else x
+        delta = self.kind.apply_pair(x, self.lora_A, self.lora_B, base_layer, p)
+        return base_out + delta.mul_(self.scale * weight).to(base_out.dtype)
+
+    def pair(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(B, A) as 2-D matrices (out, r), (r, fan_in), optionally cast."""
+        B, A = self.lora_B.reshape(self.lora_B.shape[0], -1), self.lora_A.reshape(self.lora_A.shape[0], -1)
+        return (B, A) if dtype is None else (B.to(dtype), A.to(dtype))
 
     def merged_weight(self, weight: Tensor, base_layer: nn.Module, scale: float = 1.0) -> Tensor:
         """W + scale * s * B A in one fused GEMM (no dense delta temporary)."""
-        A, B = self.lora_A.to(weight.dtype), self.lora_B.to(weight.dtype)
-        if self.embedding:
+        B, A = self.pair(weight.dtype)
+        if self.kind.transposed:
             return torch.addmm(weight, A.t(), B.t(), alpha=scale * self.scale)
         return torch.addmm(weight, B, A, alpha=scale * self.scale)
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
-        delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in) or (dim, vocab)
-        return delta.t() if self.embedding else delta
+        B, A = self.pair()
+        delta = (B @ A) * self.scale  # (out, fan_in) or (dim, vocab)
+        return delta.t() if self.kind.transposed else delta
 
     def peft_tensors(self) -> dict[str, Tensor]:
-        if self.embedding:
-            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        name_A, name_B = self.kind.peft_pair
+        return {name_A: self.lora_A, name_B: self.lora_B}
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        B, A = self.pair()
+        return B * self.scale, A
+
+    def param_roles(self) -> dict[str, str]:
+        if self.kind.reversed_init:  # embedding adapters: their own learning rate
+            return {"lora_A": "embedding", "lora_B": "embedding"}
+        return {"lora_A": "slow", "lora_B": "fast"}

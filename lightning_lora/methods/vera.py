@@ -25,9 +25,9 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_out_features
+from lightning_lora.core.kinds import in_out_features
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -87,11 +87,16 @@ class VeRA(AdapterConfig):
     save_projection: bool = False
 
     method: ClassVar[str] = "VeRA"
-    supports: ClassVar[tuple] = (nn.Linear, Conv1D)
+    peft_type: ClassVar[str] = "VERA"
+    peft_suffixes: ClassVar[tuple[str, ...]] = ("vera_lambda_b", "vera_lambda_d")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_rank(self.r)
+
+    @classmethod
+    def examples(cls) -> list[VeRA]:
+        return [cls(r=8, seed=3), cls(r=8, seed=3, save_projection=True)]
 
     def shared_state(self, layers: list[nn.Module]) -> Projections:
         dims = [in_out_features(layer) for layer in layers]
@@ -116,6 +121,41 @@ class VeRA(AdapterConfig):
             "modules_to_save": None,
             "task_type": None,
         }
+
+    @classmethod
+    def from_peft(cls, peft_config: dict) -> VeRA | None:
+        if cls is not VeRA or peft_config.get("peft_type") != "VERA":
+            return None
+        return cls(
+            r=int(peft_config["r"]),
+            seed=int(peft_config.get("projection_prng_key", 0)),
+            d_initial=float(peft_config.get("d_initial", 0.1)),
+            dropout=float(peft_config.get("vera_dropout", 0.0)),
+            save_projection=bool(peft_config.get("save_projection", True)),
+        )
+
+    def shared_tensors(self, shared: Projections) -> dict[str, Tensor]:
+        return {"vera_A": shared.A, "vera_B": shared.B}
+
+    def peft_shared_tensors(self, shared: Projections) -> dict[str, Tensor]:
+        return self.shared_tensors(shared) if self.save_projection else {}  # else regenerated from the seed
+
+    def load_shared_tensors(self, shared: Projections, tensors: dict[str, Tensor], source: str) -> None:
+        unknown = sorted(set(tensors) - {"vera_A", "vera_B"})
+        if unknown:
+            raise ValueError(f"{source}: unexpected shared tensors {unknown} for a VeRA adapter.")
+        for key, mine in (("vera_A", shared.A), ("vera_B", shared.B)):
+            if key in tensors and tuple(tensors[key].shape) != tuple(mine.shape):
+                raise ValueError(
+                    f"{source}: base_model.{key} has shape {tuple(tensors[key].shape)}, expected {tuple(mine.shape)}."
+                )
+        shared.A = tensors.get("vera_A", shared.A).float()
+        shared.B = tensors.get("vera_B", shared.B).float()
+        shared._copies.clear()
+
+    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
+        """u = A x and lambda_d * u (r wide each) and the output-wide lambda_b product."""
+        return act_bytes * (2 * self.r + n_out)
 
 
 class _VeRALinear(torch.autograd.Function):
@@ -149,7 +189,7 @@ class VeRABranch(AdapterBranch):
     """VeRA on one layer: trained ``lambda_d`` (r,) and ``lambda_b`` (out,), shared frozen projections."""
 
     def __init__(self, config: VeRA, base_layer: nn.Module, projections: Projections):
-        super().__init__(config)
+        super().__init__(config, base_layer, projections)
         self.n_in, self.n_out = in_out_features(base_layer)
         self.projections = projections
         device = base_layer.weight.device
@@ -175,3 +215,10 @@ class VeRABranch(AdapterBranch):
 
     def peft_tensors(self) -> dict[str, Tensor]:
         return {"vera_lambda_b": self.lambda_b, "vera_lambda_d": self.lambda_d}
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        A, B = self.sliced()
+        return self.lambda_b[:, None] * B, self.lambda_d[:, None] * A
+
+    def param_roles(self) -> dict[str, str]:
+        return {"lambda_d": "vector", "lambda_b": "vector"}

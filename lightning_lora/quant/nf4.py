@@ -32,7 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.dtypes import dtype_name, parse_dtype
-from lightning_lora.core.layer import AdapterLayer, dense_weight, is_quantized
+from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, register_kind
+from lightning_lora.core.layer import AdapterLayer
+from lightning_lora.quant.nf4_layer import (  # noqa: F401
+    NF4_LINEAR,
+    nf4_rounding_error,
+    warn_merge_without_originals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +131,9 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     plan, kept = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module):
-            if type(module).__name__ == "Conv1D":
-                kept[name] = "Conv1D is not nn.Linear"
+            kind = kind_of(module)
+            if kind is not None and kind.linear and not kind.quantized:
+                kept[name] = f"{type(module).__name__} ({kind.name}) is not nn.Linear"
             continue
         why = "in skip_modules" if nf4.skips(name) else unsupported_shape(module, nf4.blocksize)
         if why is None and module.weight.is_meta:
@@ -188,7 +195,7 @@ def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Modul
     """
     names = list(names)
     if isinstance(source, nn.Module):
-        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if hasattr(m, "weight")}
+        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if kind_of(m) is not None}
         if any(is_quantized(m) for m in source.modules()):
             table = {k: v for k, v in table.items() if not is_quantized(source.get_submodule(k[: -len(".weight")]))}
         return {n: table[_find_key(n, table, "the given model")].detach() for n in names}
@@ -224,48 +231,11 @@ def _find_key(name: str, table: Mapping[str, object], what: str) -> str:
                      f"suffixes; e.g. {list(table)[:3]}).")
 
 
-def nf4_rounding_error(layer: nn.Module) -> float:
-    """Estimated relative RMS error ||W - W_q|| / ||W_q|| of an NF4 layer whose original W is gone.
-
-    Re-quantizing W_q measures nothing (its values already sit on the NF4 grid). Instead, each weight's 4-bit code
-    says which interval its original value fell into (between the midpoints to the neighbouring levels, times the
-    block's absmax); taking the original as uniform over that interval, the expected squared error of a weight on
-    level v with interval [lo, hi] is ((hi - v)^3 - (lo - v)^3) / (3 (hi - lo)), times the block's absmax squared;
-    one weight per block (the absmax itself) is exact. On Gaussian and uniform weights this estimate is within a few
-    percent of the true error (test_quantize.py).
-    """
-    import bitsandbytes.functional as bnbf
-
-    w = dense_weight(layer).detach().float().reshape(-1)
-    bs = layer.weight.quant_state.blocksize
-    pad = (-w.numel()) % bs
-    blocks = torch.nn.functional.pad(w, (0, pad)).reshape(-1, bs)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    levels = bnbf.get_4bit_type("nf4", device="cpu").float().sort().values
-    mids = (levels[1:] + levels[:-1]) / 2
-    lo_edge = torch.cat([levels[:1], mids])  # the interval of each level, in units of absmax
-    hi_edge = torch.cat([mids, levels[-1:]])
-    normed = torch.where(absmax > 0, blocks / absmax.clamp_min(1e-30), torch.zeros_like(blocks))
-    idx = torch.bucketize(normed.contiguous(), mids)  # values sit on the grid: nearest level = bucket
-    v, lo, hi = levels[idx], lo_edge[idx], hi_edge[idx]
-    width = (hi - lo).clamp_min(1e-12)
-    mse = ((hi - v) ** 3 - (lo - v) ** 3) / (3 * width) * absmax**2
-    mse.scatter_(1, blocks.abs().argmax(1, keepdim=True), 0.0)  # one weight per block (its absmax) is exact
-    return float(mse.sum().sqrt() / w.norm().clamp_min(1e-30))
+def _example() -> tuple[nn.Module, Tensor]:
+    """A tiny NF4 linear (in 64 = one block per row) and an input, for the contract tests."""
+    torch.manual_seed(0)
+    holder = quantize(nn.Sequential(nn.Linear(64, 32)))
+    return holder[0], torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
 
 
-def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]]) -> None:
-    """One warning for a merge into dequantized NF4 weights; ``errors[layer] = (rounding error, update RMS)`` as
-    relative RMS of the weight (``nf4_rounding_error``) and the adapter update's RMS over the weight's RMS."""
-    if not errors:
-        return
-    worst = max(errors, key=lambda n: errors[n][0] / max(errors[n][1], 1e-30))
-    mean = sum(e for e, _ in errors.values()) / len(errors)
-    err, upd = errors[worst]
-    log.warning(
-        f"merge: {len(errors)} quantized layer(s) had no high-precision weight, so the adapters were merged into the "
-        f"dequantized NF4 weights, which keep their rounding error: estimated {100 * mean:.1f}% of the weights' RMS "
-        f"on average (from the 4-bit codes, see nf4_rounding_error); worst relative to the adapter update: {worst!r}, "
-        f"rounding {100 * err:.1f}% vs update {100 * upd:.2f}% of the weight ({err / max(upd, 1e-30):.1f}x). "
-        "Pass base_weights=original_weights(<model folder>, quantized_layer_names(model)) to merge exactly."
-    )
+NF4_KIND = register_kind(dataclasses.replace(NF4_LINEAR, example=_example))

@@ -162,7 +162,10 @@ class _TokenizedDataModule(pl.LightningDataModule):
     def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit):
         super().__init__()
         if path is None and source not in self.SOURCES:
-            raise ValueError(f"Unknown source {source!r}: use one of {list(self.SOURCES)} or pass path=<file>.")
+            if source is None or not Path(str(source)).is_file():
+                raise ValueError(f"Unknown source {source!r}: neither a built-in data set ({', '.join(self.SOURCES)}) "
+                                 "nor an existing file. Use a built-in name or the path of your file (source: my.jsonl).")
+            path, source = str(source), None  # a file path given as the source
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1 or (limit is not None and limit < 1):
@@ -232,7 +235,7 @@ class InstructionDataModule(_TokenizedDataModule):
 
     Args:
         path: a JSONL file; each line ``{"prompt", "response"}`` or ``{"messages": [{"role", "content"}, ...]}``.
-        source: a built-in data set when ``path`` is None: ``"chatterbot"``.
+        source: a built-in data set when ``path`` is None: ``"chatterbot"``, or the path of a JSONL file.
         tokenizer: alias or model folder to read the tokenizer from; None: the LightningModule's ``.tokenizer``.
         max_length: longer examples are truncated (their count is logged).
         limit: keep at most this many examples (a seeded random subset).
@@ -269,7 +272,8 @@ class TextDataModule(_TokenizedDataModule):
     """Plain text packed into blocks of ``block_size`` tokens (``labels = input_ids``); documents end with eos.
 
     Args:
-        path: a UTF-8 text file (one document); ``source`` when None: ``"pydoc"`` (the stdlib's pydoc topics).
+        path: a UTF-8 text file (one document); ``source`` when None: ``"pydoc"`` (the stdlib's pydoc topics), or
+            a file path.
         limit: keep at most this many blocks (a seeded random subset).
     """
 

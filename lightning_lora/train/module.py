@@ -27,11 +27,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.core.dtypes import dtype_name
 from lightning_lora.core.layer import AdapterConfig
-from lightning_lora.core.verbs import inject
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
@@ -129,7 +129,8 @@ class LoRAModule(LightningModule):
     ):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
-            raise TypeError(f"adapter must be a LoRA, DoRA or VeRA config, got {type(adapter).__name__}.")
+            raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
+        check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
         if lr_ratio is not None and not lr_ratio > 0:
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
         self.base_model = str(base_model)
@@ -170,9 +171,7 @@ class LoRAModule(LightningModule):
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
-        if self.quantize is not None:
-            model = quantize(model, self.quantize)
-        inject(model, self.adapter, self.adapter_name)
+        prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -245,7 +244,11 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``)."""
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
+        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
+            return []
         return [FiniteLossGuard()]
 
     # ---------------------------------------------------------------- optimizers

@@ -3,13 +3,15 @@
 LoRA+ trains B with a learning rate ``lr_ratio`` times A's (the paper shows lr_B / lr_A >> 1 is needed for efficient
 feature learning at large width; PEFT's docs suggest 16, the authors' README 20). Where each tensor goes:
 
-| tensor | group | lr | weight decay |
-|---|---|---|---|
-| LoRA/DoRA ``lora_A`` (linear) | ``lora_A`` | lr | weight_decay |
-| LoRA/DoRA ``lora_B`` (linear) | ``lora_B`` | lr * lr_ratio | weight_decay |
-| embedding adapters (``lora_A``, ``lora_B`` on ``nn.Embedding``) | ``embedding`` | ``embedding_lr`` (default lr) | weight_decay |
-| 1-D tensors (DoRA magnitudes, VeRA lambda_d / lambda_b) | ``vectors`` | lr | 0 |
-| any other trainable parameter (e.g. a head the user unfroze) | ``other`` | lr | weight_decay |
+Each method says which role each of its tensors plays (``AdapterBranch.param_roles``, the method contract):
+
+| role | tensors (built-in methods) | group | lr | weight decay |
+|---|---|---|---|---|
+| ``slow`` | LoRA/DoRA ``lora_A`` (linear, conv) | ``lora_A`` | lr | weight_decay |
+| ``fast`` | LoRA/DoRA ``lora_B`` (linear, conv) | ``lora_B`` | lr * lr_ratio | weight_decay |
+| ``embedding`` | ``lora_A``, ``lora_B`` on ``nn.Embedding`` | ``embedding`` | ``embedding_lr`` (default lr) | weight_decay |
+| ``vector`` | DoRA magnitudes, VeRA lambda_d / lambda_b | ``vectors`` | lr | 0 |
+| (none) | any other trainable parameter (a head the user unfroze; 1-D ones go to ``vectors``) | ``other`` | lr | weight_decay |
 
 1-D vectors get A's rate, not B's: they are scales, not the "output side" of a low-rank product, and giving DoRA
 magnitudes B's rate (as PEFT's helper does) makes them move ``lr_ratio`` times faster than the paper intends.
@@ -24,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.methods.lora import LoRABranch
+from lightning_lora.core.layer import AdapterBranch
 
 
 def optimizer_class(optimizer: Any) -> tuple[Any, dict]:
@@ -66,12 +68,15 @@ def param_groups(
         raise ValueError(f"param_groups: embedding_lr must be a finite number > 0 or None, got {embedding_lr!r}.")
     if not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+    group_of_role = {"slow": "lora_A", "fast": "lora_B", "embedding": "embedding", "vector": "vectors"}
     role: dict[int, str] = {}
     for module in model.modules():
-        if isinstance(module, LoRABranch):
-            kind = "embedding" if module.embedding else None
-            role[id(module.lora_A)] = kind or "lora_A"
-            role[id(module.lora_B)] = kind or "lora_B"
+        if isinstance(module, AdapterBranch):  # each method names its tensors' roles (the method contract)
+            for pname, r in module.param_roles().items():
+                if r not in group_of_role:
+                    raise ValueError(f"param_groups: {module.config.method} gives {pname!r} the unknown role {r!r}; "
+                                     f"roles are {list(group_of_role)}.")
+                role[id(getattr(module, pname))] = group_of_role[r]
     settings = {
         "lora_A": (lr, weight_decay),
         "lora_B": (lr * lr_ratio, weight_decay),
