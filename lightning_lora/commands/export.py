@@ -19,6 +19,8 @@ from lightning_lora.io.checkpoint import adapter_from_spec, facts_from_config, r
 from lightning_lora.io.export import export
 from lightning_lora.io.gguf_model import MODEL_DTYPES
 from lightning_lora.io.models import load_causal_lm
+from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import SVD_INITS, prepare
 
 
 def export_checkpoint(
@@ -39,7 +41,12 @@ def export_checkpoint(
         )
     name = facts.get("adapter_name") or "default"
     model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
-    inject(model, adapter_from_spec(facts["adapter"]), name)
+    adapter = adapter_from_spec(facts["adapter"])
+    if getattr(adapter, "init", "default") in SVD_INITS:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
+        quant = facts.get("quantize")
+        prepare(model, adapter, name, NF4(**(quant.get("init_args", quant) or {})) if quant else None)
+    else:
+        inject(model, adapter, name)
     state = {k.removeprefix("model."): v for k, v in state.items()}
     wanted = set(adapter_state_dict(model, name))
     missing = sorted(wanted - set(state))
@@ -48,6 +55,14 @@ def export_checkpoint(
             f"{ckpt_path} lacks {len(missing)} adapter tensors the config implies (e.g. {missing[:2]}); "
             "is the config/base_model the one this checkpoint was trained with?"
         )
+    mine = adapter_state_dict(model, name)
+    for key in mine:  # model order: the first mismatching layer
+        if key in wanted and tuple(state[key].shape) != tuple(mine[key].shape):
+            raise ValueError(
+                f"{ckpt_path}: {key} has shape {tuple(state[key].shape)} but the base {facts['base_model']!r} needs "
+                f"{tuple(mine[key].shape)}. The adapter was trained on another base model: pass that one as "
+                "--base_model (or the run's --config)."
+            )
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return export(model, export_dir, name=name, tokenizer=tokenizer, dtype=facts.get("dtype"), in_place=True,
                   gguf=gguf)

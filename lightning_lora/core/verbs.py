@@ -169,6 +169,14 @@ def merge(
     if not layers:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
     rounded: dict = {}  # kind -> {layer: (rounding error, update)}: quantized layers merged without their original weight
+    # An SVD start (init="pissa"/"loftq", quant/prepare.py) trained on the residual or on LoftQ's Q: that base, not
+    # the original W, is the one to merge into (the original would count the start twice).
+    svd_started = {t for t, layer in layers.items()
+                   if any(getattr(b.config, "init", None) in ("pissa", "loftq") for b in layer.adapters.values())}
+    if base_weights is not None and svd_started & set(base_weights):
+        raise ValueError(f"merge: the adapters on {sorted(svd_started & set(base_weights))[:3]} started from an SVD "
+                         "(init='pissa'/'loftq') and trained on the base they changed; merge without base_weights "
+                         "(their merge is then exact), or use lightning_lora.io.export.")
     with torch.no_grad():
         # Pass 1 checks every merged weight and keeps none (memory: one layer's weight, not a second model), so a
         # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
@@ -176,7 +184,8 @@ def merge(
             start = _original_weight(target, layer.base_layer, base_weights)
             weight = _merged_weight(layer, start)
             kind = kind_of(layer.base_layer)
-            if kind.rounding_error is not None and not (base_weights is not None and target in base_weights):
+            if (kind.rounding_error is not None and target not in svd_started
+                    and not (base_weights is not None and target in base_weights)):
                 update = float((weight - start).norm() / start.norm())
                 rounded.setdefault(kind, {})[target] = (kind.rounding_error(layer.base_layer), update)
             if not _all_finite(weight):

@@ -71,7 +71,7 @@ def facts_from_config(path: str | os.PathLike) -> dict:
     model = model.get("init_args", model)
     adapter = model.get("adapter") or {"class_path": "lightning_lora.LoRA"}
     facts = {"base_model": model.get("base_model"), "adapter": adapter, "adapter_name": model.get("adapter_name"),
-             "dtype": model.get("dtype")}  # fmt: skip
+             "dtype": model.get("dtype"), "quantize": model.get("quantize")}  # fmt: skip
     return {k: v for k, v in facts.items() if v}
 
 

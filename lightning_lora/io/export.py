@@ -27,6 +27,7 @@ from lightning_lora.io.card import base_source
 from lightning_lora.io.files import atomic_dir, save_tensors
 from lightning_lora.io.gguf import hf_config, lora_pairs, write_adapter_gguf
 from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
+from lightning_lora.io.init_export import merge_exact, save_for_original_base, svd_init
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
 
@@ -82,20 +83,34 @@ def export(
     gguf = check_gguf_request(model, name, gguf, tokenizer if base_model is None else "later")
     several = len(adapter_names(model)) > 1  # then every adapter is exported, in PEFT's multi-adapter layout
     card = {"base_model_name_or_path": base_source(model, base_model), "run": run}
-    adapter_dir = (save_adapters(model, export_dir / "adapter", **card) if several
-                   else save_adapter(model, export_dir / "adapter", name, **card))  # fmt: skip
+    svd_start = svd_init(model, name)  # PiSSA/LoftQ: every export computes the trained function (init_export.py)
+    if svd_start and "adapter" in gguf:
+        raise ValueError(f"gguf='adapter': adapter {name!r} started from {svd_start!r} and trained on the base it "
+                         "changed, which llama.cpp's base GGUF does not hold; export the merged model GGUF instead.")
+    if svd_start:
+        adapter_dir = save_for_original_base(model, export_dir / "adapter", name, **card)
+    else:
+        adapter_dir = (save_adapters(model, export_dir / "adapter", **card) if several
+                       else save_adapter(model, export_dir / "adapter", name, **card))  # fmt: skip
     paths = {"adapter": adapter_dir, "merged": export_dir / "merged"}
     if "adapter" in gguf:
         paths["adapter_gguf"] = write_adapter_gguf(model, export_dir / "adapter.gguf", name)
     merged_dir = export_dir / "merged"
-    if base_model is not None:
+    if svd_start:  # the trained base (residual, LoftQ's Q) plus the adapter, written into a fresh copy of the base
+        fresh = None
+        if base_model is not None:
+            fresh, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
+            tokenizer = tokenizer if tokenizer is not None else source_tokenizer
+        merged = merge_exact(model, name, fresh)
+    elif base_model is not None:
         merged, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         tokenizer = tokenizer if tokenizer is not None else source_tokenizer
         load_adapter(merged, adapter_dir / name if several and name != "default" else adapter_dir, name)
     else:
         # a LightningModule points to its Trainer: map it to None so the copy does not drag the Trainer along
         merged = model if in_place else copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None})
-    merge(merged)
+    if not svd_start:
+        merge(merged)
     for kind in (k for k in gguf if k != "adapter"):
         paths[f"gguf_{kind}"] = write_model_gguf(merged, tokenizer, export_dir / f"merged-{kind}.gguf", kind)
     merged = _cast(merged, dtype)

@@ -39,6 +39,9 @@ class LoRA(AdapterConfig):
     r: int = 8
     alpha: float = 16.0
     rslora: bool = False
+    init: str = "default"  # "default" | "gaussian" | "pissa" | "loftq": see INITS and lightning_lora/quant/prepare.py
+    pissa_niter: int | None = None  # PiSSA: None = exact SVD; k = randomized SVD with k subspace iterations
+    loftq_iters: int = 1  # LoftQ: alternating steps Q = NF4(W - s B A), (B, A) = top-r SVD of W - Q
 
     method: ClassVar[str] = "LoRA"
     peft_type: ClassVar[str] = "LORA"
@@ -49,6 +52,7 @@ class LoRA(AdapterConfig):
         self._check_rank(self.r)
         if not self.alpha > 0:
             raise ValueError(f"{self.method}: alpha must be > 0, got {self.alpha}.")
+        check_init(self)
 
     @property
     def scaling(self) -> float:
@@ -100,6 +104,21 @@ class LoRA(AdapterConfig):
             "modules_to_save": None,
             "task_type": None,
         }
+
+
+INITS = ("default", "gaussian", "pissa", "loftq")
+
+
+def check_init(config: LoRA) -> None:
+    """Validate ``init``, ``pissa_niter`` and ``loftq_iters`` (their meaning: ``lightning_lora/quant/prepare.py``)."""
+    if config.init not in INITS:
+        raise ValueError(f"{config.method}: init must be one of {INITS}, got {config.init!r}.")
+    niter = config.pissa_niter
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise ValueError(f"{config.method}: pissa_niter must be None (exact SVD) or an integer >= 0, got {niter!r}.")
+    iters = config.loftq_iters
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{config.method}: loftq_iters must be an integer >= 1, got {iters!r}.")
 
 
 _BIT_SHIFTS: dict[torch.device, Tensor] = {}
@@ -224,7 +243,10 @@ class LoRABranch(AdapterBranch):
             if self.kind.reversed_init:  # embeddings, as PEFT: A zeros, B normal
                 nn.init.zeros_(self.lora_A)
                 nn.init.normal_(self.lora_B)
-            else:
+            elif getattr(self.config, "init", "default") == "gaussian":  # as PEFT's init_lora_weights="gaussian"
+                nn.init.normal_(self.lora_A, std=1.0 / self.config.r)
+                nn.init.zeros_(self.lora_B)
+            else:  # "default"; "pissa" and "loftq" overwrite A and B after injection (quant/prepare.py)
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B)
 

@@ -30,10 +30,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightning_lora.core.layer import AdapterConfig
-from lightning_lora.core.verbs import adapter_names, inject
+from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.quant.nf4 import quantize
+from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
 from lightning_lora.train.guards import check_finite_loss
@@ -71,6 +71,7 @@ class AdapterCallback(Callback):
         adapter = LoRA() if adapter is None else adapter
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
+        check_start(adapter, quantize)
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
         self.adapter = adapter
@@ -106,9 +107,7 @@ class AdapterCallback(Callback):
         model = self.target_module(pl_module)
         if self.name in adapter_names(model):
             return model
-        if self.quantize is not None:
-            quantize(model, self.quantize)  # in place
-        inject(model, self.adapter, self.name)
+        prepare(model, self.adapter, self.name, self.quantize)  # in place: quantize, inject, init (PiSSA/LoftQ)
         return model
 
     # ------------------------------------------------------------------ hooks

@@ -2,7 +2,8 @@
 
 The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` (idempotent), so under sharded
 strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
-(-100 = ignored); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
+(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``); batches
+may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
 only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
 
 Example::
@@ -26,14 +27,15 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.core.dtypes import dtype_name
 from lightning_lora.core.layer import AdapterConfig
-from lightning_lora.core.verbs import inject
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
-from lightning_lora.quant.nf4 import NF4, quantize
+from lightning_lora.quant.nf4 import NF4
+from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 
@@ -105,6 +107,8 @@ class LoRAModule(LightningModule):
         dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
         trust_remote_code: allow code shipped with the model (off by default).
         adapter_name: the adapter's name on the model.
+        loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
+            never holds more than this many rows of logits.
     """
 
     def __init__(
@@ -121,10 +125,12 @@ class LoRAModule(LightningModule):
         trust_remote_code: bool = False,
         adapter_name: str = "default",
         export_gguf: list[str] | None = None,
+        loss_chunk_size: int = CHUNK_SIZE,
     ):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
+        check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
         if lr_ratio is not None and not lr_ratio > 0:
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
         self.base_model = str(base_model)
@@ -141,6 +147,9 @@ class LoRAModule(LightningModule):
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         self.export_gguf = export_gguf
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
+        self.loss_chunk_size = loss_chunk_size
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -162,9 +171,7 @@ class LoRAModule(LightningModule):
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
-        if self.quantize is not None:
-            model = quantize(model, self.quantize)
-        inject(model, self.adapter, self.adapter_name)
+        prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -175,8 +182,9 @@ class LoRAModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-        return out.loss
+        """Mean cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``)."""
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size)
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
@@ -197,7 +205,7 @@ class LoRAModule(LightningModule):
             return
         seconds = time.perf_counter() - self._step_start
         mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        tokens = int(mask.sum()) if mask is not None else int(batch.get("num_tokens", batch["input_ids"].numel()))
         self.log("tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -236,7 +244,11 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``)."""
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
+        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
+            return []
         return [FiniteLossGuard()]
 
     # ---------------------------------------------------------------- optimizers

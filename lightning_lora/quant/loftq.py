@@ -1,0 +1,59 @@
+"""LoftQ and QPiSSA: an NF4 base and a LoRA start chosen together, so base + adapter starts close to the original W.
+
+LoftQ (Li et al. 2023, arXiv:2310.08659, Algorithm 1), with A_0 = B_0 = 0 and t = 1 .. T (``loftq_iters``):
+
+    Q_t = NF4(W - s B_{t-1} A_{t-1}),      (A_t, B_t) = top-r SVD of W - dequant(Q_t), sqrt(S) on each side / sqrt(s)
+
+(the SVD is randomized, see ``LOFTQ_NITER``; the paper uses an exact one)
+
+The base becomes Q_T and the adapter starts at (A_T, B_T): dequant(Q_T) + s B_T A_T is the best rank-r correction of
+Q_T's rounding error. With T = 1, Q_1 = NF4(W) is the plain QLoRA base (the same NF4 quantization bitsandbytes and
+transformers' ``BitsAndBytesConfig`` produce), so the adapter applies to that standard base; with T > 1 the base is
+LoftQ's own (deterministic: the same W, r, s, NF4 settings and T give the same Q).
+
+QPiSSA (arXiv:2404.02948, section 4.4): PiSSA's residual W - s B0 A0 (``methods/pissa.py``) is what gets quantized.
+
+Each function works on one layer, so the whole-model initialization (``prepare.py``) needs one layer's temporaries.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_lora.core.layer import dense_weight
+from lightning_lora.methods.pissa import pissa_factors, split_factors, top_r
+from lightning_lora.quant.nf4 import NF4, _nf4_linear
+
+# LoftQ's SVDs are randomized (``torch.svd_lowrank``, 2r probes, fixed seed) with this many subspace iterations: on
+# SmolLM2's 576 x 1536 layers an exact SVD costs 2-20 s on 2 shared CPU cores, this 0.1-1 s, and the rank-r fit it
+# finds is within a fraction of a percent of the exact one (tests/test_init.py checks the captured energy).
+LOFTQ_NITER = 8
+
+
+def nf4_layer(weight: Tensor, like: nn.Linear, nf4: NF4) -> nn.Module:
+    """A bitsandbytes NF4 layer holding ``weight`` (out, in), with ``like``'s bias, device and train/eval mode."""
+    import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
+
+    linear = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().to(like.weight.dtype).contiguous(), requires_grad=False)
+    if like.bias is not None:
+        linear.bias = like.bias
+    linear.train(like.training)
+    return _nf4_linear(bnb, linear, nf4, like.weight.device)
+
+
+def loftq(layer: nn.Linear, r: int, scale: float, nf4: NF4, iters: int = 1) -> tuple[nn.Module, Tensor, Tensor]:
+    """LoftQ's (NF4 base, A, B) for the high-precision ``layer`` (module docstring); A (r, in), B (out, r) in fp32."""
+    weight = layer.weight.detach().float()
+    A = B = None
+    for _ in range(iters):
+        target = weight if A is None else weight - scale * (B @ A)
+        base = nf4_layer(target, layer, nf4)
+        A, B = split_factors(*top_r(weight - dense_weight(base).float(), r, LOFTQ_NITER), scale)
+    return base, A, B
+
+
+def qpissa(layer: nn.Linear, r: int, scale: float, nf4: NF4, niter: int | None = None) -> tuple[nn.Module, Tensor, Tensor]:
+    """QPiSSA's (NF4 base of W - s B0 A0, A0, B0) for the high-precision ``layer``."""
+    A, B, residual = pissa_factors(layer.weight, r, scale, niter)
+    return nf4_layer(residual, layer, nf4), A, B
