@@ -167,6 +167,8 @@ def _no_pytest_argv(monkeypatch):
         (["--model.adapter.init_args.alpah", "16"], ("(model.adapter.init_args.alpah)", "did you mean 'alpha'?")),
         (["--trainer.max_stepz", "3"], ("(trainer.max_stepz)", "did you mean 'max_steps'?")),
         (["--data.init_args.source", "nope.jsonl"], ("nope.jsonl", "(data.init_args.source)")),
+        (["--model.adapter.init_args.r", "eight"], ("(model.adapter.init_args.r)", "eight")),
+        (["--model.adapter", "lightning_lora.Adapterz"], ("(model.adapter)", "Adapterz")),
     ],
 )
 def test_parse_and_build_errors_in_one_line(override, expected):

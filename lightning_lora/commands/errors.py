@@ -51,11 +51,19 @@ def run_command(main: Callable[[list[str]], object], argv: list[str]) -> None:
 def one_line(exc: BaseException) -> str:
     """``error: <what> (<config key>): <how to fix>`` for ``exc`` (its cause when a wrapper only repeats it)."""
     config = getattr(exc, "lightning_lora_config", None) or {}
-    typo = _typo(_squash(str(exc)), getattr(exc, "lightning_lora_parser", None))
+    outer = _squash(str(exc))
+    typo = _typo(outer, getattr(exc, "lightning_lora_parser", None))
     exc = _innermost(exc)
     message = _squash(str(exc)) or type(exc).__name__
+    nested = _nested(outer) if typo is None else None
     if typo is not None:
         what, key, fix = typo
+    elif nested is not None:
+        what, key = nested
+        what, fix = split_message(what)
+        if not fix:
+            fix = ("give an importable class, e.g. lightning_lora.LoRA" if "has no attribute" in what
+                   else f"change it in the config or with --{key} VALUE")  # fmt: skip
     else:
         what, fix = split_message(message)
         key = config_key(message, config)
@@ -97,6 +105,20 @@ def split_message(message: str) -> tuple[str, str]:
     return message[:cut].rstrip("."), message[cut + 2 :].strip().rstrip(".")
 
 
+def _nested(message: str) -> tuple[str, str] | None:
+    """``(what, key)`` from jsonargparse's ``Parser key "a": Problem with given class_path 'C': Parser key "r": ...``."""
+    parts = re.split(r'Parser key "([^"]+)": ', message)
+    if len(parts) < 3:
+        return None
+    keys = []
+    for i, (key, rest) in enumerate(zip(parts[1::2], parts[2::2])):
+        keys.append(key)
+        if rest.startswith("Problem with given class_path") and 2 * i + 3 < len(parts):
+            keys.append("init_args")
+    what = re.sub(r"^Problem with given class_path '[^']+': ", "", parts[-1]).strip()
+    return what or message, ".".join(keys)
+
+
 def _generic_fix(exc: BaseException) -> str:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return "check the path"
@@ -125,8 +147,9 @@ def _typo(message: str, parser) -> tuple[str, str, str] | None:
     """``(what, key, fix)`` for jsonargparse's "unknown key" errors, with the nearest valid key."""
     m = (re.search(r"does not accept option '([^']+)'", message) or re.search(r"Key '([^']+)' is not expected", message)
          or re.search(r"nrecognized arguments: --([\w.]+)", message))
-    if m:
-        wrong = m.group(1)
+    group = re.search(r"Group '([^']+)' does not accept option '([^']+)'", message)
+    if m or group:
+        wrong = f"{group.group(1)}.{group.group(2)}" if group else m.group(1)
         valid = sorted(_parser_keys(parser))
         return _suggest(wrong, valid)
     m = re.search(r"Parser key \"([^\"]+)\": Problem with given class_path '([^']+)': Option '([^']+)' is not accepted",

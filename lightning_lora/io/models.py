@@ -20,6 +20,7 @@ import torch
 
 from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.io.files import atomic_dir, read_json, write_json
+from lightning_lora.quant import nf4
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def original_weights(source, names):
 
         ll.merge(model, base_weights=ll.original_weights("smollm2-135m-instruct", quantized_layer_names(model)))
     """
-    from lightning_lora.quant import nf4
-
     if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists():
         source = resolve_model_path(source)
     return nf4.original_weights(source, names)
