@@ -14,11 +14,12 @@ from lightning_lora.core.verbs import (
     remove,
     set_adapter,
 )
+from lightning_lora.io.models import original_weights  # nf4.original_weights that also resolves aliases
 from lightning_lora.io.peft import load_adapter, load_adapters, save_adapter, save_adapters
 from lightning_lora.methods.dora import DoRA
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.methods.vera import VeRA
-from lightning_lora.quant.nf4 import NF4, original_weights, quantize
+from lightning_lora.quant.nf4 import NF4, quantize
 from lightning_lora.quant.prepare import prepare
 from lightning_lora.train.optim import param_groups
 

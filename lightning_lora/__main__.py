@@ -1,4 +1,8 @@
-"""``python -m lightning_lora <command>``: fit / validate / test (LightningCLI), estimate, generate, export."""
+"""``python -m lightning_lora <command>``: fit / validate / test (LightningCLI), estimate, generate, export, plot.
+
+Every command is quiet by default (``commands/quiet.py``) and reports an error on one line, exit code 2
+(``commands/errors.py``; ``LIGHTNING_LORA_TRACEBACK=1`` or ``--traceback`` shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ COMMANDS = {
     "estimate": "lightning_lora.commands.estimate",
     "generate": "lightning_lora.commands.generate",
     "export": "lightning_lora.commands.export",
+    "plot": "lightning_lora.commands.plot",
 }
 
 
@@ -22,8 +27,13 @@ def main(argv: list[str] | None = None) -> None:
             "usage: python -m lightning_lora {" + ",".join(COMMANDS) + "} ...\n"
             "  e.g. python -m lightning_lora fit --config configs/quickstart.yaml"
         )
+    from lightning_lora.commands.quiet import quiet
+
+    quiet()  # before transformers / Lightning / bitsandbytes are imported
+    from lightning_lora.commands.errors import run_command
+
     # Each module's main(argv) gets the full argument list, the command first.
-    importlib.import_module(COMMANDS[argv[0]]).main(argv)
+    run_command(importlib.import_module(COMMANDS[argv[0]]).main, argv)
 
 
 if __name__ == "__main__":

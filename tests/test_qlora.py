@@ -162,7 +162,7 @@ def test_memory_report_by_kind(caplog):
     with caplog.at_level("INFO"):
         report = memory_report(model)
     assert "memory by kind" in caplog.text and "quantized base" in caplog.text
-    assert report["quantized base"] == {"params": numel, "bytes": nf4_bytes}
+    assert {k: report["quantized base"][k] for k in ("params", "bytes")} == {"params": numel, "bytes": nf4_bytes}
     assert report["adapters"] == {"params": lora, "bytes": 4 * lora}
     assert report["unquantized base"]["params"] >= total_params - numel  # + rotary buffers
     assert report["optimizer state"]["bytes"] == 2 * 4 * lora and "estimated" in report["optimizer state"]["source"]

@@ -5,46 +5,95 @@
 - ``data:`` takes any LightningDataModule by ``class_path`` (``lightning_lora.train.data.InstructionDataModule``, ...).
 - ``auto_configure_optimizers=False``: LightningCLI's own ``--optimizer`` would build the optimizer from
   ``model.parameters()`` at parse time, before the model exists (REFERENCE section 4); ``model.optimizer`` is used.
-- ``validate_before_fit: true`` (top level) runs ``trainer.validate`` before ``fit`` and prints its perplexity; the
-  figures of the last validation are printed again at the end of ``fit``, so before and after are both on screen.
+- Runs of any length work: the last step validates (``ValidateAtEnd``), a ``last.ckpt`` is always written
+  (``ModelCheckpoint(save_last=True)`` unless the config has its own), and an integer ``val_check_interval`` counts
+  steps across epochs (``check_val_every_n_epoch: null``), so it may exceed one epoch of a small data set.
+- ``validate_before_fit`` (top level, default true) validates before ``fit`` (the restored adapter when resuming
+  with ``--ckpt_path``); the before and after figures end up in the run summary printed at the end of ``fit``.
+- Output: one progress bar in steps (``StepProgressBar``), learning rates logged per group (``LearningRateMonitor``),
+  TensorBoard logs (Lightning's default logger when ``tensorboard`` is installed), errors on one line
+  (``commands/errors.py``).
 """
 
 from __future__ import annotations
 
 import sys
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_lora.commands.errors import run_command
 from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
+from lightning_lora.train.progress import StepProgressBar
+from lightning_lora.train.summary import RunSummary, ValidateAtEnd
 
 _COMMANDS = ("fit", "validate", "test")
 
 
-class PrintValidation(Callback):
-    """Print the validation metrics at the end of fit (after the last validation)."""
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-        if metrics:
-            rank_zero_info("after training: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
+def _flat(config) -> dict:
+    """A parsed config (jsonargparse Namespace) as ``{dotted key: leaf value}``."""
+    try:
+        items = config.items(branches=False)
+    except (AttributeError, TypeError):
+        return {}
+    return {k: v for k, v in items}
 
 
 class LoRACLI(LightningCLI):
-    """LightningCLI with ``validate_before_fit`` and the adapter subclass mode."""
+    """LightningCLI with ``validate_before_fit``, the run summary, and errors the command can put on one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.summary = RunSummary()
+        raising = {"exit_on_error": False}  # parse errors raise, so the command can put them on one line
+        kwargs.setdefault("parser_kwargs", {**raising, **{c: raising for c in (*_COMMANDS, "predict")}})
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as exc:  # give commands/errors.py what it needs to name the config key
+            config = getattr(self, "config", None)
+            sub = config.get("subcommand") if config is not None and hasattr(config, "get") else None
+            exc.lightning_lora_config = _flat(config.get(sub) if sub else config) if config is not None else {}
+            exc.lightning_lora_parser = getattr(self, "parser", None)
+            raise
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--validate_before_fit", type=bool, default=False,
-            help="fit: run validation once before training and print its perplexity",
+            "--validate_before_fit", type=bool, default=True,
+            help="fit: validate once before training, so the summary compares perplexity before and after",
         )  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+        if trainer is not None and isinstance(trainer.get("val_check_interval"), int) \
+                and trainer.get("check_val_every_n_epoch") == 1:  # fmt: skip
+            trainer["check_val_every_n_epoch"] = None  # count steps across epochs: short data sets work too
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand].get("trainer", {}) if self.subcommand else {}
+        given = list(config.get("callbacks") or [])
+        extra = [ValidateAtEnd(), self.summary]
+        checkpointing = config.get("enable_checkpointing", True) is not False
+        if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in given):
+            extra.append(ModelCheckpoint(save_last=True))
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(StepProgressBar())
+        if config.get("logger", True) is not False and self.subcommand == "fit":
+            extra.append(LearningRateMonitor(logging_interval="step"))
+        return super().instantiate_trainer(callbacks=given + extra, **kwargs)
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("validate_before_fit"):
-            rank_zero_info("validation before training:")
-            self.trainer.validate(self.model, datamodule=self.datamodule)
-        self.trainer.callbacks.append(PrintValidation())
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")  # resuming: the restored adapter's figures
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+            self.summary.set_before(results[0] if results else {})
+            if self.trainer.is_global_zero and self.summary.before:
+                print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.summary.before.items())))
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        lines = self.summary.summary_lines(self.trainer, getattr(self.model, "export_dir", None))
+        after = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.summary.after.items()))
+        print(("after training: " + after + "\n" if after else "") + "run summary:\n  " + "\n  ".join(lines))
 
 
 def make_cli(argv: list[str], run: bool = True) -> LoRACLI:
@@ -67,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _COMMANDS:
         sys.exit("usage: python -m lightning_lora {fit,validate,test} --config CONFIG.yaml [--print_config] [overrides]")
-    make_cli(argv)
+    run_command(make_cli, argv)
 
 
 if __name__ == "__main__":

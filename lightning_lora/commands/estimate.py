@@ -1,8 +1,9 @@
 """``python -m lightning_lora estimate``: will a fine-tune fit? Memory of an adapter fine-tune from architecture numbers.
 
 Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
-``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real LoRA/DoRA/VeRA branches on it,
-so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
+``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real branches of any registered method
+(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
+Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
 
 - weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
   selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
@@ -21,15 +22,23 @@ so target matching is the library's. Bytes by kind (GB = 1e9 bytes, GiB = 2**30)
     + a (3h + 2 kv)       q/k/v input (norm output), q and k after RoPE, v (kv = kv_heads x head_dim), attention output
     + 4 heads             SDPA's fp32 logsumexp
     + a (h + 4m)          gate/up input (norm output); gate, silu(gate), up, product (m = intermediate size)
-    + per adapted linear  LoRA: a r; DoRA: a (r + out); VeRA: a (2r + out); an adapter dtype other than ``--dtype``
-                          adds the input cast to it (in x adapter bytes)
+    + per adapted linear  the method's own ``activation_bytes`` (the method contract): LoRA: a r; DoRA: a (r + out);
+                          VeRA: a (2r + out); for LoRA/DoRA an adapter dtype other than ``--dtype`` adds the input
+                          cast to it (in x adapter bytes)
 
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
-  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the logits,
-  batch x seq x vocab, 12 bytes each: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and
-  of the loss's backward (saved log-softmax + two fp32 gradients). Assumed: no dropout (a mask adds 1 byte per adapted
-  input); frozen embeddings (the first layer then keeps a little less: an upper bound).
+  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
+  logits term, rows x vocab x 12 bytes: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax)
+  and of the loss's backward (saved log-softmax + two fp32 gradients). With the chunked labeled-only loss of
+  ``LoRAModule`` (``train/loss.py``, the default here) rows = ``--loss-chunk-size`` (512; at most the tokens), plus
+  the gathered labeled hidden states (a h per token, an upper bound: every token labeled); with Hugging Face's loss
+  (``--loss-chunk-size 0``) rows = every position (batch x seq). The loss runs after the last layer and before
+  backward recomputes any layer, so with checkpointing the peak is the kept layer inputs + the larger of the two.
+  Packing (``--packing``) lays examples end to end: batch x seq counts real tokens, and transformers' sdpa/eager
+  path adds a block-diagonal boolean mask (batch x seq x seq bytes; none with a varlen flash-attention kernel).
+  Assumed: no dropout (a mask adds 1 byte per adapted input); frozen embeddings (the first layer then keeps a little
+  less: an upper bound).
 - overhead: a fixed 0.5 GB for the CUDA context, cuBLAS workspace and allocator slack (``--overhead-gb``); the
   context alone is ~0.3-0.5 GB on recent GPUs with lazy module loading. Fragmentation beyond that is not modelled.
 
@@ -74,7 +83,7 @@ PRESETS: dict[str, dict] = {  # values from the models' published config.json fi
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True),
 }
-ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "llama-3.1-8b": "llama-3-8b"}  # 3.1: same shapes, longer RoPE
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 GB, GIB = 10**9, 2**30
@@ -165,8 +174,17 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
     return math.ceil(numel / 2) + absmax + 64
 
 
+def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> int:
+    """The loss's peak: rows x vocab x 12 bytes, rows = one chunk (chunked loss) or every position (0), plus the
+    gathered labeled hidden states when chunked (module docstring)."""
+    tokens = batch * seq
+    if loss_chunk_size <= 0:
+        return tokens * 12 * config.vocab_size
+    return min(loss_chunk_size, tokens) * 12 * config.vocab_size + tokens * a * config.hidden_size
+
+
 def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False) -> int:
     """Peak activation bytes kept for backward (formula in the module docstring)."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
     kv = getattr(config, "head_dim", None) or h // heads
@@ -178,15 +196,18 @@ def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, s
         if found:
             per_layer[int(found.group(1))] += extra
     tokens = batch * seq
-    layers = L * a * h + max(per_layer) if checkpointing else sum(per_layer)
-    head = 4 * h + 4 + 12 * config.vocab_size
-    return tokens * (layers + head)
+    loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
+    norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
+    if checkpointing:
+        return tokens * L * a * h + norm_and_mask + max(tokens * max(per_layer), loss)
+    return tokens * sum(per_layer) + norm_and_mask + loss
 
 
 def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", r: int = 64, target_modules="all-linear",
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
-             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5) -> dict:
+             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
+             loss_chunk_size: int = 512, packing: bool = False) -> dict:
     """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r (the rank) must be a positive integer, got {r!r}.")
@@ -210,8 +231,10 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
     adapters = (c["trainable"] + c["frozen"]) * ab
     states = {"adamw": 2 * c["trainable"] * ab + 4 * c["tensors"],
               "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
-    act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt)
-           for ckpt in (False, True)}
+    if loss_chunk_size < 0:
+        raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
+    act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
+                                  loss_chunk_size, packing) for ckpt in (False, True)}
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
                  overhead_bytes=int(overhead_gb * GB))
@@ -238,7 +261,9 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
-        activation_bytes_checkpointing=act[True], total_bytes=total,
+        activation_bytes_checkpointing=act[True], loss_chunk_size=loss_chunk_size, packing=packing,
+        logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
+        logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
         gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),
         fits=None if gpu_memory is None else total <= gpu_memory * GB, notes=notes,
     )
@@ -266,11 +291,15 @@ def render(res: dict) -> None:
         ("optimizer state", res["optimizer_bytes"], res["optimizer"]),
         ("activations", res["activation_bytes"],
          f"{'with' if ckpt else 'no'} checkpointing ({'without' if ckpt else 'with'}: {other / GB:.2f} GB)"),
+        ("  of which loss/logits", res["logits_bytes"],
+         f"{min(res['loss_chunk_size'], res['batch_size'] * res['seq_len'])} of {res['batch_size'] * res['seq_len']} "
+         f"rows at a time (every row at once: {res['logits_bytes_unchunked'] / GB:.2f} GB)"
+         if res["loss_chunk_size"] else "every position at once (Hugging Face's loss)"),
         ("CUDA/framework overhead", res["overhead_bytes"], "context, workspace, allocator slack"),
     ]
     for name, n, note in rows:
         table.add_row(name, f"{n:,}", f"{n / GB:.2f}", f"{n / GIB:.2f}", note)
-    total = res["total_bytes"]
+    total = res["total_bytes"]  # "of which" rows are inside "activations", not added again
     table.add_row("total", f"{total:,}", f"{total / GB:.2f}", f"{total / GIB:.2f}", "", style="bold")
     console.print(table)
     if res["fits"] is not None:
@@ -298,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--overhead-gb", type=float, default=0.5)
+    p.add_argument("--loss-chunk-size", type=int, default=512,
+                   help="rows per chunk of the labeled-only loss (LoRAModule); 0: Hugging Face's loss over every position")
+    p.add_argument("--packing", action="store_true", help="examples packed end to end (adds sdpa's block mask)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.r <= 0:
@@ -306,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
                        args.seq_len, args.gradient_checkpointing, args.gpu_memory, args.dtype, args.adapter_dtype,
-                       args.optimizer, args.overhead_gb)
+                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing)
     except ValueError as err:
         p.error(str(err))
     print(json.dumps(res)) if args.json else render(res)

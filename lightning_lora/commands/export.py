@@ -55,6 +55,14 @@ def export_checkpoint(
             f"{ckpt_path} lacks {len(missing)} adapter tensors the config implies (e.g. {missing[:2]}); "
             "is the config/base_model the one this checkpoint was trained with?"
         )
+    mine = adapter_state_dict(model, name)
+    for key in mine:  # model order: the first mismatching layer
+        if key in wanted and tuple(state[key].shape) != tuple(mine[key].shape):
+            raise ValueError(
+                f"{ckpt_path}: {key} has shape {tuple(state[key].shape)} but the base {facts['base_model']!r} needs "
+                f"{tuple(mine[key].shape)}. The adapter was trained on another base model: pass that one as "
+                "--base_model (or the run's --config)."
+            )
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return export(model, export_dir, name=name, tokenizer=tokenizer, dtype=facts.get("dtype"), in_place=True,
                   gguf=gguf)

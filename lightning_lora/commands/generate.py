@@ -42,13 +42,24 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+GENERIC_FOLDERS = ("adapter", "adapters", "export", "exports", "merged", "checkpoints")
+
+
+def adapter_label(path: str | os.PathLike) -> str:
+    """The name an adapter folder is shown under: its own name, or the nearest parent's when the folder has a generic
+    name (``runs/chat/export/adapter`` -> ``chat``)."""
+    parts = [p for p in Path(path).resolve().parts[1:] if p]
+    for part in reversed(parts):
+        if part.lower() not in GENERIC_FOLDERS:
+            return part.replace(".", "_")
+    return "adapter"
+
+
 def load_adapters_weighted(model: nn.Module, adapters: Mapping[str, float]) -> dict[str, float]:
     """Load each adapter folder under a name made from its folder name; return ``{name: weight}``."""
     weights: dict[str, float] = {}
     for path, weight in adapters.items():
-        stem = (Path(path).name or "adapter").replace(".", "_")
-        if stem == "adapter" and Path(path).parent.name:  # runs/<run>/adapter (export's layout): use the run's name
-            stem = Path(path).parent.name.replace(".", "_")
+        stem = adapter_label(path)
         name, i = stem, 1
         while name in weights:
             name, i = f"{stem}_{i}", i + 1

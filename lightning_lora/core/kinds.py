@@ -122,8 +122,10 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(layer: nn.Module) -> Tensor:
-    """The layer's weight as a dense 2-D matrix (see ``LayerKind.dense_weight``); quantized layers are dequantized."""
-    return _kind(layer).dense_weight(layer)
+    """The layer's weight as a dense 2-D matrix (see ``LayerKind.dense_weight``); quantized layers are dequantized.
+    A layer of no registered kind (a norm) gives its ``weight`` as it is."""
+    kind = kind_of(layer)
+    return layer.weight if kind is None else kind.dense_weight(layer)
 
 
 def merged_base_layer(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | None = None) -> nn.Module:

@@ -8,7 +8,9 @@ the rules of Hugging Face PEFT (exact/suffix for lists, full regex match for str
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -17,6 +19,7 @@ from torch import nn
 from lightning_lora.core.kinds import KINDS, LayerKind, is_linear_like, kind_of
 from lightning_lora.core.layer import AdapterLayer
 
+log = logging.getLogger(__name__)
 TargetSpec = str | Sequence[str]
 
 
@@ -79,16 +82,27 @@ def find_targets(
     excluded = _as_patterns(exclude_modules)
     modules = [(n, m) for n, m in adaptable_modules(model) if n and not any(name_matches(n, p) for p in excluded)]
     base_of = {n: (m.base_layer if isinstance(m, AdapterLayer) else m) for n, m in modules}
+    available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules if _adaptable(base_of[n], supports)})
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         chosen = [n for n, _ in modules if is_linear_like(base_of[n]) and n not in heads]
+        if not chosen:
+            raise ValueError(
+                f'target_modules="all-linear" matches no layer of {type(model).__name__}: it has no linear layer. '
+                "Name the layers to adapt instead; layer names that can be targeted: "
+                f"{', '.join(available[:30]) or '(none)'}."
+            )
+        _log_left_out(model, modules, base_of, chosen, supports)
     else:
         patterns = _as_patterns(target_modules)
         chosen = [n for n, _ in modules if any(name_matches(n, p) for p in patterns)]
+        unmatched = [p for p in patterns if not any(name_matches(n, p) for n, _ in modules)]
+        if chosen and unmatched and not isinstance(target_modules, str):
+            raise ValueError(unmatched_message(unmatched, model, [n for n, _ in modules], available))
     if not chosen:
-        available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules if _adaptable(base_of[n], supports)})
+        close = _closest(_as_patterns(target_modules), [n for n, _ in modules], available)
         raise ValueError(
-            f"target_modules={target_modules!r} matches no layer of {type(model).__name__}. "
+            f"target_modules={target_modules!r} matches no layer of {type(model).__name__}{close}. "
             f"Layer names that can be targeted: {', '.join(available[:30]) or '(none)'}. "
             'Use one of them (suffix match), a glob such as "*.q_proj", a regex, or "all-linear".'
         )
@@ -123,3 +137,43 @@ def compact_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     names = [n for n, _ in adaptable_modules(model) if n]
     selected = {n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)}
     return suffixes if selected == set(targets) else sorted(targets)
+
+
+def _closest(patterns: list[str], names: list[str], available: list[str]) -> str:
+    """`` (closest: ...)`` for each pattern that looks like a misspelt layer name, else ``""``."""
+    leaves = available  # suggest only layers the method can adapt
+    hints = []
+    for p in patterns:
+        close = difflib.get_close_matches(p.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+        if close:
+            hints.append(f"{p!r}: did you mean {' or '.join(repr(c) for c in close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def unmatched_message(unmatched: list[str], model: nn.Module, names: list[str], available: list[str]) -> str:
+    """The error for names in an explicit ``target_modules`` list that select no layer (a typo trains nothing)."""
+    shown = ", ".join(repr(p) for p in unmatched)
+    return (
+        f"target_modules names {shown}, which match{'es' if len(unmatched) == 1 else ''} no layer of "
+        f"{type(model).__name__}{_closest(unmatched, names, available)}. Every name in the list must select at least "
+        f"one layer: fix or remove it (layer names that can be targeted: {', '.join(available[:30]) or '(none)'})."
+    )
+
+
+def _log_left_out(model: nn.Module, modules: list, base_of: dict, chosen: list[str], supports) -> None:
+    """``all-linear`` adapts linear layers only: say which other adaptable layers (e.g. convolutions) it leaves out."""
+    chosen_set = set(chosen)
+    left = {}
+    for n, _ in modules:
+        base = base_of[n]
+        kind = kind_of(base)
+        if n in chosen_set or kind is None or is_linear_like(base) or kind.name == "embedding":
+            continue
+        left.setdefault(type(base).__name__, []).append(n)
+    for kind, names in left.items():
+        can = _adaptable(base_of[names[0]], supports)
+        log.warning(
+            f'target_modules="all-linear" adapts the {len(chosen)} linear layers of {type(model).__name__} and leaves '
+            f"out its {len(names)} {kind} layer(s) (e.g. {names[0]}); "
+            + ("name them in target_modules to adapt them too." if can else "this method cannot adapt them.")
+        )

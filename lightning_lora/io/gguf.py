@@ -28,7 +28,7 @@ LLAMA_FAMILY = ("llama",)  # Hugging Face model_type values written as GGUF arch
 ADAPTER_DTYPES = ("f32", "f16")
 
 
-def _gguf():
+def require_gguf():
     try:
         import gguf
     except ImportError as err:  # pragma: no cover
@@ -52,7 +52,7 @@ def hf_config(model: nn.Module):
 def tensor_namer(config):
     """A function: Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``) -> GGUF tensor name
     (``blk.0.attn_q.weight``), raising ``ValueError`` for a name llama.cpp's llama architecture does not have."""
-    gguf = _gguf()
+    gguf = require_gguf()
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
 
     def name(hf_name: str) -> str:
@@ -65,8 +65,9 @@ def tensor_namer(config):
 
 
 def permute_qk(rows: torch.Tensor, hf_name: str, config) -> torch.Tensor:
-    """llama.cpp's row order for q/k projections (identity for other layers): within each head the rows
-    [0, 2, 4, ..., 1, 3, 5, ...] of the head's rotary halves, as ``convert_hf_to_gguf.py`` permutes them."""
+    """llama.cpp's row order for q/k projections (identity for other layers): within each head of size hd, new row
+    2i + j is old row i + j hd/2, i.e. the two rotary halves interleaved [0, hd/2, 1, hd/2 + 1, ...], as
+    ``convert_hf_to_gguf.py`` permutes them (``heads`` = key/value heads for k)."""
     if ".q_proj." in hf_name + ".":
         heads = config.num_attention_heads
     elif ".k_proj." in hf_name + ".":
@@ -120,7 +121,7 @@ def write_adapter_gguf(
     Raises:
         ValueError: see ``lora_pairs``; an architecture other than llama; ``dtype`` not f32 or f16.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     if dtype not in ADAPTER_DTYPES:
         raise ValueError(f"GGUF adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype!r}.")
     config = hf_config(model)

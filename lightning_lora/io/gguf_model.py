@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.files import atomic_file
-from lightning_lora.io.gguf import _gguf, hf_config, permute_qk, tensor_namer
+from lightning_lora.io.gguf import hf_config, permute_qk, require_gguf, tensor_namer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _pre_tokenizer(spec: dict | None) -> str:
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Write ``tokenizer`` (a fast byte-level BPE tokenizer) into ``writer``'s metadata, padded to ``vocab_size``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
@@ -86,12 +86,16 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
         if special.chat_template is None and getattr(tokenizer, "chat_template", None):
             special.chat_template = tokenizer.chat_template
+        probe = tokenizer("a").input_ids  # llama.cpp must add BOS/EOS exactly when this tokenizer does
+        for kind in ("bos", "eos"):
+            tid = getattr(tokenizer, f"{kind}_token_id", None)
+            special.add_special_token[kind] = tid is not None and (probe[:1] if kind == "bos" else probe[-1:]) == [tid]
         special.add_to_gguf(writer, quiet=True)
 
 
 def _tensor_data(weight: torch.Tensor, dtype: str):
     """``(array, raw_dtype)`` for GGUFWriter.add_tensor: f32 for 1-D tensors, else ``dtype``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     data = weight.detach().float().cpu().numpy()
     if data.ndim == 1:
         return data.astype(np.float32), None
@@ -108,7 +112,7 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, dtype
         ValueError: adapters still on the model (merge first), another architecture, a tokenizer that is not a
             byte-level BPE, an unknown ``dtype``, or a tensor llama.cpp's llama architecture has no name for.
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"GGUF model dtype must be one of {MODEL_DTYPES}, got {dtype!r}.")
     if adapter_names(model):

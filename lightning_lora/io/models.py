@@ -151,3 +151,18 @@ def load_causal_lm(
         path, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
     )
     return model.eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def original_weights(source, names):
+    """``quant.nf4.original_weights`` that also reads a built-in alias (``"smollm2-135m-instruct"``) or a cached hub id:
+    the high-precision weights of the linear layers ``names``, for ``merge(model, base_weights=...)`` after QLoRA.
+
+    Example::
+
+        ll.merge(model, base_weights=ll.original_weights("smollm2-135m-instruct", quantized_layer_names(model)))
+    """
+    from lightning_lora.quant import nf4
+
+    if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().exists():
+        source = resolve_model_path(source)
+    return nf4.original_weights(source, names)

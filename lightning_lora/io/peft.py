@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lightning_lora.methods.dora  # noqa: F401  (the built-in methods join the registry on import)
-import lightning_lora.methods.lora  # noqa: F401
-import lightning_lora.methods.vera  # noqa: F401
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import compact_targets
 from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lightning_lora.methods import dora, lora, vera  # noqa: F401  (the built-in methods join the registry)
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
@@ -131,7 +129,8 @@ def _split_key(key: str, config: AdapterConfig, source: Path) -> tuple[str, str]
     for old, new in config.peft_aliases.items():
         if key.endswith("." + old):
             key = key[: -len(old)] + new
-    for suffix in config.peft_suffixes:
+    others = [s for cls in METHODS.values() for s in cls.peft_suffixes]  # so a mislabelled file names its tensors
+    for suffix in dict.fromkeys([*config.peft_suffixes, *others]):
         if key.startswith(PREFIX) and key.endswith("." + suffix):
             return key[len(PREFIX) : -len(suffix) - 1], suffix
     raise ValueError(f"{source}: unexpected tensor {key!r}; is this a PEFT {config.method} adapter?")

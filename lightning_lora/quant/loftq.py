@@ -18,7 +18,6 @@ Each function works on one layer, so the whole-model initialization (``prepare.p
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import dense_weight

@@ -38,7 +38,8 @@ from lightning_lora.core.verbs import attach, inject, plan_injection
 from lightning_lora.methods.dora import DoRA, DoRABranch
 from lightning_lora.methods.pissa import pissa_factors
 from lightning_lora.quant.loftq import loftq, qpissa
-from lightning_lora.quant.nf4 import NF4, quantize as quantize_model, unsupported_shape
+from lightning_lora.quant.nf4 import NF4, unsupported_shape
+from lightning_lora.quant.nf4 import quantize as quantize_model
 
 log = logging.getLogger(__name__)
 

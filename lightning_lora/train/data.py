@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.io.models import load_tokenizer
+from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -156,11 +157,15 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 # ----------------------------------------------------------------------------------------------------- datamodules
 class _TokenizedDataModule(pl.LightningDataModule):
     SOURCES: tuple[str, ...] = ()
+    packing: bool | None = None  # None: rows are all alike (plain shuffled batches); else see ``train/packing.py``
 
     def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit):
         super().__init__()
         if path is None and source not in self.SOURCES:
-            raise ValueError(f"Unknown source {source!r}: use one of {list(self.SOURCES)} or pass path=<file>.")
+            if source is None or not Path(str(source)).is_file():
+                raise ValueError(f"Unknown source {source!r}: neither a built-in data set ({', '.join(self.SOURCES)}) "
+                                 "nor an existing file. Use a built-in name or the path of your file (source: my.jsonl).")
+            path, source = str(source), None  # a file path given as the source
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1 or (limit is not None and limit < 1):
@@ -202,9 +207,18 @@ class _TokenizedDataModule(pl.LightningDataModule):
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=functools.partial(collate, pad_id=pad or 0))
+        pad = (self.tokenizer.eos_token_id if pad is None else pad) or 0
+        packing = self.packing
+        if packing is None:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                              collate_fn=functools.partial(collate, pad_id=pad))
+        lengths = [len(x["input_ids"]) for x in data]
+        if shuffle:
+            log_padding(lengths, self.batch_size, self.seed, packing, self.max_length)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed) if shuffle and not packing else None
+        fn = functools.partial(collate_packed, capacity=self.max_length) if packing else collate
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=functools.partial(fn, pad_id=pad))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -221,10 +235,14 @@ class InstructionDataModule(_TokenizedDataModule):
 
     Args:
         path: a JSONL file; each line ``{"prompt", "response"}`` or ``{"messages": [{"role", "content"}, ...]}``.
-        source: a built-in data set when ``path`` is None: ``"chatterbot"``.
+        source: a built-in data set when ``path`` is None: ``"chatterbot"``, or the path of a JSONL file.
         tokenizer: alias or model folder to read the tokenizer from; None: the LightningModule's ``.tokenizer``.
         max_length: longer examples are truncated (their count is logged).
         limit: keep at most this many examples (a seeded random subset).
+        packing: lay the ``batch_size`` examples of each batch end to end in rows of up to ``max_length`` tokens
+            (padding-free packing, ``train/packing.py``): a batch still holds ``batch_size`` examples, in fewer rows,
+            with ``position_ids`` restarting per example and attention kept inside each example. Off: training
+            batches are grouped by length. Either way the padding share before/after is logged once.
 
     Example::
 
@@ -235,11 +253,12 @@ class InstructionDataModule(_TokenizedDataModule):
 
     def __init__(self, path: str | None = None, source: str | None = "chatterbot", tokenizer: str | None = None,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, limit: int | None = None):
+                 num_workers: int = 0, limit: int | None = None, packing: bool = False):
         super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
         self.max_length = max_length
+        self.packing = bool(packing)
 
     def _examples(self):
         convs = read_jsonl(self.path) if self.path is not None else chatterbot_pairs()
@@ -253,7 +272,8 @@ class TextDataModule(_TokenizedDataModule):
     """Plain text packed into blocks of ``block_size`` tokens (``labels = input_ids``); documents end with eos.
 
     Args:
-        path: a UTF-8 text file (one document); ``source`` when None: ``"pydoc"`` (the stdlib's pydoc topics).
+        path: a UTF-8 text file (one document); ``source`` when None: ``"pydoc"`` (the stdlib's pydoc topics), or
+            a file path.
         limit: keep at most this many blocks (a seeded random subset).
     """
 

@@ -2,7 +2,8 @@
 
 The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` (idempotent), so under sharded
 strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
-(-100 = ignored); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
+(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``); batches
+may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
 only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
 
 Example::
@@ -34,6 +35,7 @@ from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 
@@ -105,6 +107,8 @@ class LoRAModule(LightningModule):
         dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
         trust_remote_code: allow code shipped with the model (off by default).
         adapter_name: the adapter's name on the model.
+        loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
+            never holds more than this many rows of logits.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class LoRAModule(LightningModule):
         trust_remote_code: bool = False,
         adapter_name: str = "default",
         export_gguf: list[str] | None = None,
+        loss_chunk_size: int = CHUNK_SIZE,
     ):
         super().__init__()
         if not isinstance(adapter, AdapterConfig):
@@ -142,6 +147,9 @@ class LoRAModule(LightningModule):
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         self.export_gguf = export_gguf
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
+        self.loss_chunk_size = loss_chunk_size
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -174,8 +182,9 @@ class LoRAModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-        return out.loss
+        """Mean cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``)."""
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size)
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
@@ -196,7 +205,7 @@ class LoRAModule(LightningModule):
             return
         seconds = time.perf_counter() - self._step_start
         mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        tokens = int(mask.sum()) if mask is not None else int(batch.get("num_tokens", batch["input_ids"].numel()))
         self.log("tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -235,7 +244,11 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``)."""
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
+        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
+            return []
         return [FiniteLossGuard()]
 
     # ---------------------------------------------------------------- optimizers

@@ -1,0 +1,185 @@
+"""Errors on one line for the commands: ``error: <what> (<config key>): <how to fix>``, exit code 2, no traceback.
+
+The library raises ordinary exceptions (the Python API keeps them); only a command shortens them, here:
+
+- our own messages read "<what>. <how to fix>" (or "<what>; <how to fix>"): they are split at the first sentence;
+- jsonargparse's errors (a key typo, a value of the wrong type) become the same line, and a typo gets the nearest
+  valid key ("did you mean 'adapter'?", from ``difflib``) instead of the usage;
+- the config key is the one whose name or value the message mentions (``model.adapter.init_args.r``).
+
+``LIGHTNING_LORA_TRACEBACK=1`` in the environment, or ``--traceback`` on the command line, shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+
+TRACEBACK_ENV = "LIGHTNING_LORA_TRACEBACK"
+TRACEBACK_FLAG = "--traceback"
+EXIT_CODE = 2
+_FIX_VERBS = ("use", "pass", "set", "add", "install", "lower", "check", "narrow", "load", "call", "run", "give",
+              "rename", "remove", "convert", "delete", "pick", "put")  # fmt: skip
+
+
+def wants_traceback(argv: Iterable[str]) -> bool:
+    return TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def run_command(main: Callable[[list[str]], object], argv: list[str]) -> None:
+    """Run ``main(argv)``; an exception becomes one ``error:`` line on stderr and exit code 2 (unless asked not to)."""
+    show = wants_traceback(argv)
+    if TRACEBACK_FLAG in argv:  # a flag for us, not for the command's parser (nested calls see the variable)
+        os.environ[TRACEBACK_ENV] = "1"
+        argv = [a for a in argv if a != TRACEBACK_FLAG]
+        sys.argv = [a for a in sys.argv if a != TRACEBACK_FLAG]
+    try:
+        main(argv)
+    except Exception as exc:  # noqa: BLE001 - the command's last line of defence
+        if show:
+            raise
+        print(one_line(exc), file=sys.stderr)
+        sys.exit(EXIT_CODE)
+
+
+# --------------------------------------------------------------------------------------------------- formatting
+def one_line(exc: BaseException) -> str:
+    """``error: <what> (<config key>): <how to fix>`` for ``exc`` (its cause when a wrapper only repeats it)."""
+    config = getattr(exc, "lightning_lora_config", None) or {}
+    typo = _typo(_squash(str(exc)), getattr(exc, "lightning_lora_parser", None))
+    exc = _innermost(exc)
+    message = _squash(str(exc)) or type(exc).__name__
+    if typo is not None:
+        what, key, fix = typo
+    else:
+        what, fix = split_message(message)
+        key = config_key(message, config)
+        if not fix:
+            fix = f"change it in the config or with --{key} VALUE" if key else _generic_fix(exc)
+    if type(exc).__module__ not in ("builtins", "argparse") and not what.startswith(type(exc).__name__):
+        what = f"{type(exc).__name__}: {what}"
+    where = f" ({key})" if key else ""
+    fix = fix[:1].lower() + fix[1:] if fix[1:2].islower() else fix
+    return f"error: {what}{where}: {fix} (traceback: {TRACEBACK_ENV}=1)"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """jsonargparse wraps an exception raised while instantiating a class in a Union dump: keep the real one."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if not (text.startswith(("Does not validate", "Parser key", "Problem with given class_path"))
+                or "Problem with given class_path" in text):
+            break
+        exc = exc.__cause__
+    return exc
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def split_message(message: str) -> tuple[str, str]:
+    """``(what, how to fix)``: the message split at its first sentence, ``;`` or ``: <imperative verb>``."""
+    cuts = [m.start() for m in re.finditer(r"\. (?=[A-Z\"'`(])", message)]
+    cuts += [m.start() for m in re.finditer(r"; ", message)]
+    cuts += [m.start() for m in re.finditer(r": (?=(" + "|".join(_FIX_VERBS) + r")\b)", message)]
+    cuts = [c for c in cuts if 0 < c < len(message) - 2]
+    if not cuts:
+        return message.rstrip("."), ""
+    cut = min(cuts)
+    return message[:cut].rstrip("."), message[cut + 2 :].strip().rstrip(".")
+
+
+def _generic_fix(exc: BaseException) -> str:
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return "check the path"
+    if isinstance(exc, ImportError):
+        return "install the missing package"
+    return "check the command line and the config"
+
+
+def config_key(message: str, config: dict) -> str | None:
+    """The config key the message is about: its last part named as a word, or its (string) value quoted in it."""
+    best, best_score = None, 0
+    for key, value in config.items():
+        name = key.rsplit(".", 1)[-1]
+        named = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", message) is not None
+        named = named and (len(name) > 2 or re.search(rf"(?<![\w.-]){re.escape(name)} (\(|must|=|is)", message))
+        text = str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        shown = len(text) >= 3 and text not in ("auto", "cpu", "None", "null", "true", "false") and text in message
+        score = 2 * bool(named) + bool(shown) + (len(text) / 1000 if shown else 0)
+        if (named or shown) and score > best_score:
+            best, best_score = key, score
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------ key typos
+def _typo(message: str, parser) -> tuple[str, str, str] | None:
+    """``(what, key, fix)`` for jsonargparse's "unknown key" errors, with the nearest valid key."""
+    m = (re.search(r"does not accept option '([^']+)'", message) or re.search(r"Key '([^']+)' is not expected", message)
+         or re.search(r"nrecognized arguments: --([\w.]+)", message))
+    if m:
+        wrong = m.group(1)
+        valid = sorted(_parser_keys(parser))
+        return _suggest(wrong, valid)
+    m = re.search(r"Parser key \"([^\"]+)\": Problem with given class_path '([^']+)': Option '([^']+)' is not accepted",
+                  message)  # fmt: skip
+    if m:
+        group, class_path, option = m.groups()
+        valid = _init_args(class_path)
+        what, _, fix = _suggest(option, valid)
+        return f"{class_path} has no option '{option}'", f"{group}.init_args.{option}", fix
+    return None
+
+
+def _suggest(wrong: str, valid: list[str]) -> tuple[str, str, str]:
+    """The first part of the dotted key ``wrong`` that is not valid, and the nearest valid names at that level."""
+    parts = wrong.split(".")
+    split = [k.split(".") for k in valid]
+    for depth, part in enumerate(parts):
+        level = sorted({k[depth] for k in split if len(k) > depth and k[:depth] == parts[:depth]})
+        if part in level:
+            continue
+        key = ".".join(parts[: depth + 1])
+        close = difflib.get_close_matches(part, level, n=3, cutoff=0.6)
+        if close:
+            others = f" (or {', '.join(repr(c) for c in close[1:])})" if close[1:] else ""
+            fix = f"did you mean '{close[0]}'?{others}"
+        else:
+            fix = f"valid keys here: {', '.join(level[:25]) or '(none)'}"
+        return f"unknown key '{part}'", key, fix
+    return f"unknown key '{wrong}'", wrong, "check its spelling"
+
+
+def _parser_keys(parser) -> set[str]:
+    """Every key a (LightningCLI) parser accepts, from the chosen subcommand's parser when there is one."""
+    if parser is None:
+        return set()
+    keys: set[str] = set()
+    subcommands = getattr(parser, "_subcommands_action", None)
+    parsers = list(subcommands._name_parser_map.values()) if subcommands is not None else [parser]
+    for p in parsers:
+        for action in p._actions:
+            dest = getattr(action, "dest", "")
+            if dest and dest not in ("help", "config", "print_config"):
+                keys.add(dest)
+    return keys
+
+
+def _init_args(class_path: str) -> list[str]:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
+__all__ = ["EXIT_CODE", "TRACEBACK_ENV", "config_key", "one_line", "run_command", "split_message"]

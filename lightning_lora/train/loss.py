@@ -1,0 +1,152 @@
+"""Causal-LM loss on the labeled positions only, with the output head run in chunks.
+
+A causal LM predicts token t+1 from position t. With labels y (-100 = ignored) and the last hidden states H (after the
+final norm), Hugging Face's ``model(..., labels=y).loss`` is
+
+    L = (1 / N) sum_{t : y_{t+1} != -100} -log softmax(W h_t)[y_{t+1}],    N = #{t : y_{t+1} != -100}
+
+but it computes the logits W h_t (vocab wide) for *every* position and keeps them, their fp32 copy and their
+log-softmax for backward. Only the labeled rows matter (about a quarter of the positions of a chat fine-tune, where
+prompts are masked), so ``causal_lm_loss`` gathers those rows of H and runs head + cross-entropy over them in chunks
+of ``chunk_size`` rows. Each chunk is wrapped in non-reentrant ``torch.utils.checkpoint``: forward keeps only the
+chunk's scalar loss, backward recomputes that chunk's logits, so at most one chunk of logits (chunk_size x vocab) is
+alive at any time. Logits are upcast to fp32 per chunk and the sum over chunks is fp32, also when the model runs in
+bf16 (the recipe of torchtune's ``CEWithChunkedOutputLoss``; Liger's fused linear cross-entropy and Cut Cross-Entropy,
+arXiv:2411.09009, go further with fused kernels).
+
+The model runs through its own ``forward`` (so FSDP2's hooks, attention masks, packed-sequence ``position_ids`` and
+gradient checkpointing behave as usual) with its output head swapped, for the duration of the call, for a stand-in
+that takes the last hidden states and returns the loss, applying the real head (``get_output_embeddings()``: a plain
+or adapted ``lm_head``, or tied to the input embeddings) to the labeled rows only. Models whose ``forward`` rescales logits after the head
+(``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``) fall back to Hugging Face's own loss.
+
+Example (an ``AdapterCallback`` user's ``training_step``)::
+
+    from lightning_lora.train.loss import causal_lm_loss
+
+    def training_step(self, batch, batch_idx):
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"],
+                              attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+CHUNK_SIZE = 512
+_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class _LossHead(nn.Module):
+    """Stands in for the output head during the model's forward: gets the last hidden states, returns the loss.
+
+    Running the real head inside the model's forward matters under FSDP2, whose root module holds the head: its
+    parameters are gathered only inside the root's forward (and again in backward, from the output on).
+    """
+
+    def __init__(self, head: nn.Module, labels: Tensor, chunk_size: int):
+        super().__init__()
+        self.head, self.labels, self.chunk_size = head, labels, chunk_size
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if hidden.shape[:2] != self.labels.shape:
+            raise ValueError(f"causal_lm_loss: labels {tuple(self.labels.shape)} do not match the hidden states "
+                             f"{tuple(hidden.shape[:2])} (batch, seq).")
+        rows, targets = labeled_rows(hidden, self.labels)
+        if targets.numel() == 0:
+            return hidden.sum().float() * 0.0
+        return chunked_cross_entropy(self.head, rows, targets, self.chunk_size) / targets.numel()
+
+
+def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent module, attribute name, head) of the model's output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"causal_lm_loss needs a causal LM with an output head; {type(model).__name__} has none "
+                         "(get_output_embeddings() returned None).")
+    for name, module in model.named_modules():
+        if module is head and name:
+            parent, _, attr = name.rpartition(".")
+            return model.get_submodule(parent), attr, head
+    raise ValueError(f"the output head of {type(model).__name__} is not one of its submodules.")
+
+
+@contextlib.contextmanager
+def _head_swapped(model: nn.Module, stand_in) -> Iterator[None]:
+    """Inside the block ``model``'s output head is ``stand_in(head)``; the head is put back on exit."""
+    parent, attr, head = _head_slot(model)
+    setattr(parent, attr, stand_in(head))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, head)
+
+
+def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of one chunk, in fp32."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """sum_i -log softmax(head(hidden_i))[targets_i] over rows, ``chunk_size`` rows at a time (fp32 sum).
+
+    Under autograd each chunk is checkpointed: its logits are recomputed in backward instead of being kept.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, y)
+    return total
+
+
+def labeled_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Hidden states at positions t whose next label y_{t+1} is not -100, and those labels (both flattened)."""
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != IGNORE
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return rows[keep], targets[keep]
+
+
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+                   position_ids: Tensor | None = None, chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """Mean next-token cross-entropy over the labeled positions (Hugging Face's ``model(..., labels=...).loss``).
+
+    Args:
+        model: a Hugging Face causal LM (``*ForCausalLM``), adapted or not, possibly FSDP2-sharded.
+        input_ids, labels: (batch, seq); labels are *not* shifted (as for Hugging Face), -100 = ignored.
+        attention_mask: (batch, seq) padding mask, or None. For packed rows pass None and ``position_ids`` that
+            restart at 0 for each example: transformers then keeps attention inside each example.
+        position_ids: (batch, seq) or None.
+        chunk_size: labeled rows per head + cross-entropy chunk (memory: chunk_size x vocab fp32 logits).
+
+    Returns:
+        the fp32 scalar loss; 0 (still attached to the graph) when no position is labeled, where Hugging Face
+        returns NaN.
+    """
+    config = getattr(model, "config", None)
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                    use_cache=False)
+        return out.loss.float()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+    with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits  # what the model returns as its "logits" is the stand-in head's output: the loss
+
+
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_rows"]

@@ -1,0 +1,132 @@
+"""Batches with little padding: padding-free packing, or batches grouped by length.
+
+**Packing** (``InstructionDataModule(packing=True)``): the ``batch_size`` examples of a batch are laid end to end into
+as few rows of at most ``max_length`` tokens as first-fit decreasing finds, so a batch still holds exactly
+``batch_size`` examples (the examples per optimizer step do not change) but fewer, fuller rows. The rows carry
+``position_ids`` that restart at 0 for each example and no ``attention_mask``: transformers (>= 4.44; checked with
+the sdpa and eager backends on CPU in transformers 5) then finds the example boundaries from the restarts
+(``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask, so no token attends across
+examples. The first label of each example is set to -100, so no example is asked to predict the next one's first
+token (as transformers' ``DataCollatorWithFlattening`` does); unpacked, that label is never predicted either.
+Rows are right-padded to the longest row with positions restarting at 0, so the padding is a block of its own.
+
+**Grouping by length** (``packing=False``): shuffled indices are cut into mega-batches of 50 batches, each sorted by
+length, cut into batches, and the batches are shuffled, so a batch pads to a length close to its members' (the
+scheme of Hugging Face's ``group_by_length``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+MEGABATCHES = 50
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows of at most ``capacity`` (first-fit decreasing); longer items alone."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(batch: list[dict[str, torch.Tensor]], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Pack ``batch`` into rows of at most ``capacity`` tokens: input_ids, labels, position_ids (restarting per
+    example), and ``num_tokens`` (the non-padding tokens); no attention_mask (see the module docstring)."""
+    rows = first_fit([len(b["input_ids"]) for b in batch], capacity)
+    width = max(sum(len(batch[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            k = len(batch[i]["input_ids"])
+            ids[r, start : start + k] = batch[i]["input_ids"]
+            labels[r, start + 1 : start + k] = batch[i]["labels"][1:]
+            pos[r, start : start + k] = torch.arange(k)
+            start += k
+        pos[r, start:] = torch.arange(width - start)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos,
+            "num_tokens": torch.tensor(sum(len(b["input_ids"]) for b in batch))}
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which every run of ``batch_size`` has similar lengths (see the module docstring).
+
+    Deterministic per ``seed`` and epoch (Lightning calls ``set_epoch``; without it each pass moves to the next).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self._epoch_set = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_set = epoch, True
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.batch_size * MEGABATCHES
+        out = []
+        for start in range(0, len(order), size):
+            mega = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+            out += [mega[j : j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
+        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        batches = self.batches(self.epoch)
+        if not self._epoch_set:
+            self.epoch += 1
+        return iter([i for b in batches for i in b])
+
+
+def padding_share(lengths: Sequence[int], batches: list[list[int]], capacity: int | None = None) -> float:
+    """Share of padding positions when each batch is padded to its longest example, or, with ``capacity``, packed
+    into rows of at most ``capacity`` tokens and padded to the longest row."""
+    real = padded = 0
+    for b in batches:
+        lens = [lengths[i] for i in b]
+        if capacity is None:
+            rows, width = len(lens), max(lens)
+        else:
+            packed = first_fit(lens, capacity)
+            rows, width = len(packed), max(sum(lens[i] for i in row) for row in packed)
+        real, padded = real + sum(lens), padded + rows * width
+    return 1 - real / padded if padded else 0.0
+
+
+def log_padding(lengths: Sequence[int], batch_size: int, seed: int, packing: bool, capacity: int) -> None:
+    """One log line: the padding share of random batches padded to the longest, and of the batches used instead."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    random = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    before = padding_share(lengths, random)
+    if packing:
+        after = padding_share(lengths, random, capacity)
+        how = f"packed ({batch_size} examples per batch in rows of up to {capacity} tokens)"
+    else:
+        after = padding_share(lengths, LengthGroupedSampler(lengths, batch_size, seed).batches(0))
+        how = "batches grouped by length"
+    log.info(f"padding: {100 * before:.1f}% of positions in random batches padded to the longest; "
+             f"{100 * after:.1f}% with {how}.")
+
+
+__all__ = ["LengthGroupedSampler", "collate_packed", "first_fit", "log_padding", "padding_share"]
