@@ -130,7 +130,7 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
     return {"cpu_s": time.process_time() - start, "losses": losses}
 
 
-def run_ours(data: Path, setting: str, steps: int) -> dict:
+def run_ours(data: Path, setting: str, steps: int, checkpointing: bool = False) -> dict:
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from lightning_lora import LoRA, NF4
@@ -164,7 +164,8 @@ def run_ours(data: Path, setting: str, steps: int) -> dict:
     spec = SETTINGS[setting]
     module = LoRAModule(MODEL, adapter=LoRA(r=R, alpha=ALPHA, target_modules="all-linear"),
                         quantize=NF4(blocksize=64, double_quant=True),
-                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR))
+                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+                        gradient_checkpointing=checkpointing)
     dm = InOrder(path=str(data), val_fraction=0.0, packing=True, **spec)
     probe = Probe()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
@@ -176,7 +177,10 @@ def run_ours(data: Path, setting: str, steps: int) -> dict:
 
 def worker(variant: str, data: Path, setting: str, steps: int, out: Path) -> None:
     torch.set_num_threads(1)
-    res = (run_recipe if variant == "recipe" else run_ours)(data, setting, steps)
+    if variant == "recipe":
+        res = run_recipe(data, setting, steps)
+    else:
+        res = run_ours(data, setting, steps, checkpointing=variant == "ours_ckpt")
     res.update(train_peak_rss=_peak_rss(), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out.write_text(json.dumps(res))
 
@@ -203,8 +207,10 @@ def check_same_examples(data: Path, setting: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30 quickstart, 16 long)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20 quickstart, 12 long)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating")
+    p.add_argument("--checkpointing", nargs="*", default=[], choices=list(SETTINGS),
+                   help="settings in which ours also uses gradient checkpointing (the recipe never does)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("e2e_results.json"))
     p.add_argument("--worker", nargs=4, metavar=("VARIANT", "DATA", "SETTING", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_setting(setting: str, args, tmp: Path) -> dict:
     """Alternating runs of both variants on one setting; their summary and ratios."""
-    steps = args.steps or {"quickstart": 30, "long": 16}[setting]
+    steps = args.steps or {"quickstart": 20, "long": 12}[setting]
     data = tmp / f"{setting}.jsonl"
     rows = conversations(setting, steps * SETTINGS[setting]["batch_size"] * 2)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -233,8 +239,9 @@ def run_setting(setting: str, args, tmp: Path) -> dict:
     for rep in range(args.repeats):
         for variant in ("recipe", "ours") if rep % 2 == 0 else ("ours", "recipe"):
             out = tmp / f"{setting}.{variant}.{rep}.json"
+            name = "ours_ckpt" if variant == "ours" and setting in args.checkpointing else variant
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", variant, str(data), setting, str(out)]
+            cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", name, str(data), setting, str(out)]
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} {setting} failed:\n{proc.stderr[-4000:]}")
@@ -258,7 +265,8 @@ def run_setting(setting: str, args, tmp: Path) -> dict:
                          "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
                          "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
                          "loss_last10": o["loss_last10"] / r["loss_last10"]}
-    summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts}
+    summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts,
+                        "ours_gradient_checkpointing": setting in args.checkpointing}
     print(f"{setting}: ours/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in summary["ratios"].items()), flush=True)
     return summary
 

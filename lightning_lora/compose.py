@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, AdapterLayer
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, layers_set
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set
 from lightning_lora.methods.lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ def combine(
     known = adapter_names(model)
     if not weights:
         raise ValueError("combine: give at least one adapter, e.g. {'a': 0.7, 'b': 0.3}.")
-    unknown = [a for a in weights if a not in known]
-    if unknown:
-        raise ValueError(f"combine: no adapter named {unknown} on the model; it has {known}.")
+    check_known(model, list(weights), "combine", known)
     if name in known:
         raise ValueError(f"combine: an adapter named {name!r} already exists; choose another name or delete it first.")
     bad = {a: w for a, w in weights.items() if not math.isfinite(float(w))}
@@ -175,9 +173,6 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[n
             "set_adapter)."
         )
     names = list(names)
-    known = adapter_names(model)
-    unknown = sorted({n for n in names if n is not None and n not in known})
-    if unknown:
-        raise ValueError(f"per_sample_adapters: no adapter named {unknown} on the model; it has {known} (or None).")
+    check_known(model, names, "per_sample_adapters (None: the base)")
     with layers_set(model, "sample_adapters", names):
         yield model

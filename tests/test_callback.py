@@ -158,7 +158,7 @@ def test_lora_plus_one_line():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="AdapterConfig \\(LoRA, DoRA, VeRA or your own subclass\\)"):
+    with pytest.raises(TypeError, match=r"must be an AdapterConfig \(LoRA, DoRA, VeRA"):
         AdapterCallback(adapter={"r": 8})
     module = InInit()
     with pytest.raises(AttributeError, match="no module at 'model'"):

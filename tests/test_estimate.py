@@ -109,9 +109,9 @@ def test_smollm2_static_bytes_match_a_real_adamw_step():
     assert abs(measured - estimated) <= 0.10 * measured
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_activations_match_autograd_saved_tensors(tmp_path, dtype):
-    """Bytes autograd keeps for backward (unique storages, parameters excluded) vs the estimate, 2-layer SmolLM2."""
+def _saved_bytes(tmp_path, dtype: str, loss) -> dict[int, int]:
+    """Bytes autograd keeps for backward of ``loss(model, ids)`` (unique storages, parameters excluded) on a 2-layer
+    SmolLM2 with LoRA r8 on every linear layer, batch 2 x 32; its config is written to ``tmp_path``."""
     cfg = model_config("smollm2-135m")
     cfg.num_hidden_layers = 2
     (tmp_path / "config.json").write_text(cfg.to_json_string())
@@ -129,7 +129,14 @@ def test_activations_match_autograd_saved_tensors(tmp_path, dtype):
 
     ids = torch.randint(0, 49152, (2, 32))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
+        loss(model, ids)
+    return saved
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_activations_match_autograd_saved_tensors(tmp_path, dtype):
+    """Bytes autograd keeps for backward (unique storages, parameters excluded) vs the estimate, 2-layer SmolLM2."""
+    saved = _saved_bytes(tmp_path, dtype, lambda model, ids: model(input_ids=ids, labels=ids).loss)
     logits = 2 * 32 * 49152
     measured = sum(saved.values()) - 4 * logits  # the saved fp32 log-softmax; our estimate adds 12 bytes per logit
     res = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=0)
@@ -176,24 +183,7 @@ def test_chunked_loss_keeps_no_logits_and_its_term_is_one_chunk(tmp_path, dtype)
     for HF's loss, minus its logits term) plus the labeled rows; the estimate's loss term is chunk x vocab x 12."""
     from lightning_lora.train.loss import causal_lm_loss
 
-    cfg = model_config("smollm2-135m")
-    cfg.num_hidden_layers = 2
-    (tmp_path / "config.json").write_text(cfg.to_json_string())
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch_dtype)
-    inject(model, LoRA(r=8, target_modules="all-linear"))
-    model.to(torch_dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.randint(0, 49152, (2, 32))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model, ids, ids, chunk_size=16)
+    saved = _saved_bytes(tmp_path, dtype, lambda model, ids: causal_lm_loss(model, ids, ids, chunk_size=16))
     assert max(saved.values()) < 16 * 49152 * 4  # no logits kept: not even one chunk's
     chunked = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=16)
     full = estimate(str(tmp_path), "lora", 8, "all-linear", batch_size=2, seq_len=32, dtype=dtype, loss_chunk_size=0)

@@ -111,7 +111,7 @@ needs_bin = pytest.mark.skipif(not BIN or not (Path(BIN or ".") / "llama-perplex
 def smollm2_with_adapter():
     model, tokenizer = load_causal_lm("smollm2-135m-instruct")
     ll.inject(model, ll.LoRA(r=8, alpha=16, target_modules="all-linear"))
-    perturb_adapters(model, std=0.02, seed=3)  # a visible, non-destructive change of the base
+    perturb_adapters(model, std=0.04, seed=3)  # a visible change (ppl +14% on 3 chunks), not a broken model
     return model, tokenizer
 
 

@@ -134,9 +134,9 @@ def test_datamodule_packs_logs_padding_and_keeps_batch_size(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = {}
-    for packing in (False, True):
+    for packing, pack_length in ((False, None), (True, 48), (True, None)):
         dm = InstructionDataModule(str(path), tokenizer=str(tiny), max_length=48, batch_size=4, val_fraction=0.0,
-                                   packing=packing)
+                                   packing=packing, pack_length=pack_length)
         dm.setup("fit")
         with caplog.at_level(logging.INFO, logger="lightning_lora.train.packing"):
             caplog.clear()
@@ -144,12 +144,14 @@ def test_datamodule_packs_logs_padding_and_keeps_batch_size(tmp_path, caplog):
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("padding:")]
         assert len(lines) == 1 and ("packed" in lines[0]) == packing
         batches = list(loader)
-        seen[packing] = sorted(t for b in batches for t in b["labels"][b["labels"] != -100].tolist())
+        seen[(packing, pack_length)] = sorted(t for b in batches for t in b["labels"][b["labels"] != -100].tolist())
         if packing:
-            assert all("position_ids" in b and b["input_ids"].shape[1] <= 48 for b in batches)
+            assert all("position_ids" in b and b["input_ids"].shape[1] <= (pack_length or 4 * 48) for b in batches)
             assert sum(int(b["num_tokens"]) for b in batches) == sum(len(x["input_ids"]) for x in dm.train_set)
-    # both see the same response tokens, less the first label of an example (never a response token here)
-    assert seen[True] == seen[False]
+        if packing and pack_length is None:  # the default budget holds the whole batch: one row, no padding
+            assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].numel() == int(b["num_tokens"]) for b in batches)
+    # all see the same response tokens, less the first label of an example (never a response token here)
+    assert seen[(True, 48)] == seen[(True, None)] == seen[(False, None)]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

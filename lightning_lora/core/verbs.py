@@ -43,12 +43,31 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
     return {}
 
 
-def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[tuple[str, AdapterBranch]]:
-    """The branches ``inject`` would add, one per target layer, built but not yet attached."""
+def check_adapter_config(config: object) -> None:
+    """The one check that ``config`` is an adapter config (a registered method or a user's subclass)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(
             f"adapter must be an AdapterConfig ({', '.join(METHODS)}, or your own subclass), got {type(config).__name__}."
         )
+
+
+def check_known(model: nn.Module, names, where: str = "", known: list[str] | None = None) -> None:
+    """The one check that every adapter name in ``names`` is on ``model`` (``None`` entries allowed: the base).
+
+    Raises:
+        ValueError: ``<where>: no adapter named [...] on the model; it has [...]``.
+    """
+    known = adapter_names(model) if known is None else known
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = list(dict.fromkeys(n for n in names if n is not None and n not in known))
+    if unknown:
+        shown = repr(unknown[0]) if len(unknown) == 1 and len(names) == 1 else unknown
+        raise ValueError(f"{where + ': ' if where else ''}no adapter named {shown} on the model; it has {known}.")
+
+
+def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[tuple[str, AdapterBranch]]:
+    """The branches ``inject`` would add, one per target layer, built but not yet attached."""
+    check_adapter_config(config)
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}.")
     if name in adapter_names(model):
@@ -99,10 +118,7 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
     # A swap touches only plain dicts and tensor flags (no module walk, no nn.Module attribute machinery), so it
     # costs microseconds per layer; the adapted layers are cached until a verb here changes the model's structure.
     branches = [layer._modules["adapters"]._modules for layer in _cached_layers(model)]
-    known = list(dict.fromkeys(n for layer_branches in branches for n in layer_branches))
-    unknown = [n for n in weights if n not in known]
-    if unknown:
-        raise ValueError(f"no adapter named {unknown} on the model; it has {known}.")
+    check_known(model, list(weights), known=list(dict.fromkeys(n for layer_branches in branches for n in layer_branches)))
     for layer_branches in branches:
         for n, w in weights.items():
             if n in layer_branches and not layer_branches[n].additive:
@@ -131,8 +147,7 @@ def _cached_layers(model: nn.Module) -> list[AdapterLayer]:
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``; layers left without adapters get their plain base layer back."""
-    if name not in adapter_names(model):
-        raise ValueError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}.")
+    check_known(model, name)
     for target, layer in adapter_layers(model).items():
         if name in layer.adapters:
             del layer.adapters[name]

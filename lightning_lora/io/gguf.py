@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora.core.verbs import adapter_layers, adapter_names
+from lightning_lora.core.verbs import adapter_layers, check_known
 from lightning_lora.io.files import atomic_file
 from lightning_lora.methods.lora import LoRA
 
@@ -87,7 +87,7 @@ def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple
     """
     layers = {t: layer for t, layer in adapter_layers(model).items() if name in layer.adapters}
     if not layers:
-        raise ValueError(f"GGUF export: no adapter named {name!r} on the model; it has {adapter_names(model)}.")
+        check_known(model, name, "GGUF export")
     config = next(iter(layers.values())).adapters[name].config
     if type(config) is not LoRA:
         raise ValueError(

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import compact_targets
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, delete_adapter, plan_injection
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, delete_adapter, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.methods import dora, lora, vera  # noqa: F401  (the built-in methods join the registry)
@@ -43,7 +43,7 @@ def save_adapter(
     """
     branches = {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
     if not branches:
-        raise ValueError(f"save_adapter: no adapter named {name!r} on the model; it has {adapter_names(model)}.")
+        check_known(model, name, "save_adapter")
     first = next(iter(branches.values()))
     config = first.config
     tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}

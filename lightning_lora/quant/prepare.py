@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_lora.core.kinds import dense_weight, in_out_features, is_linear_like, is_quantized
 from lightning_lora.core.layer import AdapterConfig, AdapterLayer
-from lightning_lora.core.verbs import attach, inject, plan_injection
+from lightning_lora.core.verbs import attach, check_adapter_config, inject, plan_injection
 from lightning_lora.methods.dora import DoRA, DoRABranch
 from lightning_lora.methods.pissa import pissa_factors
 from lightning_lora.quant.loftq import loftq, qpissa
@@ -119,8 +119,10 @@ def check_start(adapter: AdapterConfig, quantize: object = None) -> None:
     """The checks of ``adapter.init`` that need no model (LoRAModule and AdapterCallback run them at construction).
 
     Raises:
+        TypeError: ``adapter`` is not an adapter config.
         ValueError: ``init="loftq"`` without ``quantize``, or DoRA with ``init="loftq"``.
     """
+    check_adapter_config(adapter)
     init = getattr(adapter, "init", "default")
     if init == "loftq" and quantize is None:
         raise ValueError("init='loftq' chooses the NF4 base and the adapter's start together, so it needs a quantized "

@@ -69,8 +69,6 @@ class AdapterCallback(Callback):
         export_gguf: list[str] | None = None,
     ):
         adapter = LoRA() if adapter is None else adapter
-        if not isinstance(adapter, AdapterConfig):
-            raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
         check_start(adapter, quantize)
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")

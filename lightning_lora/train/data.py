@@ -214,9 +214,9 @@ class _TokenizedDataModule(pl.LightningDataModule):
                               collate_fn=functools.partial(collate, pad_id=pad))
         lengths = [len(x["input_ids"]) for x in data]
         if shuffle:
-            log_padding(lengths, self.batch_size, self.seed, packing, self.max_length)
+            log_padding(lengths, self.batch_size, self.seed, packing, self.pack_length)
         sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed) if shuffle and not packing else None
-        fn = functools.partial(collate_packed, capacity=self.max_length) if packing else collate
+        fn = functools.partial(collate_packed, capacity=self.pack_length) if packing else collate
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=functools.partial(fn, pad_id=pad))
 
@@ -239,10 +239,12 @@ class InstructionDataModule(_TokenizedDataModule):
         tokenizer: alias or model folder to read the tokenizer from; None: the LightningModule's ``.tokenizer``.
         max_length: longer examples are truncated (their count is logged).
         limit: keep at most this many examples (a seeded random subset).
-        packing: lay the ``batch_size`` examples of each batch end to end in rows of up to ``max_length`` tokens
+        packing: lay the ``batch_size`` examples of each batch end to end in rows of up to ``pack_length`` tokens
             (padding-free packing, ``train/packing.py``): a batch still holds ``batch_size`` examples, in fewer rows,
             with ``position_ids`` restarting per example and attention kept inside each example. Off: training
             batches are grouped by length. Either way the padding share before/after is logged once.
+        pack_length: the row budget when packing; default ``batch_size * max_length``, i.e. one row per batch and
+            no padding at all (attention then spans the row with a block-diagonal mask).
 
     Example::
 
@@ -253,12 +255,16 @@ class InstructionDataModule(_TokenizedDataModule):
 
     def __init__(self, path: str | None = None, source: str | None = "chatterbot", tokenizer: str | None = None,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, limit: int | None = None, packing: bool = False):
+                 num_workers: int = 0, limit: int | None = None, packing: bool = False, pack_length: int | None = None):
         super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
+        if pack_length is not None and pack_length < max_length:
+            raise ValueError(f"pack_length must be at least max_length ({max_length}) so every example fits a row, "
+                             f"got {pack_length}; leave it None for one row per batch.")
         self.max_length = max_length
         self.packing = bool(packing)
+        self.pack_length = pack_length or batch_size * max_length
 
     def _examples(self):
         convs = read_jsonl(self.path) if self.path is not None else chatterbot_pairs()

@@ -128,8 +128,6 @@ class LoRAModule(LightningModule):
         loss_chunk_size: int = CHUNK_SIZE,
     ):
         super().__init__()
-        if not isinstance(adapter, AdapterConfig):
-            raise TypeError(f"adapter must be an AdapterConfig (LoRA, DoRA, VeRA or your own subclass), got {type(adapter).__name__}.")
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
         if lr_ratio is not None and not lr_ratio > 0:
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")

@@ -1,7 +1,8 @@
 """Batches with little padding: padding-free packing, or batches grouped by length.
 
 **Packing** (``InstructionDataModule(packing=True)``): the ``batch_size`` examples of a batch are laid end to end into
-as few rows of at most ``max_length`` tokens as first-fit decreasing finds, so a batch still holds exactly
+as few rows of at most ``pack_length`` tokens (default ``batch_size * max_length``: one row, no padding at all) as
+first-fit decreasing finds, so a batch still holds exactly
 ``batch_size`` examples (the examples per optimizer step do not change) but fewer, fuller rows. The rows carry
 ``position_ids`` that restart at 0 for each example and no ``attention_mask``: transformers (>= 4.44; checked with
 the sdpa and eager backends on CPU in transformers 5) then finds the example boundaries from the restarts
