@@ -163,12 +163,9 @@ class _LoRALinear(torch.autograd.Function):
             bits = _pack_bits(mask)
         else:
             h = torch.mm(x2, A.t())
+        out = siblings.add_up(base_out, h, B, scale, inplace)
         if inplace:
-            base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
             ctx.mark_dirty(base_out)
-            out = base_out
-        else:
-            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
         ctx.scale, ctx.p = scale, p
         ctx.save_for_backward(x, bits, h, A, B)
         return out
@@ -204,7 +201,7 @@ def lora_linear(
     the output. ``inplace=True`` lets the sum overwrite ``base_out``: only for a caller that owns it and never reads
     it again (``LoRABranch``; DoRA reuses its base output, so it must not).
     """
-    n_in, n_out = x.shape[-1], base_out.shape[-1]
+    n_in = x.shape[-1]
     out_dtype = base_out.dtype
     if out_dtype != A.dtype:  # mixed precision: compute in the adapter's dtype on a fresh copy, cast back at the end
         base_out = base_out.to(A.dtype)
@@ -212,12 +209,7 @@ def lora_linear(
     if p == 0.0 and not (
         torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
     ):
-        h = torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t())
-        if inplace:
-            base_out.view(-1, n_out).addmm_(h, B.t(), alpha=scale)
-            out = base_out
-        else:
-            out = torch.addmm(base_out.reshape(-1, n_out), h, B.t(), alpha=scale).view(base_out.shape)
+        out = siblings.add_up(base_out, torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t()), B, scale, inplace)
     else:
         inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
         out = _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)  # casts x inside: the saved x is the layer's

@@ -104,17 +104,23 @@ class _GroupDown(torch.autograd.Function):
         return (grad_x, *grad_As)
 
 
+def add_up(base_out: Tensor, h: Tensor, B: Tensor, scale: float, inplace: bool) -> Tensor:
+    """``base_out + scale * h B^T`` for h (N, r), base_out (..., out): one ``addmm``, into ``base_out`` itself when
+    ``inplace`` (the caller then marks it dirty)."""
+    if inplace:
+        base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
+        return base_out
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
+
+
 class _LoRAUp(torch.autograd.Function):
     """out = base_out + s * h B^T for a precomputed h (N, r); in place into base_out when ``inplace``."""
 
     @staticmethod
     def forward(ctx, h: Tensor, base_out: Tensor, B: Tensor, scale: float, inplace: bool) -> Tensor:
+        out = add_up(base_out, h, B, scale, inplace)
         if inplace:
-            base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
             ctx.mark_dirty(base_out)
-            out = base_out
-        else:
-            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
         ctx.scale = scale
         ctx.save_for_backward(h, B)
         return out
