@@ -27,7 +27,12 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-ENABLED = True  # False: every LoRA layer computes its own A x (the reference path in tests/test_siblings.py)
+# Off by default: the fused sum is the unfused one in another order, so it rounds differently (~1e-6 in fp32), and a
+# group is used only from the step after the first backward; a run resumed from a checkpoint therefore takes the
+# unfused path at a step where the uninterrupted run took the fused one, and the two stop being bit-identical
+# (tests/test_distributed.py's resume tests). No speed-up was measurable on this project's CPU machine either
+# (BENCHMARKS.md). ``siblings.ENABLED = True`` turns it on.
+ENABLED = False
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # leader branch -> tuple of weakrefs to members
 _STAGED: dict[int, tuple] = {}  # id(leader) -> (weakref to leader, tuple of weakrefs to members)
 
