@@ -186,3 +186,10 @@ def test_bitsandbytes_optimizer_selected_in_yaml(tmp_path):
     config.write_text(config.read_text().replace("AdamW8bit", "AdEMAMix32bit"))
     with pytest.raises(ValueError, match="AdEMAMix32bit"):
         check_optimizer_supported(make_cli(["--config", str(config)], run=False).model.optimizer, "cpu")
+
+
+def test_memory_table_leaves_out_empty_kinds():
+    from lightning_lora.train.memory import format_report, memory_report
+
+    text = format_report(memory_report(inject(tiny_llama(), LoRA(r=4)), log_table=False))
+    assert "unquantized base" in text and "adapters" in text and "quantized base " not in text.replace("unquantized base", "")

@@ -111,6 +111,8 @@ def format_report(report: dict) -> str:
         table.add_column(col, justify="left" if col in ("kind", "note") else "right")
     for kind in (*KINDS, "total"):
         row = report[kind]
+        if not row["params"] and kind != "total":  # e.g. no quantized base outside QLoRA: nothing to show
+            continue
         bits = f"{8 * row['bytes'] / row['params']:.3f}" if row["params"] else "-"
         table.add_row(kind, f"{row['params']:,}", f"{row['bytes']:,}", f"{row['bytes'] / 2**20:.2f}", bits,
                       row.get("source", ""))
