@@ -22,6 +22,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def run_one(key: str, before_only: bool = False) -> dict:
     from lightning_lora.commands.cli import make_cli
 
     argv = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.export_dir", "null",
-            "--trainer.enable_checkpointing", "false", "--trainer.logger", "false",
+            "--trainer.default_root_dir", f"{tempfile.gettempdir()}/init_runs/{key}", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", *RUNS[key][1]]  # fmt: skip
     seconds = []
 
