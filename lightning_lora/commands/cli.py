@@ -62,13 +62,13 @@ class LoRACLI(LightningCLI):
         )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
         if trainer is not None and isinstance(trainer.get("val_check_interval"), int) \
                 and trainer.get("check_val_every_n_epoch") == 1:  # fmt: skip
             trainer["check_val_every_n_epoch"] = None  # count steps across epochs: short data sets work too
 
     def instantiate_trainer(self, **kwargs):
-        config = self.config_init[self.subcommand].get("trainer", {}) if self.subcommand else {}
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})  # run=False: no subcommand level
         given = list(config.get("callbacks") or [])
         extra = [ValidateAtEnd(), self.summary]
         checkpointing = config.get("enable_checkpointing", True) is not False
