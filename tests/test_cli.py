@@ -95,6 +95,18 @@ def test_parse_only_keeps_a_value_that_equals_a_command_word(tmp_path):
     assert cli.model.adapter_name == "fit"
 
 
+def test_parse_only_honours_the_trainer_options(tmp_path):
+    """run=False has no subcommand level in the config: trainer options there must still decide the extra callbacks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    cli = make_cli(["fit", "--config", str(ROOT / "configs" / "lora.yaml"), "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_checkpointing", "false", "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    kinds = (ProgressBar, ModelCheckpoint)
+    assert not any(isinstance(c, kinds) for c in cli.trainer.callbacks)
+    assert cli.trainer.check_val_every_n_epoch is None  # an integer val_check_interval counts steps across epochs
+
+
 @pytest.mark.parametrize("command", ["generate", "export", "estimate"])
 def test_main_without_argv_reads_sys_argv(command, monkeypatch, capsys):
     import importlib
