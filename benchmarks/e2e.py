@@ -166,7 +166,7 @@ def run_ours(data: Path, setting: str, steps: int, checkpointing: bool = False) 
                         quantize=NF4(blocksize=64, double_quant=True),
                         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
                         gradient_checkpointing=checkpointing)
-    dm = InOrder(path=str(data), val_fraction=0.0, packing=True, **spec)
+    dm = InOrder(path=str(data), val_fraction=0.0, packing=True, share_prefix=True, **spec)
     probe = Probe()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False,

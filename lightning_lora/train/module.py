@@ -32,6 +32,7 @@ from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import check_start, prepare
+from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
@@ -170,6 +171,7 @@ class LoRAModule(LightningModule):
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
+        use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
