@@ -29,12 +29,15 @@ Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
   token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
-  logits term, rows x vocab x 12 bytes: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax)
-  and of the loss's backward (saved log-softmax + two fp32 gradients). With the chunked labeled-only loss of
-  ``LoRAModule`` (``train/loss.py``, the default here) rows = ``--loss-chunk-size`` (512; at most the tokens), plus
-  the gathered labeled hidden states (a h per token, an upper bound: every token labeled); with Hugging Face's loss
-  (``--loss-chunk-size 0``) rows = every position (batch x seq). The loss runs after the last layer and before
-  backward recomputes any layer, so with checkpointing the peak is the kept layer inputs + the larger of the two.
+  term. Hugging Face's loss (``--loss-chunk-size 0``) holds every position's logits: positions x vocab x 12 bytes,
+  the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and of its backward (saved
+  log-softmax + two fp32 gradients). The labeled-only loss of ``LoRAModule`` (``train/loss.py``, the default here)
+  holds one chunk of ``--loss-chunk-size`` rows (512; at most the tokens) at a time, computing its gradient in
+  forward: chunk x vocab x (4 + a) bytes (fp32 logits turned into their gradient in place, plus the ``--dtype``
+  copy the matmul reads; 4 in fp32), plus the gathered labeled hidden states (a h per token, an upper bound: every
+  token labeled), plus their gradient, kept until backward (a h per token). The loss runs after the last layer and
+  before backward recomputes any layer, so with checkpointing the peak is the kept layer inputs and loss gradient +
+  the larger of the two.
   Packing (``--packing``) lays examples end to end: batch x seq counts real tokens, and transformers' sdpa/eager
   path adds a block-diagonal boolean mask (batch x seq x seq bytes; none with a varlen flash-attention kernel).
   Assumed: no dropout (a mask adds 1 byte per adapted input); frozen embeddings (the first layer then keeps a little
@@ -133,12 +136,13 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
 
 
 def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> int:
-    """The loss's peak: rows x vocab x 12 bytes, rows = one chunk (chunked loss) or every position (0), plus the
-    gathered labeled hidden states when chunked (module docstring)."""
+    """The loss's peak (module docstring): every position's logits x 12 bytes (Hugging Face's, ``loss_chunk_size``
+    0), or one chunk's x (4 + a) plus the gathered labeled rows and their kept gradient (``train/loss.py``)."""
     tokens = batch * seq
     if loss_chunk_size <= 0:
         return tokens * 12 * config.vocab_size
-    return min(loss_chunk_size, tokens) * 12 * config.vocab_size + tokens * a * config.hidden_size
+    per_logit = 4 + (a if a != 4 else 0)
+    return min(loss_chunk_size, tokens) * per_logit * config.vocab_size + 2 * tokens * a * config.hidden_size
 
 
 def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
@@ -157,7 +161,8 @@ def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, s
     loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
     norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
     if checkpointing:
-        return tokens * L * a * h + norm_and_mask + max(tokens * max(per_layer), loss)
+        kept_loss_grad = tokens * a * h if loss_chunk_size > 0 else 0  # the rows' gradient, until backward
+        return tokens * L * a * h + norm_and_mask + kept_loss_grad + max(tokens * max(per_layer), loss - kept_loss_grad)
     return tokens * sum(per_layer) + norm_and_mask + loss
 
 
