@@ -194,3 +194,11 @@ def test_datamodule_shares_prefixes_and_logs_the_saving(tmp_path, caplog):
         batch = next(iter(dm.train_dataloader()))
     assert "shared prefix:" in caplog.text
     assert int(batch["num_tokens"]) > batch["input_ids"].numel() or find_segments(batch["position_ids"]) is not None
+
+
+def test_lora_module_selects_packed_attention(tmp_path):
+    from lightning_lora.train.module import LoRAModule
+
+    module = LoRAModule(str(make_tiny_model_dir(tmp_path / "model")), adapter=LoRA(r=2))
+    module.configure_model()
+    assert runs_packed_attention(module.model)

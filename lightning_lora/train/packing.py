@@ -2,14 +2,20 @@
 
 **Packing** (``InstructionDataModule(packing=True)``): the ``batch_size`` examples of a batch are laid end to end into
 as few rows of at most ``pack_length`` tokens (default ``batch_size * max_length``: one row, no padding at all) as
-first-fit decreasing finds, so a batch still holds exactly
-``batch_size`` examples (the examples per optimizer step do not change) but fewer, fuller rows. The rows carry
-``position_ids`` that restart at 0 for each example and no ``attention_mask``: transformers (>= 4.44; checked with
-the sdpa and eager backends on CPU in transformers 5) then finds the example boundaries from the restarts
-(``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask, so no token attends across
-examples. The first label of each example is set to -100, so no example is asked to predict the next one's first
-token (as transformers' ``DataCollatorWithFlattening`` does); unpacked, that label is never predicted either.
-Rows are right-padded to the longest row with positions restarting at 0, so the padding is a block of its own.
+first-fit decreasing finds, so a batch still holds exactly ``batch_size`` examples (the examples per optimizer step
+do not change) but fewer, fuller rows. The rows carry ``position_ids`` that restart at 0 for each example and no
+``attention_mask``. A model running ``train/attention.py``'s packed attention (LoRAModule's) attends within each
+example at the example's own cost; any other transformers model (>= 4.44; checked with sdpa and eager on CPU in
+transformers 5) finds the boundaries from the restarts (``masking_utils.find_packed_sequence_indices``) and builds a
+block-diagonal causal mask, so no token attends across examples either way. The first label of each example is set
+to -100, so no example is asked to predict the next one's first token (as transformers' ``DataCollatorWithFlattening``
+does); unpacked, that label is never predicted either. Rows are right-padded to the longest row with positions
+restarting at 0, so the padding is a block of its own.
+
+**Shared prefix** (``share_prefix=True``): the longest start that all the batch's examples have in common and that
+carries no label (``shared_prefix_length``) is held once at the head of each row; each example continues it, its
+own tokens at positions p, p + 1, ... (only packed attention reads rows this way; ``causal_lm_loss`` refuses them
+for other models).
 
 **Grouping by length** (``packing=False``): shuffled indices are cut into mega-batches of 50 batches, each sorted by
 length, cut into batches, and the batches are shuffled, so a batch pads to a length close to its members' (the
