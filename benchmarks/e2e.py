@@ -8,7 +8,9 @@
 ``get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``, and a plain PyTorch loop over
 batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW.
 **Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss) +
-``InstructionDataModule(packing=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up.
+``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up;
+in the settings named by ``--checkpointing`` (default: ``long``) ours also runs with
+``LoRAModule(gradient_checkpointing="mlp")`` (``--checkpointing-mode layers``: whole layers), a third variant.
 
 Both see the same examples in the same order, ``batch_size`` examples per optimizer step (the recipe tokenizes with
 its own code; the parent checks that both tokenizations are identical). Settings: ``quickstart`` (chatterbot pairs,
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 SETTINGS = {"quickstart": dict(batch_size=4, max_length=64), "long": dict(batch_size=4, max_length=512)}
 LR, R, ALPHA = 1e-3, 8, 16
+CHECKPOINTING = {"ours+ckpt mlp": "mlp", "ours+ckpt layers": True}  # ours with LoRAModule(gradient_checkpointing=...)
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -130,7 +133,7 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
     return {"cpu_s": time.process_time() - start, "losses": losses}
 
 
-def run_ours(data: Path, setting: str, steps: int, checkpointing: bool = False) -> dict:
+def run_ours(data: Path, setting: str, steps: int, checkpointing: bool | str = False) -> dict:
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from lightning_lora import LoRA, NF4
@@ -166,7 +169,7 @@ def run_ours(data: Path, setting: str, steps: int, checkpointing: bool = False) 
                         quantize=NF4(blocksize=64, double_quant=True),
                         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
                         gradient_checkpointing=checkpointing)
-    dm = InOrder(path=str(data), val_fraction=0.0, packing=True, **spec)
+    dm = InOrder(path=str(data), val_fraction=0.0, packing=True, share_prefix=True, **spec)
     probe = Probe()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False,
@@ -180,7 +183,7 @@ def worker(variant: str, data: Path, setting: str, steps: int, out: Path) -> Non
     if variant == "recipe":
         res = run_recipe(data, setting, steps)
     else:
-        res = run_ours(data, setting, steps, checkpointing=variant == "ours_ckpt")
+        res = run_ours(data, setting, steps, checkpointing=CHECKPOINTING.get(variant, False))
     res.update(train_peak_rss=_peak_rss(), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out.write_text(json.dumps(res))
 
@@ -209,8 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20 quickstart, 12 long)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating")
-    p.add_argument("--checkpointing", nargs="*", default=[], choices=list(SETTINGS),
-                   help="settings in which ours also uses gradient checkpointing (the recipe never does)")
+    p.add_argument("--checkpointing", nargs="*", default=["long"], choices=list(SETTINGS),
+                   help="settings in which ours also runs with gradient checkpointing (the recipe never does)")
+    p.add_argument("--checkpointing-mode", default="mlp", choices=["mlp", "layers"],
+                   help="LoRAModule(gradient_checkpointing=...): 'mlp' (each layer's MLP) or 'layers' (True)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("e2e_results.json"))
     p.add_argument("--worker", nargs=4, metavar=("VARIANT", "DATA", "SETTING", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -235,13 +240,13 @@ def run_setting(setting: str, args, tmp: Path) -> dict:
     facts = check_same_examples(data, setting)
     if facts["examples"] < steps * SETTINGS[setting]["batch_size"]:
         raise SystemExit(f"{setting}: only {facts['examples']} usable examples for {steps} steps")
-    runs: dict[str, list[dict]] = {"recipe": [], "ours": []}
+    variants = ["recipe", "ours"] + ([f"ours+ckpt {args.checkpointing_mode}"] if setting in args.checkpointing else [])
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(args.repeats):
-        for variant in ("recipe", "ours") if rep % 2 == 0 else ("ours", "recipe"):
-            out = tmp / f"{setting}.{variant}.{rep}.json"
-            name = "ours_ckpt" if variant == "ours" and setting in args.checkpointing else variant
+        for variant in variants if rep % 2 == 0 else variants[::-1]:
+            out = tmp / f"{setting}.{variant.replace(' ', '_')}.{rep}.json"
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", name, str(data), setting, str(out)]
+            cmd = [sys.executable, __file__, "--steps", str(steps), "--worker", variant, str(data), setting, str(out)]
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} {setting} failed:\n{proc.stderr[-4000:]}")
@@ -260,14 +265,17 @@ def run_setting(setting: str, args, tmp: Path) -> dict:
             "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in rs),
             "losses": rs[0]["losses"],
         }
-    o, r = summary["ours"], summary["recipe"]
-    summary["ratios"] = {"time_per_example": o["cpu_s_per_example"] / r["cpu_s_per_example"],
-                         "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
-                         "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
-                         "loss_last10": o["loss_last10"] / r["loss_last10"]}
-    summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts,
-                        "ours_gradient_checkpointing": setting in args.checkpointing}
-    print(f"{setting}: ours/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in summary["ratios"].items()), flush=True)
+    r = summary["recipe"]
+    summary["ratios"] = {}
+    for variant in variants[1:]:
+        o = summary[variant]
+        summary["ratios"][variant] = {"time_per_example": o["cpu_s_per_example"] / r["cpu_s_per_example"],
+                                      "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
+                                      "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
+                                      "loss_last10": o["loss_last10"] / r["loss_last10"]}
+    summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts}
+    for variant, ratios in summary["ratios"].items():
+        print(f"{setting}: {variant}/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
     return summary
 
 

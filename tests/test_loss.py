@@ -87,6 +87,49 @@ def test_never_builds_logits_for_all_positions():
     assert sum(s[0] for s in seen) == 2 * labeled
 
 
+def test_plain_head_runs_each_chunk_once_and_keeps_no_logits(monkeypatch):
+    """A plain linear head gets its gradients inside forward: one head matmul per chunk, none in backward."""
+    model, b = adapted("llama", False), batch(rows=4, length=40)
+    calls, head_weight = [], model.lm_head.weight
+    linear = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        if weight is head_weight:
+            calls.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    loss = causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"], chunk_size=16)
+    forward_calls = len(calls)
+    loss.backward()
+    labeled = int((b["labels"][:, 1:] != -100).sum())
+    assert sum(calls) == labeled and all(n <= 16 for n in calls) and len(calls) == forward_calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_trainable_plain_head_with_bias_gets_hugging_face_gradients(kind):
+    model, b = adapted(kind, False), batch()
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)  # untied, trained, with a bias
+    ref = model(**b).loss
+    ours = causal_lm_loss(model, b["input_ids"], b["labels"], b["attention_mask"], chunk_size=7)
+    assert abs(ours.item() - ref.item()) < 1e-5
+    g_ref, g_ours = grads(model, ref), grads(model, ours)
+    assert {"lm_head.weight", "lm_head.bias"} <= set(g_ours)
+    for name in g_ref:
+        assert torch.allclose(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_plain_head_in_bf16_stays_close_to_hugging_face():
+    model, b = adapted("llama", False), batch(rows=4, length=40)
+    ref = model(**b).loss.item()
+    model16 = model.to(torch.bfloat16)
+    ours = causal_lm_loss(model16, b["input_ids"], b["labels"], b["attention_mask"], chunk_size=3)
+    ours.backward()
+    assert ours.dtype == torch.float32 and abs(ours.item() - ref) / ref < 2e-2
+    assert all(p.grad.dtype == torch.bfloat16 for p in model16.parameters() if p.requires_grad)
+
+
 def test_no_labeled_position_gives_zero_with_a_graph():
     model, b = adapted("llama", False), batch()
     loss = causal_lm_loss(model, b["input_ids"], torch.full_like(b["labels"], -100))

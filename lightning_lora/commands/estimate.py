@@ -29,12 +29,15 @@ Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
   i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
   token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
-  logits term, rows x vocab x 12 bytes: the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax)
-  and of the loss's backward (saved log-softmax + two fp32 gradients). With the chunked labeled-only loss of
-  ``LoRAModule`` (``train/loss.py``, the default here) rows = ``--loss-chunk-size`` (512; at most the tokens), plus
-  the gathered labeled hidden states (a h per token, an upper bound: every token labeled); with Hugging Face's loss
-  (``--loss-chunk-size 0``) rows = every position (batch x seq). The loss runs after the last layer and before
-  backward recomputes any layer, so with checkpointing the peak is the kept layer inputs + the larger of the two.
+  term. Hugging Face's loss (``--loss-chunk-size 0``) holds every position's logits: positions x vocab x 12 bytes,
+  the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and of its backward (saved
+  log-softmax + two fp32 gradients). The labeled-only loss of ``LoRAModule`` (``train/loss.py``, the default here)
+  holds one chunk of ``--loss-chunk-size`` rows (512; at most the tokens) at a time, computing its gradient in
+  forward: chunk x vocab x (4 + a) bytes (fp32 logits turned into their gradient in place, plus the ``--dtype``
+  copy the matmul reads; 4 in fp32), plus the gathered labeled hidden states (a h per token, an upper bound: every
+  token labeled), plus their gradient, kept until backward (a h per token). The loss runs after the last layer and
+  before backward recomputes any layer, so with checkpointing the peak is the kept layer inputs and loss gradient +
+  the larger of the two.
   Packing (``--packing``) lays examples end to end: batch x seq counts real tokens, and transformers' sdpa/eager
   path adds a block-diagonal boolean mask (batch x seq x seq bytes; none with a varlen flash-attention kernel).
   Assumed: no dropout (a mask adds 1 byte per adapted input); frozen embeddings (the first layer then keeps a little
@@ -133,12 +136,13 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int
 
 
 def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> int:
-    """The loss's peak: rows x vocab x 12 bytes, rows = one chunk (chunked loss) or every position (0), plus the
-    gathered labeled hidden states when chunked (module docstring)."""
+    """The loss's peak (module docstring): every position's logits x 12 bytes (Hugging Face's, ``loss_chunk_size``
+    0), or one chunk's x (4 + a) plus the gathered labeled rows and their kept gradient (``train/loss.py``)."""
     tokens = batch * seq
     if loss_chunk_size <= 0:
         return tokens * 12 * config.vocab_size
-    return min(loss_chunk_size, tokens) * 12 * config.vocab_size + tokens * a * config.hidden_size
+    per_logit = 4 + (a if a != 4 else 0)
+    return min(loss_chunk_size, tokens) * per_logit * config.vocab_size + 2 * tokens * a * config.hidden_size
 
 
 def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
@@ -148,16 +152,22 @@ def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, s
     kv = getattr(config, "head_dim", None) or h // heads
     kv *= getattr(config, "num_key_value_heads", None) or heads
     per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
+    mlp = [a * 4 * m] * L  # the MLP's own intermediates (gate, act(gate), up, product), dropped by "mlp" checkpointing
     for name, (n_in, n_out) in shapes.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
         extra = adapter.activation_bytes(n_in, n_out, a, adapter_b)  # the method's own count
         if found:
             per_layer[int(found.group(1))] += extra
+            if ".mlp." in "." + name:
+                mlp[int(found.group(1))] += extra
     tokens = batch * seq
     loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
     norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
+    if checkpointing == "mlp":  # each MLP keeps its input (already counted); backward recomputes one MLP at a time
+        return tokens * (sum(per_layer) - sum(mlp)) + norm_and_mask + max(tokens * max(mlp), loss)
     if checkpointing:
-        return tokens * L * a * h + norm_and_mask + max(tokens * max(per_layer), loss)
+        kept_loss_grad = tokens * a * h if loss_chunk_size > 0 else 0  # the rows' gradient, until backward
+        return tokens * L * a * h + norm_and_mask + kept_loss_grad + max(tokens * max(per_layer), loss - kept_loss_grad)
     return tokens * sum(per_layer) + norm_and_mask + loss
 
 
@@ -191,8 +201,10 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
               "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
     if loss_chunk_size < 0:
         raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
+    if gradient_checkpointing not in (False, True, "mlp"):
+        raise ValueError(f"gradient checkpointing must be false, true (whole layers) or 'mlp', got {gradient_checkpointing!r}.")
     act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
-                                  loss_chunk_size, packing) for ckpt in (False, True)}
+                                  loss_chunk_size, packing) for ckpt in (False, True, "mlp")}
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
                  overhead_bytes=int(overhead_gb * GB))
@@ -219,7 +231,8 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
-        activation_bytes_checkpointing=act[True], loss_chunk_size=loss_chunk_size, packing=packing,
+        activation_bytes_checkpointing=act[True], activation_bytes_mlp_checkpointing=act["mlp"],
+        loss_chunk_size=loss_chunk_size, packing=packing,
         logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
         logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
         gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),
@@ -240,15 +253,17 @@ def render(res: dict) -> None:
     for col in ("kind", "bytes", "GB (1e9)", "GiB (2^30)", "note"):
         table.add_column(col, justify="left" if col in ("kind", "note") else "right")
     ckpt = res["gradient_checkpointing"]
-    other = res["activation_bytes_no_checkpointing" if ckpt else "activation_bytes_checkpointing"]
+    modes = {False: ("no checkpointing", "activation_bytes_no_checkpointing"),
+             "mlp": ("MLP checkpointing", "activation_bytes_mlp_checkpointing"),
+             True: ("layer checkpointing", "activation_bytes_checkpointing")}
+    others = ", ".join(f"{name}: {res[key] / GB:.2f} GB" for mode, (name, key) in modes.items() if mode != ckpt)
     linear = f"linears {quant}, rest {res['dtype']}" if res["quantize"] else res["dtype"]
     rows = [
         ("base weights", res["weights_bytes"], linear),
         ("adapters", res["adapter_bytes"], res["adapter_dtype"]),
         ("gradients", res["gradient_bytes"], f"adapters only, {res['adapter_dtype']}"),
         ("optimizer state", res["optimizer_bytes"], res["optimizer"]),
-        ("activations", res["activation_bytes"],
-         f"{'with' if ckpt else 'no'} checkpointing ({'without' if ckpt else 'with'}: {other / GB:.2f} GB)"),
+        ("activations", res["activation_bytes"], f"{modes[ckpt][0]} ({others})"),
         ("  of which loss/logits", res["logits_bytes"],
          f"{min(res['loss_chunk_size'], res['batch_size'] * res['seq_len'])} of {res['batch_size'] * res['seq_len']} "
          f"rows at a time (every row at once: {res['logits_bytes_unchunked'] / GB:.2f} GB)"
@@ -279,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="layers", default=None, choices=["layers", "mlp"],
+                   help="recompute whole decoder layers (the flag alone) or each layer's MLP only (mlp) in backward")
     p.add_argument("--gpu-memory", type=float, default=None, help="GPU memory in GB (1e9 bytes)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="base weights and activations")
     p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
@@ -295,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
-                       args.seq_len, args.gradient_checkpointing, args.gpu_memory, args.dtype, args.adapter_dtype,
+                       args.seq_len, {None: False, "layers": True, "mlp": "mlp"}[args.gradient_checkpointing], args.gpu_memory, args.dtype, args.adapter_dtype,
                        args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing)
     except ValueError as err:
         p.error(str(err))

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.io.models import load_tokenizer
-from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding
+from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding, log_shared_prefix
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -158,6 +158,7 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
 class _TokenizedDataModule(pl.LightningDataModule):
     SOURCES: tuple[str, ...] = ()
     packing: bool | None = None  # None: rows are all alike (plain shuffled batches); else see ``train/packing.py``
+    share_prefix = False
 
     def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit):
         super().__init__()
@@ -215,8 +216,11 @@ class _TokenizedDataModule(pl.LightningDataModule):
         lengths = [len(x["input_ids"]) for x in data]
         if shuffle:
             log_padding(lengths, self.batch_size, self.seed, packing, self.pack_length)
+            if self.share_prefix:
+                log_shared_prefix(data, self.batch_size, self.seed)
         sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed) if shuffle and not packing else None
-        fn = functools.partial(collate_packed, capacity=self.pack_length) if packing else collate
+        fn = functools.partial(collate_packed, capacity=self.pack_length, share_prefix=self.share_prefix) \
+            if packing else collate
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=functools.partial(fn, pad_id=pad))
 
@@ -244,7 +248,11 @@ class InstructionDataModule(_TokenizedDataModule):
             with ``position_ids`` restarting per example and attention kept inside each example. Off: training
             batches are grouped by length. Either way the padding share before/after is logged once.
         pack_length: the row budget when packing; default ``batch_size * max_length``, i.e. one row per batch and
-            no padding at all (attention then spans the row with a block-diagonal mask).
+            no padding at all.
+        share_prefix: with packing, each row holds the common unlabeled start of its examples (the chat template's
+            system prompt, a repeated question) once, and every example continues it (``train/attention.py``:
+            exact, needs the model to run ``use_packed_attention``, as LoRAModule's does). The share of positions
+            it saves is logged once.
 
     Example::
 
@@ -255,15 +263,19 @@ class InstructionDataModule(_TokenizedDataModule):
 
     def __init__(self, path: str | None = None, source: str | None = "chatterbot", tokenizer: str | None = None,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, limit: int | None = None, packing: bool = False, pack_length: int | None = None):
+                 num_workers: int = 0, limit: int | None = None, packing: bool = False, pack_length: int | None = None,
+                 share_prefix: bool = False):
         super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
+        if share_prefix and not packing:
+            raise ValueError("share_prefix needs packing: set packing: true as well (a shared prefix lives in packed "
+                             "rows), or share_prefix: false.")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
         if pack_length is not None and pack_length < max_length:
             raise ValueError(f"pack_length must be at least max_length ({max_length}) so every example fits a row, "
                              f"got {pack_length}; leave it None for one row per batch.")
         self.max_length = max_length
-        self.packing = bool(packing)
+        self.packing, self.share_prefix = bool(packing), bool(share_prefix)
         self.pack_length = pack_length or batch_size * max_length
 
     def _examples(self):

@@ -8,11 +8,17 @@ final norm), Hugging Face's ``model(..., labels=y).loss`` is
 but it computes the logits W h_t (vocab wide) for *every* position and keeps them, their fp32 copy and their
 log-softmax for backward. Only the labeled rows matter (about a quarter of the positions of a chat fine-tune, where
 prompts are masked), so ``causal_lm_loss`` gathers those rows of H and runs head + cross-entropy over them in chunks
-of ``chunk_size`` rows. Each chunk is wrapped in non-reentrant ``torch.utils.checkpoint``: forward keeps only the
-chunk's scalar loss, backward recomputes that chunk's logits, so at most one chunk of logits (chunk_size x vocab) is
-alive at any time. Logits are upcast to fp32 per chunk and the sum over chunks is fp32, also when the model runs in
-bf16 (the recipe of torchtune's ``CEWithChunkedOutputLoss``; Liger's fused linear cross-entropy and Cut Cross-Entropy,
-arXiv:2411.09009, go further with fused kernels).
+of ``chunk_size`` rows; at most one chunk of logits (chunk_size x vocab) is alive at any time. Logits are upcast to
+fp32 per chunk and the sum over chunks is fp32, also when the model runs in bf16.
+
+- A plain linear head (``nn.Linear``, or tied to the input embeddings) gets its gradients *inside* the forward, chunk
+  by chunk (the way of Liger's fused linear cross-entropy, arXiv:2410.10989): with p = softmax(z), z = W h + b,
+
+      dL/dz = p - onehot(y),    dL/dh = (p - onehot(y)) W,    dL/dW = sum_i (p_i - onehot(y_i)) h_i^T,
+
+  so forward keeps dL/dh (rows x hidden) and backward only scales it: no logits are recomputed.
+- Any other head (an adapted ``lm_head``) runs each chunk under non-reentrant ``torch.utils.checkpoint``: forward
+  keeps only the chunk's loss, backward recomputes its logits (torchtune's ``CEWithChunkedOutputLoss``).
 
 The model runs through its own ``forward`` (so FSDP2's hooks, attention masks, packed-sequence ``position_ids`` and
 gradient checkpointing behave as usual) with its output head swapped, for the duration of the call, for a stand-in
@@ -40,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_lora.train.attention import find_segments, runs_packed_attention
+
 log = logging.getLogger(__name__)
 IGNORE = -100
 CHUNK_SIZE = 512
@@ -64,7 +72,52 @@ class _LossHead(nn.Module):
         rows, targets = labeled_rows(hidden, self.labels)
         if targets.numel() == 0:
             return hidden.sum().float() * 0.0
-        return chunked_cross_entropy(self.head, rows, targets, self.chunk_size) / targets.numel()
+        if _plain_linear(self.head) and torch.is_grad_enabled():
+            total = _LinearCrossEntropy.apply(rows, self.head.weight, self.head.bias, targets, self.chunk_size)
+        else:
+            total = chunked_cross_entropy(self.head, rows, targets, self.chunk_size)
+        return total / targets.numel()
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A bare ``nn.Linear`` (no subclass, no hooks): its forward is exactly ``F.linear(h, weight, bias)``."""
+    return (type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(W h_i + b)[y_i], its gradients computed in forward chunk by chunk (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            dz = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dz[torch.arange(len(y), device=dz.device), y] -= 1.0
+            if need_h:
+                grad_h[start : start + chunk_size] = dz.to(weight.dtype) @ weight
+            if need_w:
+                grad_w += dz.t() @ h.float()
+            if need_b:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g, dtype=None: None if g is None else (g * grad_out).to(dtype or g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None
 
 
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
@@ -137,16 +190,42 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
         the fp32 scalar loss; 0 (still attached to the graph) when no position is labeled, where Hugging Face
         returns NaN.
     """
+    kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                    use_cache=False)
-        return out.loss.float()
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-    with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.logits  # what the model returns as its "logits" is the stand-in head's output: the loss
+                    use_cache=False, **kwargs)
+        loss = out.loss.float()
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, **kwargs)
+        loss = out.logits  # what the model returns as its "logits" is the stand-in head's output: the loss
+    segments = kwargs.get("packed_segments")
+    if segments is not None and segments.shares_prefix and not segments.used:
+        raise ValueError(f"{type(model).__name__}'s attention layers never received the packed segments, so its "
+                         "examples could not see their shared prefix; set share_prefix=False for this model.")
+    return loss
+
+
+def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                    position_ids: Tensor | None) -> dict:
+    """``{"packed_segments": ...}`` when the rows are packed and the model runs ``train/attention.py``'s attention."""
+    if position_ids is None or attention_mask is not None:
+        return {}
+    segments = find_segments(position_ids.expand(input_ids.shape))
+    if segments is None:
+        return {}
+    if runs_packed_attention(model):
+        return {"packed_segments": segments}
+    if segments.shares_prefix:
+        raise ValueError("These rows share a prompt prefix between examples (share_prefix=True), which only "
+                         "lightning_lora's packed attention understands: call "
+                         "lightning_lora.train.attention.use_packed_attention(model) once after loading the model "
+                         "(LoRAModule does), or set share_prefix=False.")
+    return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
 __all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_rows"]

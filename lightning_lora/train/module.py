@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -32,7 +32,9 @@ from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import check_start, prepare
+from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
+from lightning_lora.train.checkpointing import MODES as CHECKPOINTING_MODES, enable_checkpointing
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
@@ -99,7 +101,9 @@ class LoRAModule(LightningModule):
         lr_ratio: LoRA+ (arXiv:2402.12354): when set, the optimizer gets ``param_groups(model, lr, lr_ratio,
             weight_decay)`` with ``lr``/``weight_decay`` taken from the optimizer callable's arguments (or its
             defaults), so B matrices learn ``lr_ratio`` times faster than A.
-        gradient_checkpointing: recompute activations in backward (Hugging Face ``gradient_checkpointing_enable``).
+        gradient_checkpointing: recompute activations in backward: ``True`` whole decoder layers (Hugging Face's
+            ``gradient_checkpointing_enable``), ``"mlp"`` each layer's MLP only: about half the activations for
+            about a sixth more time (``train/checkpointing.py``).
         export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
             end of training.
         export_gguf: llama.cpp GGUF files to write there too: ``"adapter"`` and/or a merged type (``"f16"``,
@@ -119,7 +123,7 @@ class LoRAModule(LightningModule):
         optimizer: OptimizerCallable = AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_ratio: float | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["mlp"] = False,
         export_dir: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
@@ -137,6 +141,8 @@ class LoRAModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_ratio = lr_ratio
+        if gradient_checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"gradient_checkpointing must be true, false or 'mlp', got {gradient_checkpointing!r}.")
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
         self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
@@ -170,9 +176,8 @@ class LoRAModule(LightningModule):
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
+        enable_checkpointing(model, self.gradient_checkpointing)
         model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
         self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
 

@@ -1,0 +1,154 @@
+"""Attention for packed rows at each example's own cost, with an optional shared prompt prefix.
+
+A packed row holds several examples end to end, their position ids restarting at 0 (``packing.py``). transformers
+keeps attention inside each example with one block-diagonal (L x L) mask over the whole row (sdpa, eager): the kernel
+still computes all L^2 scores and, with a mask on CPU, keeps them for backward, where the examples need only
+sum_i L_i^2. ``packed_attention`` runs scaled-dot-product attention on each example's segment of the row instead
+(causal, so torch's flash kernel where it has one), as FlashAttention-2's variable-length kernels (``cu_seqlens``) do
+on GPUs; its cost and memory no longer grow with the row.
+
+**Shared prefix** (``InstructionDataModule(share_prefix=True)``): the examples of a batch usually start with the same
+tokens (the chat template's system prompt, often the same question). A row can then hold that prefix once, followed by
+each example's remaining tokens, whose position ids continue at the prefix length p instead of restarting at 0. Such
+a segment attends to the prefix, then causally to itself:
+
+    O_i = softmax(Q_i [K_pre; K_i]^T / sqrt(d) + M) [V_pre; V_i],    M_{t,j} = -inf where j > p + t
+
+(the causal mask aligned to the bottom right). The prefix's keys and values are those each example computes for its
+own copy (same tokens, same positions), so logits, loss and gradients equal the unpacked ones; the prefix's gradient
+is the sum of its copies'. A prefix-sharing row means nothing to transformers' own attention (it would cut each
+example off its prefix), so ``causal_lm_loss`` refuses such rows unless the model runs ``packed_attention``.
+
+How it plugs in: ``use_packed_attention(model)`` registers ``packed_attention`` with transformers'
+``AttentionInterface`` under ``NAME`` (with sdpa's mask function) and selects it. ``causal_lm_loss`` finds the
+segments of packed rows and passes them down the model's forward as the ``packed_segments`` keyword, which
+transformers forwards to every attention call (also when gradient checkpointing recomputes a layer). Without that
+keyword the function *is* sdpa: generation, padded batches and everything else run exactly as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NAME = "lightning_lora_packed"
+
+# A row's segments: (start, end, prefix_start, prefix_length) per example; prefix_length 0 means "restarts at 0".
+Segment = tuple[int, int, int, int]
+
+
+class PackedSegments:
+    """The segments of each row of a packed batch (``segments``), and whether an attention call used them."""
+
+    def __init__(self, rows: list[list[Segment]]):
+        self.rows, self.used = rows, False
+
+    @property
+    def shares_prefix(self) -> bool:
+        return any(seg[3] for row in self.rows for seg in row)
+
+
+def find_segments(position_ids: Tensor) -> PackedSegments | None:
+    """The examples of each row from its position ids: a new segment starts where a position is not the previous
+    one + 1. A segment starting at p > 0 continues the first p tokens of the row's latest segment that started at 0
+    (its shared prefix). None when every row holds a single example (nothing packed)."""
+    pos = position_ids.detach().to("cpu", torch.long)
+    if pos.ndim != 2:
+        raise ValueError(f"position_ids must be (batch, seq), got shape {tuple(pos.shape)}.")
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if pos.shape[1] == 0 or not starts[:, 1:].any():
+        return None
+    rows = []
+    for r in range(pos.shape[0]):
+        begin = starts[r].nonzero().flatten().tolist() + [pos.shape[1]]
+        segments, base = [], None  # base: (start, length) of the latest segment that starts at position 0
+        for start, end in zip(begin[:-1], begin[1:]):
+            first = int(pos[r, start])
+            if first == 0:
+                segments.append((start, end, start, 0))
+                base = (start, end - start)
+            elif base is not None and first <= base[1]:
+                segments.append((start, end, base[0], first))
+            else:
+                raise ValueError(f"position_ids of row {r} jump to {first} at index {start} with no segment of at "
+                                 f"least {first} tokens starting at 0 before it: a packed example must restart at 0 or "
+                                 "continue a shared prefix (train/attention.py).")
+        rows.append(segments)
+    return PackedSegments(rows)
+
+
+def _repeat_heads(x: Tensor, groups: int) -> Tensor:
+    """(b, kv_heads, L, d) -> (b, kv_heads * groups, L, d): each key/value head serves ``groups`` query heads."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     dropout: float = 0.0, scaling: float | None = None, packed_segments: PackedSegments | None = None,
+                     **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention signature: (b, heads, L, d) query/key/value -> ((b, L, heads, d), None).
+
+    With ``packed_segments`` each example's segment attends to itself (and its shared prefix) only, the row's mask
+    unused; without, this is transformers' sdpa attention unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed_segments.used = True
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
+    rows = []
+    for b, segments in enumerate(packed_segments.rows):
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
+        outs = []
+        for start, end, pre_start, pre_len in segments:
+            if pre_len == 0:
+                outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                           dropout_p=dropout, scale=scaling, is_causal=True))
+                continue
+            keys = torch.cat([k[:, :, pre_start : pre_start + pre_len], k[:, :, start:end]], dim=2)
+            values = torch.cat([v[:, :, pre_start : pre_start + pre_len], v[:, :, start:end]], dim=2)
+            n = end - start
+            mask = torch.ones(n, pre_len + n, dtype=torch.bool, device=q.device).tril(pre_len)
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
+                                                       dropout_p=dropout, scale=scaling))
+        rows.append(torch.cat(outs, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Select ``packed_attention`` for ``model`` (a Hugging Face model running sdpa); True when it now does.
+
+    Models on another backend (eager, flash, flex) or with sliding-window layers are left as they are (False): their
+    packed rows still train correctly through transformers' own block-diagonal mask, without a shared prefix.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    sliding = getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ())
+    if current != "sdpa" or sliding:
+        return False
+    AttentionInterface.register(NAME, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    config._attn_implementation = NAME
+    return True
+
+
+def runs_packed_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (or the Hugging Face model it wraps) has ``packed_attention`` selected."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+__all__ = ["NAME", "PackedSegments", "find_segments", "packed_attention", "runs_packed_attention",
+           "use_packed_attention"]
