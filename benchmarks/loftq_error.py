@@ -61,7 +61,7 @@ def main() -> None:
         rows[n.rsplit(".", 1)[1]].append([float((w - Q[n]).norm() / w.norm())] +
                                           [float(energy[:r].sum() / energy.sum()) for r in RANKS])
     print(f"NF4 round trips and SVDs of {len(W)} layers: {time.perf_counter() - start:.0f} s")
-    print("| layer kind | ||W - Q|| / ||W|| | " + " | ".join(f"share of ||W - Q||^2 at r {r}" for r in RANKS) + " |")
+    print("| layer kind | norm(W - Q) / norm(W) | " + " | ".join(f"share of norm(W - Q)^2 at r {r}" for r in RANKS) + " |")
     for kind, values in rows.items():
         means = [sum(v[i] for v in values) / len(values) for i in range(1 + len(RANKS))]
         print(f"| {kind} | {means[0]:.3f} | " + " | ".join(f"{m:.1%}" for m in means[1:]) + " |")

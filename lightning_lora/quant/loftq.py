@@ -25,6 +25,7 @@ from lightning_lora.core.layer import dense_weight
 from lightning_lora.methods.pissa import pissa_factors, split_factors, top_r
 from lightning_lora.quant.nf4 import NF4, _nf4_linear
 
+
 def nf4_layer(weight: Tensor, like: nn.Linear, nf4: NF4) -> nn.Module:
     """A bitsandbytes NF4 layer holding ``weight`` (out, in), with ``like``'s bias, device and train/eval mode."""
     import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
