@@ -102,3 +102,31 @@ def test_bad_modes_and_models_are_refused():
     model = adapted("llama")
     enable_checkpointing(model, "mlp")
     assert model.config.use_cache is False and not model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("mode", [True, "mlp"])
+def test_offloaded_saved_tensors_round_trip_exactly(mode):
+    """Offloading packs every saved tensor (checkpoint inputs, packed attention, the loss's kept gradient) to host
+    memory and back; loss and gradients are those of a plain step. On CPU ``offloading`` itself does nothing, so the
+    round trip is run here with ``save_on_cpu``'s own pack/unpack (a copy)."""
+    from lightning_lora.train.attention import use_packed_attention
+    from lightning_lora.train.checkpointing import offloading
+
+    assert isinstance(offloading(True, torch.device("cuda")), torch.autograd.graph.save_on_cpu)
+    assert not isinstance(offloading(True, torch.device("cpu")), torch.autograd.graph.save_on_cpu)
+    assert not isinstance(offloading(False, torch.device("cuda")), torch.autograd.graph.save_on_cpu)
+    ref, model = adapted("llama"), adapted("llama")
+    enable_checkpointing(model, mode)
+    for m in (ref, model):
+        use_packed_attention(m)
+    ids, labels = batch()
+    position_ids = torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)  # two examples per row
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autograd.graph.save_on_cpu(pin_memory=False):
+        loss = causal_lm_loss(model, ids, labels, position_ids=position_ids)
+    grads = torch.autograd.grad(loss, params)
+    ref_loss = causal_lm_loss(ref, ids, labels, position_ids=position_ids)
+    ref_grads = torch.autograd.grad(ref_loss, [p for p in ref.parameters() if p.requires_grad])
+    assert abs(loss.item() - ref_loss.item()) < 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-5)

@@ -165,6 +165,17 @@ def test_mlp_checkpointing_activations_match_autograd_saved_tensors(tmp_path, dt
     assert measured <= estimated <= 1.12 * measured
 
 
+def test_offloading_leaves_one_layer_on_the_device(capsys):
+    kw = dict(quantize="nf4", batch_size=2, seq_len=2048, gradient_checkpointing=True, packing=True)
+    kept = estimate("llama-3.1-8b", "lora", 16, "all-linear", **kw)
+    off = estimate("llama-3.1-8b", "lora", 16, "all-linear", offload_activations=True, **kw)
+    assert off["activation_bytes"] < kept["activation_bytes"] and off["offloaded_bytes"] > 0
+    assert off["activation_bytes"] >= off["logits_bytes"]  # the loss's chunk still runs on the device
+    assert off["total_bytes"] == kept["total_bytes"] - (kept["activation_bytes"] - off["activation_bytes"])
+    main(["estimate", "--model", "smollm2-135m", "--r", "8", "--gradient-checkpointing", "--offload-activations"])
+    assert "offloaded to host" in capsys.readouterr().out
+
+
 def test_cli_json_in_subprocess():
     cmd = [sys.executable, "-m", "lightning_lora", "estimate", "--model", "smollm2-135m", "--r", "8", "--target-modules",
            "q_proj", "v_proj", "--gpu-memory", "1", "--json"]

@@ -146,8 +146,9 @@ def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> 
 
 
 def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
-                     checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False) -> int:
-    """Peak activation bytes kept for backward (formula in the module docstring)."""
+                     checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False,
+                     offload: bool = False) -> int:
+    """Peak activation bytes kept for backward on the device (formula in the module docstring)."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
     kv = getattr(config, "head_dim", None) or h // heads
     kv *= getattr(config, "num_key_value_heads", None) or heads
@@ -163,6 +164,8 @@ def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, s
     tokens = batch * seq
     loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
     norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
+    if offload:  # saved tensors live in host memory; one layer's come back (with checkpointing: its input too)
+        return batch * seq * seq * packing + max(tokens * (max(per_layer) + a * h), loss)
     if checkpointing == "mlp":  # each MLP keeps its input (already counted); backward recomputes one MLP at a time
         return tokens * (sum(per_layer) - sum(mlp)) + norm_and_mask + max(tokens * max(mlp), loss)
     if checkpointing:
@@ -175,7 +178,7 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
-             loss_chunk_size: int = 512, packing: bool = False) -> dict:
+             loss_chunk_size: int = 512, packing: bool = False, offload_activations: bool = False) -> dict:
     """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r (the rank) must be a positive integer, got {r!r}.")
@@ -205,8 +208,12 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         raise ValueError(f"gradient checkpointing must be false, true (whole layers) or 'mlp', got {gradient_checkpointing!r}.")
     act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
                                   loss_chunk_size, packing) for ckpt in (False, True, "mlp")}
+    on_device = act[gradient_checkpointing]
+    if offload_activations:
+        on_device = activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, gradient_checkpointing,
+                                     loss_chunk_size, packing, offload=True)
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
-                 optimizer_bytes=states, activation_bytes=act[gradient_checkpointing],
+                 optimizer_bytes=states, activation_bytes=on_device,
                  overhead_bytes=int(overhead_gb * GB))
     total = sum(kinds.values())
     naive = 2 * config.hidden_size * r * len(c["shapes"])
@@ -232,6 +239,7 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
         activation_bytes_checkpointing=act[True], activation_bytes_mlp_checkpointing=act["mlp"],
+        offload_activations=offload_activations, offloaded_bytes=act[gradient_checkpointing] - on_device,
         loss_chunk_size=loss_chunk_size, packing=packing,
         logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
         logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
@@ -263,7 +271,9 @@ def render(res: dict) -> None:
         ("adapters", res["adapter_bytes"], res["adapter_dtype"]),
         ("gradients", res["gradient_bytes"], f"adapters only, {res['adapter_dtype']}"),
         ("optimizer state", res["optimizer_bytes"], res["optimizer"]),
-        ("activations", res["activation_bytes"], f"{modes[ckpt][0]} ({others})"),
+        ("activations", res["activation_bytes"],
+         f"offloaded to host: {res['offloaded_bytes'] / GB:.2f} GB more there, one layer back at a time"
+         if res["offload_activations"] else f"{modes[ckpt][0]} ({others})"),
         ("  of which loss/logits", res["logits_bytes"],
          f"{min(res['loss_chunk_size'], res['batch_size'] * res['seq_len'])} of {res['batch_size'] * res['seq_len']} "
          f"rows at a time (every row at once: {res['logits_bytes_unchunked'] / GB:.2f} GB)"
@@ -296,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--gradient-checkpointing", nargs="?", const="layers", default=None, choices=["layers", "mlp"],
                    help="recompute whole decoder layers (the flag alone) or each layer's MLP only (mlp) in backward")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="saved activations in host memory (LoRAModule(offload_activations=True))")
     p.add_argument("--gpu-memory", type=float, default=None, help="GPU memory in GB (1e9 bytes)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="base weights and activations")
     p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
                        args.seq_len, {None: False, "layers": True, "mlp": "mlp"}[args.gradient_checkpointing], args.gpu_memory, args.dtype, args.adapter_dtype,
-                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing)
+                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing, args.offload_activations)
     except ValueError as err:
         p.error(str(err))
     print(json.dumps(res)) if args.json else render(res)

@@ -16,10 +16,17 @@ Korthikanti et al. 2022, arXiv:2205.05198, applied to the MLP).
 
 The MLP is recomputed with non-reentrant ``torch.utils.checkpoint`` around its own ``forward``; its module, names
 and parameters are unchanged (adapters inside it are recomputed too).
+
+**Offloading** (``offloading``): on an accelerator, every tensor autograd saves during the forward (with
+checkpointing: each layer's input, which torch's non-reentrant checkpoint saves through autograd) goes to pinned host
+memory and comes back when backward needs it (``torch.autograd.graph.save_on_cpu``; torchtune's activation
+offloading does the same with overlapping streams). The device then holds about one layer's activations at a time,
+for one copy out and one back of the saved bytes per step. On CPU it does nothing (they are in host memory already).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -63,4 +70,12 @@ def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
         model.config.use_cache = False
 
 
-__all__ = ["MODES", "checkpoint_mlps", "enable_checkpointing"]
+def offloading(enabled: bool, device: torch.device):
+    """A context in which autograd keeps the tensors it saves in pinned host memory (on an accelerator, when
+    ``enabled``); elsewhere a context that does nothing."""
+    if enabled and torch.device(device).type != "cpu":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+__all__ = ["MODES", "checkpoint_mlps", "enable_checkpointing", "offloading"]

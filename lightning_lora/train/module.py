@@ -34,7 +34,7 @@ from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
-from lightning_lora.train.checkpointing import MODES as CHECKPOINTING_MODES, enable_checkpointing
+from lightning_lora.train.checkpointing import MODES as CHECKPOINTING_MODES, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
@@ -104,6 +104,8 @@ class LoRAModule(LightningModule):
         gradient_checkpointing: recompute activations in backward: ``True`` whole decoder layers (Hugging Face's
             ``gradient_checkpointing_enable``), ``"mlp"`` each layer's MLP only: about half the activations for
             about a sixth more time (``train/checkpointing.py``).
+        offload_activations: on an accelerator, keep the tensors autograd saves for backward in pinned host memory
+            during training steps (with checkpointing: the layer inputs); nothing on CPU.
         export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
             end of training.
         export_gguf: llama.cpp GGUF files to write there too: ``"adapter"`` and/or a merged type (``"f16"``,
@@ -124,6 +126,7 @@ class LoRAModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_ratio: float | None = None,
         gradient_checkpointing: bool | Literal["mlp"] = False,
+        offload_activations: bool = False,
         export_dir: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
@@ -144,6 +147,7 @@ class LoRAModule(LightningModule):
         if gradient_checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(f"gradient_checkpointing must be true, false or 'mlp', got {gradient_checkpointing!r}.")
         self.gradient_checkpointing = gradient_checkpointing
+        self.offload_activations = offload_activations
         self.export_dir = export_dir
         self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
         if dtype == "auto":
@@ -199,7 +203,8 @@ class LoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        with offloading(self.offload_activations, self.device):
+            loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
