@@ -11,27 +11,22 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_lora import LoRA, inject
+from lightning_lora import LoRA
 from lightning_lora.train.attention import find_segments, runs_packed_attention, use_packed_attention
 from lightning_lora.train.data import InstructionDataModule
 from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import collate_packed, shared_prefix_length
 from tiny_assets import make_tiny_model_dir
-from tiny_models import LLAMA, MODELS, perturb_adapters
+from tiny_models import LLAMA, adapted_for_training
 
 VOCAB = 128
 
 
 def model_for(kind: str, packed: bool = True):
-    model = MODELS[kind](0)
-    inject(model, LoRA(r=4))
-    perturb_adapters(model)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = adapted_for_training(kind)
     if packed:
         assert use_packed_attention(model)
-    return model.train()
+    return model
 
 
 def chats(prefix: int = 6, lengths=(9, 14, 11, 7), seed: int = 0) -> list[dict]:

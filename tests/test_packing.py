@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_lora import LoRA, inject
 from lightning_lora.train.data import InstructionDataModule
 from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, first_fit, padding_share
 from tiny_assets import make_tiny_model_dir
-from tiny_models import MODELS, perturb_adapters
+from tiny_models import adapted_for_training
 
 VOCAB = 128
 
@@ -32,13 +31,7 @@ def examples(seed: int = 0, lengths=(9, 5, 13, 7, 4)) -> list[dict]:
 
 
 def model_for(kind: str):
-    model = MODELS[kind](0)
-    inject(model, LoRA(r=4))
-    perturb_adapters(model)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model.train()
+    return adapted_for_training(kind)
 
 
 def spans(batch: list[dict], packed: dict) -> list[tuple[int, int, int]]:

@@ -28,3 +28,16 @@ def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) ->
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def adapted_for_training(kind: str):
+    """A tiny model of ``kind`` with LoRA r 4 on its default targets, visible adapters, no dropout, in train mode."""
+    from lightning_lora import LoRA, inject
+
+    model = MODELS[kind](0)
+    inject(model, LoRA(r=4))
+    perturb_adapters(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.train()
