@@ -66,6 +66,7 @@ from lightning_lora.core.kinds import in_out_features
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
 from lightning_lora.core.verbs import adapter_layers, inject, remove
+from lightning_lora.train.checkpointing import check_mode
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -163,9 +164,10 @@ def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, s
                 mlp[int(found.group(1))] += extra
     tokens = batch * seq
     loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
-    norm_and_mask = tokens * (4 * h + 4) + (batch * seq * seq if packing else 0)
+    mask = batch * seq * seq if packing else 0
+    norm_and_mask = tokens * (4 * h + 4) + mask
     if offload:  # saved tensors live in host memory; one layer's come back (with checkpointing: its input too)
-        return batch * seq * seq * packing + max(tokens * (max(per_layer) + a * h), loss)
+        return mask + max(tokens * (max(per_layer) + a * h), loss)
     if checkpointing == "mlp":  # each MLP keeps its input (already counted); backward recomputes one MLP at a time
         return tokens * (sum(per_layer) - sum(mlp)) + norm_and_mask + max(tokens * max(mlp), loss)
     if checkpointing:
@@ -204,8 +206,7 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
               "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
     if loss_chunk_size < 0:
         raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
-    if gradient_checkpointing not in (False, True, "mlp"):
-        raise ValueError(f"gradient checkpointing must be false, true (whole layers) or 'mlp', got {gradient_checkpointing!r}.")
+    check_mode(gradient_checkpointing)
     act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
                                   loss_chunk_size, packing) for ckpt in (False, True, "mlp")}
     on_device = act[gradient_checkpointing]

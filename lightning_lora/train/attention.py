@@ -146,7 +146,7 @@ def use_packed_attention(model: nn.Module) -> bool:
 
 
 def runs_packed_attention(model: nn.Module) -> bool:
-    """Whether ``model`` (or the Hugging Face model it wraps) has ``packed_attention`` selected."""
+    """Whether the Hugging Face ``model`` has ``packed_attention`` selected."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
 
 

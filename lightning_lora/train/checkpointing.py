@@ -58,10 +58,15 @@ def checkpoint_mlps(model: nn.Module) -> int:
     return len(mlps)
 
 
+def check_mode(mode) -> None:
+    """Refuse a ``gradient_checkpointing`` value other than false, true (whole layers) or "mlp"."""
+    if mode not in MODES:
+        raise ValueError(f"gradient_checkpointing must be true, false or 'mlp', got {mode!r}.")
+
+
 def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
     """``True``: whole decoder layers (Hugging Face's); ``"mlp"``: the MLPs only; ``False``: none."""
-    if mode not in MODES:
-        raise ValueError(f"gradient_checkpointing must be one of false, true or 'mlp', got {mode!r}.")
+    check_mode(mode)
     if mode == "mlp":
         checkpoint_mlps(model)
     elif mode:
@@ -78,4 +83,4 @@ def offloading(enabled: bool, device: torch.device):
     return contextlib.nullcontext()
 
 
-__all__ = ["MODES", "checkpoint_mlps", "enable_checkpointing", "offloading"]
+__all__ = ["MODES", "check_mode", "checkpoint_mlps", "enable_checkpointing", "offloading"]

@@ -34,7 +34,7 @@ from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
-from lightning_lora.train.checkpointing import MODES as CHECKPOINTING_MODES, enable_checkpointing, offloading
+from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
@@ -144,8 +144,7 @@ class LoRAModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_ratio = lr_ratio
-        if gradient_checkpointing not in CHECKPOINTING_MODES:
-            raise ValueError(f"gradient_checkpointing must be true, false or 'mlp', got {gradient_checkpointing!r}.")
+        check_mode(gradient_checkpointing)  # now, not after loading the model
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_activations = offload_activations
         self.export_dir = export_dir
