@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lora.train.attention import find_segments, runs_packed_attention
+from lightning_lora.train.lean_swap import saving
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -205,14 +206,15 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
     config = getattr(model, "config", None)
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                    use_cache=False, **kwargs)
+        with saving(model):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                        use_cache=False, **kwargs)
         count = labeled_count(labels)
         total = out.loss.float() * count if count else out.loss.float().nan_to_num() * 0.0  # HF's mean -> the sum
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head:
+        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head, saving(model):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False, **kwargs)
         total = out.logits  # what the model returns as its "logits" is the stand-in head's output: the summed loss

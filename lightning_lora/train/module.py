@@ -39,6 +39,7 @@ from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.lean_swap import use_lean_activations
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.step_loss import TokenWeightedLoss
@@ -118,6 +119,9 @@ class LoRAModule(LightningModule):
         adapter_name: the adapter's name on the model.
         loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
             never holds more than this many rows of logits.
+        lean_activations: run the model's RMSNorms, SwiGLU MLPs and rotary embedding as functions that keep only
+            their inputs for backward (``train/lean.py``), where a probe shows the model computes the same
+            (``train/lean_swap.py``); elsewhere nothing changes.
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class LoRAModule(LightningModule):
         adapter_name: str = "default",
         export_gguf: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
+        lean_activations: bool = True,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -160,6 +165,7 @@ class LoRAModule(LightningModule):
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
+        self.lean_activations = lean_activations
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -184,6 +190,8 @@ class LoRAModule(LightningModule):
             self._tokenizer = tokenizer
         prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
+        if self.lean_activations:
+            use_lean_activations(model)  # where proven: norms, SwiGLU, RoPE keep only their inputs (train/lean.py)
         enable_checkpointing(model, self.gradient_checkpointing)
         model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
         self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
