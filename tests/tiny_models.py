@@ -41,3 +41,14 @@ def adapted_for_training(kind: str):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     return model.train()
+
+
+def unpacked_loss(model: torch.nn.Module, examples: list[dict]) -> torch.Tensor:
+    """Hugging Face's mean loss over the labeled tokens of ``examples`` ({"input_ids", "labels"} 1-D), each run alone:
+    the reference for packed rows."""
+    total = count = 0
+    for b in examples:
+        n = int((b["labels"][1:] != -100).sum())
+        total = total + model(input_ids=b["input_ids"][None], labels=b["labels"][None], use_cache=False).loss * n
+        count += n
+    return total / count

@@ -202,7 +202,7 @@ class LoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with offloading(self.offload_activations, self.device):
+        with offloading(self.offload_activations, self.device, self.model):
             loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
