@@ -15,7 +15,7 @@ where the family differs, and the matrix fails when a statement stops being true
 - ``expert_gap``: MoE experts (3-D parameters) are neither adapted by ``all-linear`` nor quantized by NF4 yet (issue
   #21.3). The "moe" stream flips it to False when it closes the gap; a test fails while the flag is stale.
 
-Columns other streams add read the library, not this file: GGUF support comes from ``io/gguf.py``.
+Columns other streams add read the library, not this file: GGUF support comes from ``io/gguf.py`` (``gguf_files``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import functools
 
 import torch
 
+# Where a family has settings, they are its released models' (e.g. Gemma's query_pre_attn_scalar = head_dim,
+# Qwen3-MoE's norm_topk_prob), so that what the matrix finds (e.g. GGUF support) holds for the real models.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)
@@ -49,21 +51,21 @@ class Arch:
     def __post_init__(self):
         assert self.packing in PACKING, self.packing
 
-    def make_config(self):
+    def make_config(self, **overrides):
         import transformers
 
-        fields = {k: v for k, v in {**TINY, **self.fields}.items() if v is not None}
+        fields = {k: v for k, v in {**TINY, **self.fields, **overrides}.items() if v is not None}
         if self.attn:
             fields["attn_implementation"] = self.attn
         return getattr(transformers, self.config)(**fields)
 
-    def build(self, seed: int = 0):
-        """The tiny random model, in eval mode, the same weights for the same seed."""
+    def build(self, seed: int = 0, **overrides):
+        """The tiny random model, in eval mode, the same weights for the same seed (``overrides``: config fields)."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
         kwargs = {"attn_implementation": self.attn} if self.attn else {}
-        return AutoModelForCausalLM.from_config(self.make_config(), **kwargs).eval()
+        return AutoModelForCausalLM.from_config(self.make_config(**overrides), **kwargs).eval()
 
 
 def _available(arch: Arch) -> bool:
@@ -81,7 +83,7 @@ ARCHS = [a for a in (
     Arch("mistral", "MistralConfig", packing="own mask", why="sliding-window attention"),
     Arch("qwen2", "Qwen2Config"),
     Arch("qwen3", "Qwen3Config"),
-    Arch("qwen3_moe", "Qwen3MoeConfig", dict(num_experts=4, **MOE), expert_gap=True, why=MOE_GAP),
+    Arch("qwen3_moe", "Qwen3MoeConfig", dict(num_experts=4, norm_topk_prob=True, **MOE), expert_gap=True, why=MOE_GAP),
     Arch("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), expert_gap=True, why=MOE_GAP),
     Arch("gpt_oss", "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8), attn="eager",
          packing="refused", expert_gap=True,
@@ -93,9 +95,9 @@ ARCHS = [a for a in (
          peft_drops=("gate_proj", "up_proj", "down_proj"),
          why=MOE_GAP + "; PEFT 0.21 re-maps gate/up/down_proj to the experts (its v4 -> v5 conversion), so it "
              "drops our adapters on the dense and shared-expert MLPs"),
-    Arch("gemma2", "Gemma2Config", attn="eager", packing="own mask", loss_head=False,
+    Arch("gemma2", "Gemma2Config", dict(query_pre_attn_scalar=16), attn="eager", packing="own mask", loss_head=False,
          why="eager attention with soft-capping; logits soft-capped after the head"),
-    Arch("gemma3_text", "Gemma3TextConfig", packing="own mask", why="sliding-window layers"),
+    Arch("gemma3_text", "Gemma3TextConfig", dict(query_pre_attn_scalar=16), packing="own mask", why="sliding-window layers"),
     Arch("phi3", "Phi3Config"),
     Arch("olmo2", "Olmo2Config"),
     Arch("granite", "GraniteConfig", dict(logits_scaling=8.0, embedding_multiplier=12.0, residual_multiplier=0.22,
@@ -110,15 +112,16 @@ ARCHS = [a for a in (
 BY_NAME = {a.name: a for a in ARCHS}
 
 
-def gguf_supported(model) -> bool:
-    """What ``io/gguf.py`` says of this architecture: it refuses, naming the model type, one it has no GGUF form for."""
-    from lightning_lora.io.gguf import hf_config
+def gguf_files(model) -> tuple[str, ...]:
+    """The GGUF files ``io/gguf.py`` writes for this model (``("adapter", "merged")``), or ``()`` when it refuses its
+    family or its settings (naming them)."""
+    from lightning_lora.io.gguf import gguf_support, hf_config
 
     try:
         hf_config(model)
     except ValueError:
-        return False
-    return True
+        return ()
+    return gguf_support(model.config.model_type)
 
 
 def expert_tensors(model) -> dict[str, tuple]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import ARCHS, BY_NAME, expert_tensors, experts_adapted, gguf_supported, nf4_report
+from architectures import ARCHS, BY_NAME, TINY, expert_tensors, experts_adapted, gguf_files, nf4_report
 from tiny_models import perturb_adapters, unpacked_loss
 
 import lightning_lora as ll
@@ -203,24 +203,30 @@ def test_merge_is_exact(arch, adapted):
 
 def test_each_export_format_works(arch, adapted, tmp_path):
     """PEFT folder + merged Hugging Face folder always (the merged one reloads with the adapted model's logits); the
-    llama.cpp adapter GGUF where io/gguf.py supports the architecture, else a refusal naming it, nothing written."""
+    llama.cpp GGUF files io/gguf.py writes for the architecture (read back: one A and one B per adapted layer; the
+    merged model with its tokenizer), else a refusal naming the model type, with nothing written."""
+    import gguf
     from transformers import AutoModelForCausalLM
 
-    if not gguf_supported(adapted):
+    files = gguf_files(adapted)
+    if not files:
         with pytest.raises(ValueError, match=arch.name):
             export(adapted, tmp_path / "refused", gguf=["adapter"])
         assert not (tmp_path / "refused").exists()
-    gguf = ["adapter"] if gguf_supported(adapted) else None
-    paths = export(adapted, tmp_path / "out", gguf=gguf)
+    paths = export(adapted, tmp_path / "out", gguf=["adapter"] if "adapter" in files else None)
     kwargs = {"attn_implementation": arch.attn} if arch.attn else {}
     merged = AutoModelForCausalLM.from_pretrained(paths["merged"], **kwargs).eval()
     torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapted, IDS), atol=TOL, rtol=1e-4)
-    if gguf:
-        import gguf as gguf_pkg
+    if "adapter" in files:
+        names = [t.name for t in gguf.GGUFReader(paths["adapter_gguf"]).tensors]
+        assert len(names) == 2 * len(adapter_layers(adapted)) and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+    if "merged" in files:  # a byte-level BPE tokenizer needs >= 256 tokens: a model with the tokenizer's vocabulary
+        from tiny_assets import VOCAB_SIZE, make_tiny_tokenizer
 
-        names = [t.name for t in gguf_pkg.GGUFReader(paths["adapter_gguf"]).tensors]
-        layers = adapter_layers(adapted)
-        assert len(names) == 2 * len(layers) and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+        model = ll.inject(arch.build(vocab_size=VOCAB_SIZE), ll.LoRA(r=4))
+        path = export(model, tmp_path / "gguf", gguf=["f16"], tokenizer=make_tiny_tokenizer())["gguf_f16"]
+        stored = {t.name: int(t.n_elements) for t in gguf.GGUFReader(path).tensors}
+        assert stored.get("token_embd.weight") == VOCAB_SIZE * TINY["hidden_size"] and len(stored) > 4
 
 
 def test_nf4_quantizes_every_linear_or_says_why(arch):
