@@ -64,8 +64,9 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
                facts: dict[str, str] | None = None) -> str:
     """The ``README.md`` text for a PEFT folder with ``peft_config`` (``adapter_config.json``'s content).
 
-    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)); ``facts``
-    are the method's own rows (``AdapterConfig.card_facts``: rank, alpha and scale, ...).
+    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)), and
+    ``evaluation`` (a Markdown table, ``train/eval_report.py``: shown under "Evaluation"); ``facts`` are the method's
+    own rows (``AdapterConfig.card_facts``: rank, alpha and scale, ...).
     """
     run = dict(run or {})
     base = peft_config.get("base_model_name_or_path") or "(unknown: pass base_model_name_or_path)"
@@ -100,6 +101,7 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
         "",
+        *(["## Evaluation", "", run["evaluation"], ""] if run.get("evaluation") else []),
         "## Load it",
         "",
         "PEFT (offline if the base is local):",
