@@ -2,8 +2,10 @@
 
 The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` (idempotent), so under sharded
 strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
-(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``); batches
-may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
+(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``), averaged
+over the labeled tokens of the whole optimizer step, every accumulated micro-batch and every rank (``step_loss.py``);
+batches may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the
+token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
 only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
 
 Example::
@@ -39,6 +41,7 @@ from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
+from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
 
 
@@ -162,6 +165,7 @@ class LoRAModule(LightningModule):
         self.strict_loading = False  # checkpoints hold only the adapter
         self.val_loss = MeanMetric()
         self._step_start: float | None = None
+        self._step_loss = TokenWeightedLoss()  # divides by the step's labeled tokens, logs train_loss
 
     # ---------------------------------------------------------------- model
     @property
@@ -187,10 +191,11 @@ class LoRAModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _loss(self, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``)."""
+    def _loss(self, batch: dict, step: TokenWeightedLoss | None = None) -> torch.Tensor:
+        """Cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``): their
+        mean, or with ``step`` their sum (divided by the whole optimizer step's labeled tokens, ``step_loss.py``)."""
         return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size)
+                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size, step=step)
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
@@ -203,9 +208,7 @@ class LoRAModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with offloading(self.offload_activations, self.device):
-            loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+            return self._loss(batch, self._step_loss)  # the sum; train_loss (the step's mean) is logged before the step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_start is None:
@@ -251,12 +254,14 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
-        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
-            return []
-        return [FiniteLossGuard()]
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); the loss is
+        token-weighted over each optimizer step (``step_loss.py``). Each once (a fit after ``trainer.validate``
+        would otherwise replace the first ones, with a warning)."""
+        present = self._trainer.callbacks if self._trainer is not None else []
+        wanted = [] if any(isinstance(c, FiniteLossGuard) for c in present) else [FiniteLossGuard()]
+        if not any(c is self._step_loss for c in present):
+            wanted.append(self._step_loss)
+        return wanted
 
     # ---------------------------------------------------------------- optimizers
     def configure_optimizers(self):
