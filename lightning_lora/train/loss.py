@@ -226,6 +226,32 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     return total / count if count else total
 
 
+def rescales_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward changes the logits after the head (softcapping, logit scales): a stand-in head
+    would then skip that."""
+    config = getattr(model, "config", None)
+    return any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING)
+
+
+def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None):  # fmt: skip
+    """Run ``model`` with its output head replaced, for the call, by ``stand_in(head)`` (a module that takes the last
+    hidden states), with packed rows handled as ``causal_lm_loss`` does; return what the stand-in returned. For
+    other heads than the loss's, e.g. DPO's per-example log-probabilities (``train/dpo.py``).
+
+    Raises:
+        ValueError: the model rescales logits after its head (``rescales_logits``).
+    """
+    if rescales_logits(model):
+        raise ValueError(f"{type(model).__name__} rescales its logits after the head; a stand-in head would skip "
+                         "that. Compute from model(...).logits instead.")
+    kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
+    with _head_swapped(model, stand_in):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    **kwargs)
+    return out.logits
+
+
 def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                     position_ids: Tensor | None) -> dict:
     """``{"packed_segments": ...}`` when the rows are packed and the model runs ``train/attention.py``'s attention."""
@@ -244,4 +270,5 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "rescales_logits",
+           "run_with_head"]

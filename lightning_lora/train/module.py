@@ -38,6 +38,7 @@ from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
+from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
@@ -118,6 +119,10 @@ class LoRAModule(LightningModule):
         adapter_name: the adapter's name on the model.
         loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
             never holds more than this many rows of logits.
+        evaluate: at the end of ``fit``, before the export, evaluate the base (adapter off) and the trained adapter
+            side by side on the first validation examples (``True``: 32; a number: that many): loss, perplexity,
+            exact match, ROUGE-L and chrF of greedy replies (``train/evaluate.py``). ``evaluation.json`` and
+            ``evaluation.md`` go to ``export_dir`` (else the log folder), and the adapter's model card shows the table.
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class LoRAModule(LightningModule):
         adapter_name: str = "default",
         export_gguf: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
+        evaluate: bool | int = False,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -160,6 +166,9 @@ class LoRAModule(LightningModule):
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
+        if not isinstance(evaluate, (bool, int)) or (not isinstance(evaluate, bool) and evaluate < 1):
+            raise ValueError(f"evaluate must be true, false or a positive number of examples, got {evaluate!r}.")
+        self.evaluate = evaluate
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -287,13 +296,18 @@ class LoRAModule(LightningModule):
                     quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
 
     def on_train_end(self) -> None:
+        run = run_facts(self.trainer)
+        if self.evaluate:
+            table = evaluate_at_end(self, self.evaluate, self.export_dir)
+            if table:
+                run["evaluation"] = table
         if self.export_dir is None:
             return
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
                               name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
                               dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
-                              gguf=self.export_gguf, run=run_facts(self.trainer))  # fmt: skip
+                              gguf=self.export_gguf, run=run)  # fmt: skip
 
 
 
