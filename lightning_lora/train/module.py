@@ -4,7 +4,8 @@ The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` 
 strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
 (-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``); batches
 may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
-only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
+only the trainable tensors (the adapter), not the frozen base, and resume exactly, mid-epoch too: optimizer state,
+the data loader's position and every rank's RNG states (adapter dropout) are restored (``train/resume.py``).
 
 Example::
 
@@ -36,10 +37,11 @@ from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
-from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
+from lightning_lora.train.resume import ExactResume
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -251,12 +253,12 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
-        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
-            return []
-        return [FiniteLossGuard()]
+        """Guards and exact resume, each once (a fit after ``trainer.validate`` would otherwise replace the first
+        ones, with a warning): a NaN/inf loss or validation stops the run naming the step, one fit per
+        ``export_dir`` (``guards.py``), and the RNG states saved and restored with checkpoints (``resume.py``)."""
+        present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
+        wanted = [FiniteLossGuard(), ExactResume(), ExportDirLock(self.export_dir)]
+        return [c for c in wanted if type(c) not in present]
 
     # ---------------------------------------------------------------- optimizers
     def configure_optimizers(self):
@@ -275,8 +277,10 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the adapter (and any other trainable tensor), plus the run facts an offline export needs."""
+        """Keep only the adapter (and any other trainable tensor, all finite), plus the run facts an offline export
+        needs."""
         if self.model is not None:
+            check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
