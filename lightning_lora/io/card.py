@@ -63,7 +63,8 @@ def _fmt(value, spec: str = ".4f") -> str:
 def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_files: dict | None = None) -> str:
     """The ``README.md`` text for a PEFT folder with ``peft_config`` (``adapter_config.json``'s content).
 
-    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)).
+    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)), and
+    ``evaluation`` (a Markdown table, ``train/eval_report.py``: shown under "Evaluation").
     """
     run = dict(run or {})
     base = peft_config.get("base_model_name_or_path") or "(unknown: pass base_model_name_or_path)"
@@ -103,6 +104,7 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
         "",
+        *(["## Evaluation", "", run["evaluation"], ""] if run.get("evaluation") else []),
         "## Load it",
         "",
         "PEFT (offline if the base is local):",
