@@ -135,11 +135,23 @@ def _fit(tiny_dir, pairs, root, max_steps, *, packing, ckpt_path=None, every=Non
     return module, losses.losses, trainer
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, pairs, tmp_path_factory):
+    """8 steps, grouped by length, checkpointed at step 4 (mid-epoch): the reference of several tests."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    module, losses, _ = _fit(tiny_dir, pairs, root, 8, packing=False, every=4)
+    return module, losses, root
+
+
 @pytest.mark.parametrize("packing, stop", [(False, 4), (True, 9)], ids=["grouped-mid-epoch", "packed-epoch-end"])
-def test_resumed_fit_equals_uninterrupted_step_for_step(tiny_dir, pairs, tmp_path, packing, stop):
-    full, full_losses, _ = _fit(tiny_dir, pairs, tmp_path / "full", stop + 4, packing=packing, every=stop)
+def test_resumed_fit_equals_uninterrupted_step_for_step(tiny_dir, pairs, tmp_path, uninterrupted, packing, stop):
+    if packing:
+        full, full_losses, _ = _fit(tiny_dir, pairs, tmp_path, stop + 4, packing=packing, every=stop)
+        root = tmp_path
+    else:
+        full, full_losses, root = uninterrupted
     resumed, losses, _ = _fit(tiny_dir, pairs, tmp_path / "resumed", stop + 4, packing=packing,
-                              ckpt_path=tmp_path / "full" / f"step={stop}.ckpt")  # fmt: skip
+                              ckpt_path=root / f"step={stop}.ckpt")  # fmt: skip
     assert losses == full_losses[stop:]  # the same batches, the same dropout masks
     a, b = full.model.state_dict(), resumed.model.state_dict()
     keys = [k for k in a if ".adapters." in k]
@@ -157,18 +169,18 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def test_signal_during_a_step_saves_it_then_resume_is_exact(tiny_dir, pairs, tmp_path):
+def test_signal_during_a_step_saves_it_then_resume_is_exact(tiny_dir, pairs, tmp_path, uninterrupted):
     previous = signal.getsignal(signal.SIGTERM)
     checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt")
     with pytest.raises(Interrupted) as stop:
-        _fit(tiny_dir, pairs, tmp_path / "a", 6, packing=False, callbacks=[Interrupts(), SignalAt(3, signal.SIGTERM),
+        _fit(tiny_dir, pairs, tmp_path / "a", 8, packing=False, callbacks=[Interrupts(), SignalAt(3, signal.SIGTERM),
              checkpoint])  # fmt: skip
     assert signal.getsignal(signal.SIGTERM) == previous  # Lightning restored the handlers
     assert (stop.value.signum, stop.value.step, stop.value.saved, stop.value.exit_code) == (signal.SIGTERM, 3, True, 143)
     assert Path(stop.value.checkpoint) == tmp_path / "ckpt" / "last.ckpt"
     assert torch.load(stop.value.checkpoint, weights_only=True)["global_step"] == 3
-    full, full_losses, _ = _fit(tiny_dir, pairs, tmp_path / "b", 6, packing=False)
-    resumed, losses, _ = _fit(tiny_dir, pairs, tmp_path / "c", 6, packing=False, ckpt_path=stop.value.checkpoint)
+    full, full_losses, _ = uninterrupted
+    resumed, losses, _ = _fit(tiny_dir, pairs, tmp_path / "c", 8, packing=False, ckpt_path=stop.value.checkpoint)
     assert losses == full_losses[3:]
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if ".adapters." in k)
@@ -277,14 +289,13 @@ class SignalOnce(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_saves_prints_the_resume_command_and_resuming_it_equals_the_uninterrupted_run(
+def test_ctrl_c_saves_and_prints_the_resume_command_that_continues_in_the_same_folder(
         tiny_dir, pairs, tmp_path, capsys, monkeypatch):  # fmt: skip
     """``python -m lightning_lora fit`` (in this process): SIGINT during step 3 -> last.ckpt at step 3, one line with
-    it and the resume command, exit 130; that command continues in the same version folder, without warnings, to
-    the uninterrupted run's adapter, bit for bit (dropout on, data shuffled)."""
+    it and the resume command, exit 130 (it was 1, silently); that command continues in the same version folder,
+    without Lightning's warnings about it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning_lora"])
-    (tmp_path / "never").touch()
 
     def fit(name: str, marker: str) -> list[str]:
         return _tiny_fit(tiny_dir, pairs, Path(name), "--model.adapter.init_args.dropout", "0.2", "--trainer.max_steps",
@@ -308,12 +319,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_resuming_it_equals_the_unint
     shown = [str(w.message) for w in caught]
     assert not [m for m in shown if "dirpath has changed" in m or "not empty" in m], shown
     assert os.listdir("cut/lightning_logs") == ["version_0"]  # the same run folder
-    code, text = _main(fit("full", "never"), capsys)
-    assert code in (0, None), text[-3000:]
-    a = torch.load("full/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    b = torch.load(saved, weights_only=True)
-    assert a["global_step"] == b["global_step"] == 6 and a["state_dict"].keys() == b["state_dict"].keys()
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert torch.load(saved, weights_only=True)["global_step"] == 6  # (exactness: the tests above)
 
 
 def test_interrupted_line_and_resume_command():
