@@ -20,7 +20,7 @@ from lightning_lora.io.export import export
 from lightning_lora.io.gguf_model import MODEL_DTYPES
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.quant.nf4 import NF4
-from lightning_lora.quant.prepare import SVD_INITS, prepare
+from lightning_lora.quant.prepare import prepare
 
 
 def export_checkpoint(
@@ -42,7 +42,7 @@ def export_checkpoint(
     name = facts.get("adapter_name") or "default"
     model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
     adapter = adapter_from_spec(facts["adapter"])
-    if getattr(adapter, "init", "default") in SVD_INITS:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
+    if adapter.rewrites_base:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
         quant = facts.get("quantize")
         prepare(model, adapter, name, NF4(**(quant.get("init_args", quant) or {})) if quant else None)
     else:

@@ -27,13 +27,17 @@ output is reused, as the formula above states. Without dropout (and in eval) bot
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind, dense_weight
-from lightning_lora.methods.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
+from lightning_lora.core.layer import AdapterBranch, in_own_precision, own_precision
+from lightning_lora.methods.loftq import Quantize
+from lightning_lora.methods.lora import LoRA, LoRABranch
+from lightning_lora.methods.lora_fused import pack_bits, unpack_bits
 
 
 @dataclasses.dataclass
@@ -54,11 +58,17 @@ class DoRA(LoRA):
     def supports(cls, kind: LayerKind) -> bool:
         return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
 
-    def build(self, base_layer: nn.Module, shared: object = None) -> DoRABranch:
-        return DoRABranch(self, base_layer)
+    def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
+        return DoRABranch(self, base_layer, name)
 
-    def to_peft(self, targets: list[str]) -> dict:
-        return {**super().to_peft(targets), "use_dora": True}
+    def check_start(self, quantize: object = None) -> None:
+        if self.init == "loftq":
+            raise ValueError("DoRA(init='loftq') is not supported (LoftQ fits an additive correction; neither paper nor "
+                             "PEFT defines it for DoRA): use DoRA(init='pissa') or LoRA(init='loftq').")
+        super().check_start(quantize)
+
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
+        return {**super().to_peft(targets, layers), "use_dora": True}
 
     @classmethod
     def from_peft(cls, peft_config: dict) -> DoRA | None:
@@ -66,9 +76,6 @@ class DoRA(LoRA):
             return None
         return cls(**cls._peft_fields(peft_config))
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """LoRA's plus the output y (out wide), which the magnitude's gradient reads."""
-        return super().activation_bytes(n_in, n_out, act_bytes, adapter_bytes) + act_bytes * n_out
 
 
 def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tensor | None = None) -> Tensor:
@@ -98,7 +105,7 @@ class _DoRALinear(torch.autograd.Function):
         if p > 0.0:  # the mask is kept packed 8 per byte (as in lora.py), the dropped input only as a temporary
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             x_in = x * mask * (1.0 / (1.0 - p))
-            bits = _pack_bits(mask)
+            bits = pack_bits(mask)
         h = x_in @ A.t()
         factor = magnitude / norm
         if bias is None:
@@ -120,9 +127,14 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with own_precision(grad_out):  # backward called inside an autocast block: still the adapter's dtype
+            return _DoRALinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, bits, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
-        mask = None if bits is None else _unpack_bits(bits, x.shape)
+        mask = None if bits is None else unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
         grad_x = grad_A = grad_B = grad_m = None
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
@@ -159,8 +171,8 @@ class DoRABranch(LoRABranch):
 
     additive: ClassVar[bool] = False
 
-    def __init__(self, config: DoRA, base_layer: nn.Module):
-        super().__init__(config, base_layer)
+    def __init__(self, config: DoRA, base_layer: nn.Module, name: str = ""):
+        super().__init__(config, base_layer, name)
         self._weight_sq: tuple[tuple, Tensor] | None = None  # (key of the weight it was computed from, ||W||^2_row)
         with torch.no_grad():  # the same computation as in forward, so m / n is exactly 1 at init
             norm = self.norm(base_layer)
@@ -179,6 +191,7 @@ class DoRABranch(LoRABranch):
             self._weight_sq = (key, weight.float().pow(2).sum(1))
         return row_norm(weight, A, B, self.scale, self._weight_sq[1])
 
+    @in_own_precision
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         if weight != 1.0:
             raise ValueError("DoRA adapters cannot be weighted at run time (the magnitude is not additive).")
@@ -216,9 +229,31 @@ class DoRABranch(LoRABranch):
         weight = dense_weight(base_layer)
         return self.merged_weight(weight, base_layer) - weight
 
+    def start(self, base_layer: nn.Module, quantize: Quantize | None) -> nn.Module:
+        """LoRA's start, then the magnitude of the new base + s B0 A0, so DoRA is still the identity at init."""
+        new = super().start(base_layer, quantize)
+        with torch.no_grad():
+            self.magnitude.copy_(self.norm(new).to(self.magnitude.dtype))
+        return new
+
+    def for_original_base(self, base_layer: nn.Module) -> DoRABranch:
+        converted = super().for_original_base(base_layer)
+        if converted is not self:  # the same direction W_res + s B A = W + s (B A - B0 A0), so the same magnitude
+            with torch.no_grad():
+                converted.magnitude.copy_(self.magnitude.detach())
+        return converted
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        raise ValueError("DoRA's magnitude rescales W + s B A row by row, so its update is no low-rank product and a "
+                         "weighted sum of DoRA updates is no DoRA; merge it alone or combine additive adapters.")
+
     def peft_tensors(self) -> dict[str, Tensor]:
         shape = self.kind.peft_vector_shape(self.magnitude.shape[0])
         return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude.view(shape)}
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """LoRA's plus the output y (out wide), which the magnitude's gradient reads."""
+        return super().activation_bytes(act_bytes, adapter_bytes) + act_bytes * self.in_out[1]
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "magnitude": "vector"}

@@ -53,8 +53,9 @@ class NF4:
     Args:
         blocksize: weights per absmax constant; one of 32, 64, ..., 4096 (bitsandbytes' supported sizes).
         double_quant: store the absmax constants in 8 bits (blocks of 256): 4.127 instead of 4.5 bits per weight.
-        compute_dtype: dtype of the dequantized weight in the matmul; ``None`` = bf16 on CUDA, fp32 on CPU (decided
-            at each forward from the input's device, so a model quantized on CPU and trained on CUDA computes in bf16).
+        compute_dtype: dtype of the dequantized weight in the matmul; ``None`` = the run's precision, decided at
+            each forward: the autocast dtype under mixed precision (``bf16-mixed`` on a GPU: bf16), else the input's
+            dtype (``32-true``: fp32, ``bf16-true``: bf16).
         skip_modules: names (or dotted name parts, e.g. ``"lm_head"``, ``"mlp"``) of linear layers kept unquantized.
         quant_storage: dtype the packed 4-bit data is stored in (default uint8; a float dtype lets FSDP shard it).
 
@@ -83,7 +84,8 @@ class NF4:
         self.skip_modules = skip
 
     def dtype_for(self, device: torch.device | str) -> torch.dtype:
-        """The compute dtype on ``device``: the configured one, else bf16 on CUDA and fp32 elsewhere."""
+        """The compute dtype a layer starts with on ``device``: the configured one, else bf16 on CUDA and fp32
+        elsewhere (with ``compute_dtype`` None each forward then follows the run's precision)."""
         if self.compute_dtype is not None:
             return parse_dtype(self.compute_dtype)
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -111,7 +113,8 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     """Replace every eligible ``nn.Linear`` of ``model`` by a bitsandbytes NF4 ``Linear4bit``, in place.
 
     Skipped, with one log line: layers named in ``nf4.skip_modules``, GPT-2 ``Conv1D`` layers (not ``nn.Linear``),
-    shapes bitsandbytes mishandles (``unsupported_shape``). Already-quantized layers are left as they are.
+    shapes bitsandbytes mishandles (``unsupported_shape``), 3-D weights outside any layer kind (MoE experts stored as
+    one tensor, issue #21.3: listed, not converted). Already-quantized layers are left as they are.
 
     Args:
         device: where the quantized layers live and quantization runs (default: each weight's current device).
@@ -129,6 +132,7 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
         raise ValueError("quantize: the model already has adapters; quantize the base first, then inject "
                          "(DoRA magnitudes and merges are taken from the weights at injection time).")
     plan, kept = [], {}
+    already = sum(1 for m in model.modules() if is_quantized(m))  # e.g. quantized layer by layer by LoftQ's init
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module):
             kind = kind_of(module)
@@ -142,12 +146,20 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
             kept[name] = why
         else:
             plan.append((name, module))
+    for name, param in model.named_parameters():  # e.g. MoE experts stored as (E, out, in) tensors: said, not hidden
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if param.ndim == 3 and param.is_floating_point() and kind_of(owner) is None:
+            kept[name] = f"a 3-D weight of {type(owner).__name__} (e.g. MoE experts), not a layer NF4 converts"
     new = {name: _nf4_linear(bnb, module, nf4, device) for name, module in plan}
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    log.info(f"quantize: {len(new)} linear layers to NF4 (blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
-          + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
+    how = f"(blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
+    if already and not new:
+        done = f"the base is NF4: {already} linear layers {how}"
+    else:
+        done = f"{len(new)} linear layers to NF4 {how}" + (f", {already} were NF4 already" if already else "")
+    log.info(f"quantize: {done}" + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
 
 
@@ -164,14 +176,33 @@ def _nf4_linear(bnb, linear: nn.Linear, nf4: NF4, device: torch.device | str | N
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
     layer.support_avx512bf16_for_cpu = False  # see module docstring: the fused CPU eval path breaks training
-    if nf4.compute_dtype is None:  # follow the input's device: bf16 on CUDA, fp32 elsewhere (quantized on CPU, run on GPU)
+    if nf4.compute_dtype is None:  # follow the run's precision (autocast dtype, else the input's), wherever it runs
         layer.register_forward_pre_hook(_auto_compute_dtype)
     layer.train(linear.training)
     return layer
 
 
+def nf4_layer(weight: Tensor, like: nn.Linear, nf4: NF4) -> nn.Module:
+    """A bitsandbytes NF4 layer holding ``weight`` (out, in), with ``like``'s bias, device and train/eval mode (the
+    quantizer ``prepare`` hands to a start that chooses the base, e.g. LoftQ's)."""
+    import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
+
+    linear = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().to(like.weight.dtype).contiguous(), requires_grad=False)
+    if like.bias is not None:
+        linear.bias = like.bias
+    linear.train(like.training)
+    return _nf4_linear(bnb, linear, nf4, like.weight.device)
+
+
 def _auto_compute_dtype(layer: nn.Module, args: tuple) -> None:
-    layer.compute_dtype = torch.bfloat16 if args[0].device.type == "cuda" else torch.float32
+    """``compute_dtype`` None follows the run's precision at every forward: the autocast dtype when autocast is on
+    (Lightning's ``bf16-mixed``, ``16-mixed``), else the input's float dtype (``bf16-true``, ``32-true``)."""
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type):
+        layer.compute_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        layer.compute_dtype = x.dtype if x.is_floating_point() else torch.float32
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:

@@ -123,7 +123,7 @@ def _same(module: nn.Module, swapped, x: Tensor) -> bool:
 def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
     norms, mlps, rope_modules = _candidates(model)
     inputs = _inputs_of(model, [m for m, _ in norms] + mlps)
-    done, refused, by_class = [], [], {}
+    refused, by_class, swapped = [], {}, set()
     for module, eps in norms:
         cls = type(module)
         if cls not in by_class:
@@ -132,9 +132,10 @@ def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
                 module, lambda h, f=f: lean.rms_norm(h, module.weight, getattr(module, eps), *f), x)), None)
             if by_class[cls] is None:
                 refused.append(f"{cls.__name__}: not one of the RMSNorm forms lean.rms_norm computes")
-        if by_class[cls] is not None:
+        if by_class[cls] is not None and "forward" not in vars(module):
             module._lean_norm = (eps, *by_class[cls])
             module.forward = types.MethodType(_norm_forward, module)
+            swapped.add(cls.__name__)
     for mlp in mlps:
         cls = type(mlp)
         if cls not in by_class:
@@ -142,11 +143,10 @@ def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
             by_class[cls] = x is not None and _same(mlp, types.MethodType(_mlp_forward, mlp), x)
             if not by_class[cls]:
                 refused.append(f"{cls.__name__}: not down(silu(gate(y)) * up(y))")
-        if by_class[cls] and "forward" not in vars(mlp):  # an MLP whose forward was swapped before keeps it
+        if by_class[cls] and "forward" not in vars(mlp):  # one swapped before (MLP checkpointing) keeps its own
             mlp.forward = types.MethodType(_mlp_forward, mlp)
-    for cls, form in by_class.items():
-        if form:
-            done.append(cls.__name__)
+            swapped.add(cls.__name__)
+    done = sorted(swapped)
     for modeling in rope_modules:
         original = getattr(modeling, "apply_rotary_pos_emb", None)
         params = list(inspect.signature(original).parameters) if callable(original) else []

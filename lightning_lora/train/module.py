@@ -6,7 +6,8 @@ strategies it is built inside Lightning's init contexts. Training minimises the 
 over the labeled tokens of the whole optimizer step, every accumulated micro-batch and every rank (``step_loss.py``);
 batches may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the
 token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
-only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
+only the trainable tensors (the adapter), not the frozen base, and resume exactly, mid-epoch too: optimizer state,
+the data loader's position and every rank's RNG states (adapter dropout) are restored (``train/resume.py``).
 
 Example::
 
@@ -38,12 +39,14 @@ from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
-from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.eval_report import evaluate_at_end
+from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.lean_swap import use_lean_activations
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
+from lightning_lora.train.resume import ExactResume
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -122,6 +125,10 @@ class LoRAModule(LightningModule):
         lean_activations: run the model's RMSNorms, SwiGLU MLPs and rotary embedding as functions that keep only
             their inputs for backward (``train/lean.py``), where a probe shows the model computes the same
             (``train/lean_swap.py``); elsewhere nothing changes.
+        evaluate: at the end of ``fit``, before the export, evaluate the base (adapter off) and the trained adapter
+            side by side on the first validation examples (``True``: 32; a number: that many): loss, perplexity,
+            exact match, ROUGE-L and chrF of greedy replies (``train/evaluate.py``). ``evaluation.json`` and
+            ``evaluation.md`` go to ``export_dir`` (else the log folder), and the adapter's model card shows the table.
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class LoRAModule(LightningModule):
         export_gguf: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
         lean_activations: bool = True,
+        evaluate: bool | int = False,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -156,9 +164,7 @@ class LoRAModule(LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_activations = offload_activations
         self.export_dir = export_dir
-        self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
-        if dtype == "auto":
-            self.dtype_name = "auto"
+        self.dtype_name = dtype_name(dtype, "LoRAModule dtype", auto=True)
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         self.export_gguf = export_gguf
@@ -166,6 +172,9 @@ class LoRAModule(LightningModule):
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
         self.lean_activations = lean_activations
+        if not isinstance(evaluate, (bool, int)) or (not isinstance(evaluate, bool) and evaluate < 1):
+            raise ValueError(f"evaluate must be true, false or a positive number of examples, got {evaluate!r}.")
+        self.evaluate = evaluate
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -190,9 +199,9 @@ class LoRAModule(LightningModule):
             self._tokenizer = tokenizer
         prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
-        if self.lean_activations:
-            use_lean_activations(model)  # where proven: norms, SwiGLU, RoPE keep only their inputs (train/lean.py)
         enable_checkpointing(model, self.gradient_checkpointing)
+        if self.lean_activations:  # where proven, norms, SwiGLU and RoPE keep only their inputs (train/lean.py)
+            use_lean_activations(model)  # after checkpointing: a recomputed MLP keeps its checkpointed forward
         model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
         self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
 
@@ -215,7 +224,7 @@ class LoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with offloading(self.offload_activations, self.device):
+        with offloading(self.offload_activations, self.device, self.model):
             return self._loss(batch, self._step_loss)  # the sum; train_loss (the step's mean) is logged before the step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -262,11 +271,13 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); the loss is
-        token-weighted over each optimizer step (``step_loss.py``). Each once (a fit after ``trainer.validate``
-        would otherwise replace the first ones, with a warning)."""
+        """Guards and exact resume, each once (a fit after ``trainer.validate`` would otherwise replace the first
+        ones, with a warning): a NaN/inf loss or validation stops the run naming the step, one fit per
+        ``export_dir`` (``guards.py``), the RNG states saved and restored with checkpoints (``resume.py``); the loss
+        is token-weighted over each optimizer step (``step_loss.py``)."""
         present = self._trainer.callbacks if self._trainer is not None else []
-        wanted = [] if any(isinstance(c, FiniteLossGuard) for c in present) else [FiniteLossGuard()]
+        kinds = {type(c) for c in present}
+        wanted = [c for c in (FiniteLossGuard(), ExactResume(), ExportDirLock(self.export_dir)) if type(c) not in kinds]
         if not any(c is self._step_loss for c in present):
             wanted.append(self._step_loss)
         return wanted
@@ -288,20 +299,31 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the adapter (and any other trainable tensor), plus the run facts an offline export needs."""
+        """Keep only the adapter (and any other trainable tensor, all finite), plus the run facts an offline export
+        needs."""
         if self.model is not None:
+            check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
 
+    def run_facts(self) -> dict:
+        """What the model card says of this run (``train/card_facts.py``)."""
+        return run_facts(self.trainer)
+
     def on_train_end(self) -> None:
+        run = self.run_facts()
+        if self.evaluate:
+            table = evaluate_at_end(self, self.evaluate, self.export_dir)
+            if table:
+                run["evaluation"] = table
         if self.export_dir is None:
             return
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
                               name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
                               dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
-                              gguf=self.export_gguf, run=run_facts(self.trainer))  # fmt: skip
+                              gguf=self.export_gguf, run=run)  # fmt: skip
 
 
 
