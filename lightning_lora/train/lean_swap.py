@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 KEY = "lean activations"
 _FORMS = ((0.0, False), (0.0, True), (1.0, True))  # (offset, cast_last) of lean.rms_norm
 _TAGGED: dict[int, weakref.ref] = {}  # id -> weakref of the cos/sin tensors made by lean models' rotary modules
-_ORIGINAL_ROPE: dict[str, object] = {}  # modeling module name -> its own apply_rotary_pos_emb
 
 
 def _norm_forward(self: nn.Module, hidden: Tensor) -> Tensor:
@@ -89,22 +88,49 @@ def _candidates(model: nn.Module) -> tuple[list, list, list]:
     return norms, mlps, sorted(rope_modules, key=lambda m: m.__name__)
 
 
-def _inputs_of(model: nn.Module, modules: list[nn.Module]) -> dict[int, Tensor]:
-    """The first input each of ``modules`` receives in a 2-token forward of the model."""
-    seen, handles = {}, []
+def _inputs_of(model: nn.Module, modules: list[nn.Module], rope_modules: list) -> dict:
+    """The first input each of ``modules`` (and the first arguments each modeling module's
+    ``apply_rotary_pos_emb``) receives in a 2-token forward of the model."""
+    seen, handles, originals = {}, [], {}
 
     def keep(module: nn.Module, args) -> None:
         seen.setdefault(id(module), args[0].detach())
 
+    def recording(modeling, original):
+        def apply_rotary_pos_emb(*args, **kwargs):
+            seen.setdefault(modeling.__name__, (args, kwargs))
+            return original(*args, **kwargs)
+        return apply_rotary_pos_emb
+
     for m in modules:
         handles.append(m.register_forward_pre_hook(keep))
+    for modeling in rope_modules:
+        originals[modeling] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = recording(modeling, getattr(originals[modeling], "lean_original",
+                                                                    originals[modeling]))
     try:
         with torch.no_grad(), frozen_modes(model, training=True):  # as in training (eval may take other paths)
             model(input_ids=probe_ids(model, 2), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+        for modeling, original in originals.items():
+            modeling.apply_rotary_pos_emb = original
     return seen
+
+
+def _same_rope(original, args: tuple, kwargs: dict) -> bool:
+    """``lean.rotary`` equals ``original`` on the arguments it really gets: outputs bitwise, gradients within 1e-6."""
+    q, k, cos, sin, *rest = args
+    results = []
+    for fn in (original, lean.rotary):
+        qi, ki = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        outs = fn(qi, ki, cos, sin, *rest, **kwargs)
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), (qi, ki))
+        results.append(([o.detach() for o in outs], grads))
+    (ref, gref), (got, ggot) = results
+    return all(torch.equal(a, b) for a, b in zip(ref, got)) and all(
+        (a - b).abs().max().item() <= 1e-6 * max(a.abs().max().item(), 1e-30) for a, b in zip(gref, ggot))
 
 
 def _same(module: nn.Module, swapped, x: Tensor) -> bool:
@@ -122,7 +148,7 @@ def _same(module: nn.Module, swapped, x: Tensor) -> bool:
 
 def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
     norms, mlps, rope_modules = _candidates(model)
-    inputs = _inputs_of(model, [m for m, _ in norms] + mlps)
+    inputs = _inputs_of(model, [m for m, _ in norms] + mlps, rope_modules)
     refused, by_class, swapped = [], {}, set()
     for module, eps in norms:
         cls = type(module)
@@ -150,11 +176,14 @@ def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
     for modeling in rope_modules:
         original = getattr(modeling, "apply_rotary_pos_emb", None)
         params = list(inspect.signature(original).parameters) if callable(original) else []
+        original = getattr(original, "lean_original", original)
         if params != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
             refused.append(f"{modeling.__name__}.apply_rotary_pos_emb: another signature ({params})")
             continue
-        if not hasattr(original, "lean_original"):
-            _ORIGINAL_ROPE[modeling.__name__] = original
+        if modeling.__name__ not in inputs or not _same_rope(original, *inputs[modeling.__name__]):
+            refused.append(f"{modeling.__name__}.apply_rotary_pos_emb: not q cos + rot(q) sin on the probe")
+            continue
+        if not hasattr(modeling.apply_rotary_pos_emb, "lean_original"):
             modeling.apply_rotary_pos_emb = _dispatcher(original)
         done.append(f"{modeling.__name__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb")
     if any(d.endswith("apply_rotary_pos_emb") for d in done):
