@@ -13,7 +13,6 @@ The library raises ordinary exceptions (the Python API keeps them); only a comma
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import os
 import re
@@ -197,11 +196,12 @@ def _parser_keys(parser) -> set[str]:
 
 
 def _init_args(class_path: str) -> list[str]:
-    module_name, _, name = class_path.rpartition(".")
+    from lightning_lora.core.imports import import_class  # only on an error: this module stays free of torch
+
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = import_class(class_path)
         return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ValueError, TypeError):
         return []
 
 

@@ -159,9 +159,7 @@ class LoRAModule(LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_activations = offload_activations
         self.export_dir = export_dir
-        self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
-        if dtype == "auto":
-            self.dtype_name = "auto"
+        self.dtype_name = dtype_name(dtype, "LoRAModule dtype", auto=True)
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         self.export_gguf = export_gguf
