@@ -113,7 +113,8 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     """Replace every eligible ``nn.Linear`` of ``model`` by a bitsandbytes NF4 ``Linear4bit``, in place.
 
     Skipped, with one log line: layers named in ``nf4.skip_modules``, GPT-2 ``Conv1D`` layers (not ``nn.Linear``),
-    shapes bitsandbytes mishandles (``unsupported_shape``). Already-quantized layers are left as they are.
+    shapes bitsandbytes mishandles (``unsupported_shape``), 3-D weights outside any layer kind (MoE experts stored as
+    one tensor, issue #21.3: listed, not converted). Already-quantized layers are left as they are.
 
     Args:
         device: where the quantized layers live and quantization runs (default: each weight's current device).
@@ -131,6 +132,7 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
         raise ValueError("quantize: the model already has adapters; quantize the base first, then inject "
                          "(DoRA magnitudes and merges are taken from the weights at injection time).")
     plan, kept = [], {}
+    already = sum(1 for m in model.modules() if is_quantized(m))  # e.g. quantized layer by layer by LoftQ's init
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module):
             kind = kind_of(module)
@@ -144,12 +146,20 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
             kept[name] = why
         else:
             plan.append((name, module))
+    for name, param in model.named_parameters():  # e.g. MoE experts stored as (E, out, in) tensors: said, not hidden
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if param.ndim == 3 and param.is_floating_point() and kind_of(owner) is None:
+            kept[name] = f"a 3-D weight of {type(owner).__name__} (e.g. MoE experts), not a layer NF4 converts"
     new = {name: _nf4_linear(bnb, module, nf4, device) for name, module in plan}
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
-    log.info(f"quantize: {len(new)} linear layers to NF4 (blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
-          + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
+    how = f"(blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
+    if already and not new:
+        done = f"the base is NF4: {already} linear layers {how}"
+    else:
+        done = f"{len(new)} linear layers to NF4 {how}" + (f", {already} were NF4 already" if already else "")
+    log.info(f"quantize: {done}" + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
 
 

@@ -299,8 +299,12 @@ class LoRAModule(LightningModule):
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
 
+    def run_facts(self) -> dict:
+        """What the model card says of this run (``train/card_facts.py``)."""
+        return run_facts(self.trainer)
+
     def on_train_end(self) -> None:
-        run = run_facts(self.trainer)
+        run = self.run_facts()
         if self.evaluate:
             table = evaluate_at_end(self, self.evaluate, self.export_dir)
             if table:
