@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -66,10 +67,10 @@ class LoHa(AdapterConfig):
     def peft_supports(cls, kind: LayerKind) -> bool:
         return kind.name == "linear"  # PEFT's LoHa has no GPT-2 Conv1D or bitsandbytes layer
 
-    def build(self, base_layer: nn.Module, shared: object = None) -> LoHaBranch:
-        return LoHaBranch(self, base_layer)
+    def build(self, base_layer: nn.Module, shared: object, name: str) -> LoHaBranch:
+        return LoHaBranch(self, base_layer)  # the layer's name decides nothing here (see docs/adding-a-method.md)
 
-    def to_peft(self, targets: list[str]) -> dict:
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
         return {
             "peft_type": "LOHA", "r": self.r, "alpha": self.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
             "target_modules": targets, "use_effective_conv2d": False, "init_weights": True, "inference_mode": True,

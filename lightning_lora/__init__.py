@@ -1,5 +1,9 @@
 """lightning_lora: parameter-efficient fine-tuning (LoRA, rsLoRA, LoRA+, QLoRA, DoRA, VeRA) for PyTorch Lightning."""
 
+from lightning_lora.commands.threads import apply_for_commands
+
+apply_for_commands()  # python -m lightning_lora ...: CPU threads set before torch is imported (commands/threads.py)
+
 from lightning_lora.compose import combine, per_sample_adapters
 from lightning_lora.core.layer import AdapterConfig, AdapterLayer
 from lightning_lora.core.log import setup_logging

@@ -1,4 +1,5 @@
-"""``python -m lightning_lora <command>``: fit / validate / test (LightningCLI), estimate, generate, export, plot.
+"""``python -m lightning_lora <command>``: fit / validate / test (LightningCLI), estimate, generate, export, evaluate,
+plot.
 
 Every command is quiet by default (``commands/quiet.py``) and reports an error on one line, exit code 2
 (``commands/errors.py``; ``LIGHTNING_LORA_TRACEBACK=1`` or ``--traceback`` shows the traceback).
@@ -16,6 +17,7 @@ COMMANDS = {
     "estimate": "lightning_lora.commands.estimate",
     "generate": "lightning_lora.commands.generate",
     "export": "lightning_lora.commands.export",
+    "evaluate": "lightning_lora.commands.evaluate",
     "plot": "lightning_lora.commands.plot",
 }
 

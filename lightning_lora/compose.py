@@ -12,9 +12,9 @@ VeRA adapters combine exactly too, whatever their seeds, because the result hold
 a VeRA). ``method="svd"`` keeps the best rank-k approximation of ``B_cat A_cat`` per layer (Eckart-Young), computed
 from the factors via two thin QRs and an SVD of the R x R core, never an SVD of the dense (out x in) matrix.
 
-DoRA cannot be combined: its output rescales W + s B A row-wise by a learned magnitude, which is not additive, so
-no weighted sum of DoRA adapters is a DoRA or a LoRA (PEFT's weighted combination is wrong for DoRA). ``combine``
-raises instead.
+Only what a branch's own ``factors()`` returns is combined; a method whose update is no low-rank product raises
+there with its own reason, which ``combine`` shows (DoRA: its magnitude rescales W + s B A row-wise, so no weighted
+sum of DoRA adapters is a DoRA or a LoRA; PEFT's weighted combination is wrong for DoRA).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.layer import AdapterBranch, AdapterLayer
+from lightning_lora.core.layer import AdapterBranch, AdapterLayer, build_branch
 from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set
 from lightning_lora.methods.lora import LoRA
 
@@ -39,14 +39,12 @@ def factors(branch: AdapterBranch) -> tuple[Tensor, Tensor]:
     embedding): the branch's own ``factors()`` (the method contract).
 
     Raises:
-        ValueError: the branch is not additive (DoRA) or its method does not factor.
+        ValueError: ``{method} adapters cannot be combined: <the branch's own reason>``.
     """
-    if not branch.additive:
-        raise ValueError(
-            f"{branch.config.method} adapters cannot be combined: the magnitude rescales W + s B A row by row, so a "
-            "weighted sum is not a low-rank update. Merge it alone (lightning_lora.merge) or combine additive adapters."
-        )
-    return branch.factors()
+    try:
+        return branch.factors()
+    except ValueError as err:
+        raise ValueError(f"{branch.config.method} adapters cannot be combined: {err}") from None
 
 
 def combine(
@@ -69,7 +67,8 @@ def combine(
         (also logged, with the worst layer's).
 
     Raises:
-        ValueError: unknown or taken names, empty or non-finite weights, a DoRA input, a bad method or rank. The model
+        ValueError: unknown or taken names, empty or non-finite weights, an input that does not factor (DoRA), a bad
+            method or rank. The model
             is left unchanged.
     """
     weights = dict(weights)
@@ -106,9 +105,8 @@ def combine(
                 B, A, lost2, kept2 = _truncate(B, A, rank)
                 err2, norm2 = err2 + lost2, norm2 + lost2 + kept2
                 worst = max(worst, (math.sqrt(lost2 / max(lost2 + kept2, 1e-300)), target))
-            branch = config.build(layer.base_layer)
-            branch.lora_B.copy_(B.reshape(branch.lora_B.shape))  # conv kinds: (out, R, 1, ...), (R, in, *k)
-            branch.lora_A.copy_(A.reshape(branch.lora_A.shape))
+            branch = build_branch(config, layer.base_layer, None, target)
+            branch.load_factors(B, A)
             plan.append((target, branch))
     attach(model, plan, name)
     if method == "cat":

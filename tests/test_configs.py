@@ -40,4 +40,5 @@ def test_config_parses(path, capsys):
         make_cli([command, "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["base_model"]
+    model = printed["model"].get("init_args", printed["model"])  # configs/dpo.yaml names its class (DPOModule)
+    assert model["base_model"]

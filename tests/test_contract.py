@@ -1,9 +1,12 @@
 """The contract matrix: every registered method x every layer kind it supports, built from the registries.
 
-Methods come from ``METHODS`` (each class's ``examples()`` configs, plus the outside method ``examples/loha.py``),
-kinds from ``KINDS`` (each kind's ``example()`` layer and input). For each pair: identity at init, only adapters
-train, merge == unmerged, remove is bit-exact, save/load is exact, and PEFT both ways wherever PEFT has the pair
-(``peft_supports``), with PEFT as the oracle. A new method or kind is covered here with no new test code.
+Methods come from ``METHODS`` (each class's ``examples()`` configs, plus the outside methods ``examples/loha.py``
+and the test-only ``tests/ia3_method.py``, which uses the hooks LoRA-like methods leave alone: a branch wrapping the
+base call, merge writing the bias, options decided by the layer's name), kinds from ``KINDS`` (each kind's
+``example()`` layer and input). For each pair: identity at init, only adapters train, merge == unmerged, remove is
+bit-exact, save/load is exact, PEFT both ways wherever PEFT has the pair (``peft_supports``), with PEFT as the oracle;
+``build`` gets the layer's name and ``to_peft`` the per-layer map; forward and backward under autocast; a
+non-additive branch gives its own reason. A new method or kind is covered here with no new test code.
 """
 
 import dataclasses
@@ -21,7 +24,11 @@ from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layer import METHODS, AdapterBranch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import loha  # noqa: F401  (an outside method: registers itself)
+import ia3_method  # noqa: E402, F401  (a test-only outside method using the wrap/bias/name hooks)
+import loha  # noqa: E402, F401  (an outside method: registers itself)
+
+from lightning_lora.core.layer import peft_config  # noqa: E402
+from lightning_lora.core.verbs import layer_map, not_additive_reason  # noqa: E402
 
 
 class Net(nn.Module):
@@ -57,7 +64,7 @@ def adapted(cfg, kind, perturb=True):
 
 
 def test_matrix_covers_every_method_and_kind():
-    assert {type(c.values[0]).method for c in CASES} >= {"LoRA", "DoRA", "VeRA", "LoHa"}
+    assert {type(c.values[0]).method for c in CASES} >= {"LoRA", "DoRA", "VeRA", "LoHa", "IA3"}
     assert {c.values[1].name for c in CASES} == {k.name for k in KINDS if k.example is not None}
 
 
@@ -138,7 +145,7 @@ def test_peft_loads_ours(cfg, kind, tmp_path):
 @pytest.mark.parametrize("cfg, kind", PEFT_CASES)
 def test_we_load_pefts(cfg, kind, tmp_path):
     peft = pytest.importorskip("peft")
-    config = dataclasses.replace(cfg, target_modules=["layer"]).to_peft(["layer"])
+    config = dataclasses.replace(cfg, target_modules=["layer"]).to_peft(["layer"], {})
     if "fan_in_fan_out" in config:
         config["fan_in_fan_out"] = kind.fan_in_fan_out
     theirs = peft.get_peft_model(fresh(kind)[0], peft.get_peft_config(config))
@@ -148,6 +155,63 @@ def test_we_load_pefts(cfg, kind, tmp_path):
     ll.load_adapter(net, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(net(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, kind", CASES)
+def test_build_gets_the_name_and_to_peft_the_per_layer_map(cfg, kind, monkeypatch):
+    seen = {}
+    cls = type(cfg)
+    build, to_peft = cls.build, cls.to_peft
+    monkeypatch.setattr(cls, "build", lambda self, base, shared, name: seen.setdefault("names", []).append(name)
+                        or build(self, base, shared, name))
+    net, x = adapted(cfg, kind)
+    assert seen["names"] == ["layer"]
+    if cls.peft_type is None:
+        return
+    monkeypatch.setattr(cls, "to_peft", lambda self, targets, layers: seen.setdefault("layers", layers)
+                        and to_peft(self, targets, layers))
+    written = peft_config(cfg, ["layer"], layer_map(net, "default"))
+    assert seen["layers"] == {"layer": net.layer.adapters["default"]} and written["target_modules"] == ["layer"]
+
+
+@pytest.mark.parametrize("cfg, kind", [c for c in CASES if c.values[1].name not in ("embedding", "nf4_linear")])
+def test_forward_and_backward_under_autocast(cfg, kind):
+    """Branches run under the base's autocast; backward called inside the autocast block gives the gradients it
+    gives outside it (the fused autograd functions keep their own dtype in backward too)."""
+    grads = []
+    for backward_inside in (False, True):
+        net, x = adapted(cfg, kind)
+        net.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x).float().pow(2).mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    assert grads[0] and all(g is not None and torch.isfinite(g).all() for g in grads[0].values())
+    for name, g in grads[0].items():
+        assert grads[1][name].dtype == g.dtype, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cfg, kind", CASES)
+def test_non_additive_branches_give_their_own_reason(cfg, kind):
+    net, _ = adapted(cfg, kind)
+    branch = net.layer.adapters["default"]
+    if branch.additive:
+        B, A = branch.factors()
+        assert B.dim() == A.dim() == 2
+        return
+    reason = not_additive_reason(branch)
+    assert reason and "additive = False" not in reason  # its own sentence, from its factors()
+    ll.inject(net, dataclasses.replace(cfg, target_modules=["layer"]), "other")
+    with pytest.raises(ValueError, match="cannot be weighted") as err:
+        ll.set_adapter(net, {"default": 0.5})
+    assert reason in str(err.value)
+    with pytest.raises(ValueError, match="cannot be combined") as err:
+        ll.combine(net, {"default": 1.0}, "sum")
+    assert reason in str(err.value)
 
 
 @pytest.mark.parametrize("method", [ll.LoRA, ll.DoRA])

@@ -20,6 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 STEPS = 4  # optimizer steps of a run; resumed runs start from the checkpoint written after step 2
 ROWS, SEQ, BATCH = 4, 12, 2  # 4 rows = one step (2 ranks x batch 2) per epoch, so a resumed step sees the same rows
+MASKED = (1, 9, 3, 10)  # label prefixes masked in the token-weighting runs: 11, 3, 9 and 2 labeled tokens per row
 QLORA = importlib.util.find_spec("lightning_lora.quant.nf4") is not None
 
 
@@ -69,19 +70,28 @@ def _exported(out: Path, tag: str) -> dict:
     return load_file(out / f"{tag}.export" / "adapter" / "adapter_model.safetensors")
 
 
-def _single_process(base: Path, tmp: Path, quantize=None) -> dict:
-    """The reference: one process, one device, the same 4 rows per step as the two ranks together."""
+def _single_process(base: Path, tmp: Path, quantize=None, masked=None, mean_of_means=False) -> dict:
+    """The reference: one process, one device, the same 4 rows per step as the two ranks together. With ``masked``
+    (label prefixes masked per row) SGD; ``mean_of_means``: 4 accumulated micro-batches of one row, each its mean."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from lightning_lora import adapter_state_dict
+    from lightning_lora.train.callback import AdapterCallback
     from lightning_lora.train.module import LoRAModule
 
     pl.seed_everything(7, verbose=False)
-    module = LoRAModule(str(base), adapter=_adapter("lora"), optimizer=_optimizer, quantize=quantize)
+    optimizer = _optimizer if masked is None else _sgd
+    callbacks, batch, accumulate = [], 2 * BATCH, 1
+    if mean_of_means:  # the loss before token weighting: each micro-batch's mean, averaged by Lightning
+        module, batch, accumulate = _plain_module(str(base), own_loss=True, optimizer=optimizer), 1, ROWS
+        callbacks = [AdapterCallback(_adapter("lora"), target="model")]
+    else:
+        module = LoRAModule(str(base), adapter=_adapter("lora"), optimizer=optimizer, quantize=quantize)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp)  # fmt: skip
-    trainer.fit(module, DataLoader(_dataset(384), batch_size=2 * BATCH, shuffle=False))
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp,
+                         accumulate_grad_batches=accumulate, callbacks=callbacks)  # fmt: skip
+    trainer.fit(module, DataLoader(_dataset(384, masked), batch_size=batch, shuffle=False))
     return {k: v.detach().clone() for k, v in adapter_state_dict(module.model).items()}
 
 
@@ -94,6 +104,20 @@ def test_ddp_adapters_identical_on_both_ranks_and_match_one_process(runs, base, 
     assert min(v.abs().max().item() for k, v in trained.items() if k.endswith("lora_B")) > 1e-3  # it trained
     # DDP averages the two ranks' gradients: the same as one process on both ranks' rows.
     assert _max_diff(trained, _single_process(base, tmp_path)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_token_weighted_loss_over_micro_batches_and_ranks_steps_like_one_big_batch(runs, base, tmp_path, strategy):
+    """2 ranks x 2 accumulated micro-batches of one row each, 11 / 9 and 3 / 2 labeled tokens (SGD: the update is the
+    gradient), train like one process on the 4 rows at once: the step's loss is divided by its 25 labeled tokens."""
+    out, _ = runs
+    trained = _load(out, f"{strategy}_tokens")
+    assert _max_diff(trained, _load(out, f"{strategy}_tokens", 1)) == 0.0
+    one_batch = _single_process(base, tmp_path, masked=MASKED)
+    assert _max_diff(trained, one_batch) < 1e-5
+    if strategy == "ddp":  # the test can fail: the mean of the micro-batches' means trains differently
+        assert _max_diff(one_batch, _single_process(base, tmp_path, masked=MASKED, mean_of_means=True)) > 1e-3
 
 
 @pytest.mark.slow
@@ -206,10 +230,14 @@ def test_shard_refuses_integer_storage_and_tensor_parallel_meshes():
 
 
 # --------------------------------------------------------------------------- worker (runs in each rank)
-def _dataset(vocab: int):
+def _dataset(vocab: int, masked: tuple[int, ...] | None = None):
+    """ROWS random rows, every position labeled, or the first ``masked[i]`` labels of row i masked (-100)."""
     gen = torch.Generator().manual_seed(123)
     ids = torch.randint(5, vocab, (ROWS, SEQ), generator=gen)
-    return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    for row, m in zip(rows, masked or ()):
+        row["labels"][:m] = -100
+    return rows
 
 
 def _rank() -> int:
@@ -228,7 +256,11 @@ def _optimizer(params):
     return AdamW(params, lr=1e-2)  # large lr: 4 steps move the adapter visibly
 
 
-def _plain_module(base: str, own_loss: bool = False):
+def _sgd(params):
+    return torch.optim.SGD(params, lr=1.0)  # the update is the gradient itself (AdamW hides a common factor)
+
+
+def _plain_module(base: str, own_loss: bool = False, optimizer=_optimizer):
     """A user's own LightningModule (for AdapterCallback): builds the HF model in configure_model; its loss is
     Hugging Face's, or with ``own_loss`` our ``causal_lm_loss`` (as the README shows)."""
     import lightning.pytorch as pl
@@ -248,13 +280,14 @@ def _plain_module(base: str, own_loss: bool = False):
             return self.model(**batch).loss
 
         def configure_optimizers(self):
-            return _optimizer([p for p in self.parameters() if p.requires_grad])
+            return optimizer([p for p in self.parameters() if p.requires_grad])
 
     return Plain()
 
 
 def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=False, ckpt_path=None, quantize=None,
-         devices=2, batch=BATCH, checkpoint=False, export=False, gradient_checkpointing=False, own_loss=False):  # fmt: skip
+         devices=2, batch=BATCH, checkpoint=False, export=False, gradient_checkpointing=False, own_loss=False,
+         masked=None, accumulate=1):  # fmt: skip
     """Train ``STEPS`` steps, optionally checkpointing every step to out/<tag>.ckpt/ and exporting to
     out/<tag>.export/; write each rank's full adapter to out/<tag>.rank<r>.safetensors (and whether it was sharded).
     """
@@ -284,13 +317,14 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
         module = _plain_module(base, own_loss)
         callbacks.append(AdapterCallback(_adapter(adapter), target="model", export_dir=export_dir))
     else:
-        module = LoRAModule(base, adapter=_adapter(adapter), optimizer=_optimizer, export_dir=export_dir,
-                            quantize=quantize, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+        module = LoRAModule(base, adapter=_adapter(adapter), optimizer=_optimizer if masked is None else _sgd,
+                            export_dir=export_dir, quantize=quantize, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     plugins = [CountingIO()] if strategy == "ddp" else None
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, plugins=plugins,
-                         enable_checkpointing=checkpoint, num_sanity_val_steps=0)  # fmt: skip
-    trainer.fit(module, DataLoader(_dataset(384), batch_size=batch, shuffle=False), ckpt_path=ckpt_path)
+                         enable_checkpointing=checkpoint, num_sanity_val_steps=0,
+                         accumulate_grad_batches=accumulate)  # fmt: skip
+    trainer.fit(module, DataLoader(_dataset(384, masked), batch_size=batch, shuffle=False), ckpt_path=ckpt_path)
     sharded = is_sharded(module.model)
     state = full_adapter_state(module.model)  # collective under FSDP2: every rank gathers every row
     save_tensors({k: v.contiguous() for k, v in state.items()}, out / f"{tag}.rank{_rank()}.safetensors")
@@ -310,6 +344,9 @@ def worker(out: Path, base: str) -> None:
     _fit(out, "fsdp_resume", base, fsdp(), "lora", ckpt_path=out / "fsdp_lora.ckpt" / "epoch=1-step=2.ckpt")
     _fit(out, "ddp_dora", base, "ddp", "dora", callback=True)
     _fit(out, "fsdp_dora", base, fsdp(), "dora", callback=True, export=True)
+    # 2 ranks x 2 micro-batches of one row, unequal label counts (rank 0 reads rows 0 and 2, rank 1 rows 1 and 3)
+    _fit(out, "ddp_tokens", base, "ddp", "lora", batch=1, accumulate=2, masked=MASKED)
+    _fit(out, "fsdp_tokens", base, fsdp(), "lora", batch=1, accumulate=2, masked=MASKED)
     _fit(out, "ddp_dora_ownloss", base, "ddp", "dora", callback=True, own_loss=True)
     _fit(out, "fsdp_dora_ownloss", base, fsdp(), "dora", callback=True, own_loss=True)
     if QLORA:

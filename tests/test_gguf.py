@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_assets import make_tiny_model_dir
-from tiny_models import perturb_adapters, tiny_gpt2, tiny_llama
+from tiny_assets import FAMILIES, SHAPE, make_tiny_model_dir
+from tiny_models import perturb_adapters, rounded_copy, tiny_gpt2, tiny_llama
 
 import lightning_lora as ll
 from lightning_lora.core.verbs import adapter_layers
 from lightning_lora.io.export import export
-from lightning_lora.io.gguf import write_adapter_gguf
+from lightning_lora.io.gguf import gguf_support, write_adapter_gguf
+from lightning_lora.io.gguf_arch import apply_rows, arch_of, tensor_plan
 from lightning_lora.io.gguf_model import write_model_gguf
 from lightning_lora.io.models import load_causal_lm
 
@@ -73,9 +74,69 @@ def test_adapter_gguf_refuses_dora_vera(tmp_path, adapter):
 def test_other_architectures_refused_by_name(tmp_path):
     model = tiny_gpt2()
     ll.inject(model, ll.LoRA(r=2, target_modules="c_attn"))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*gpt2"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel \\(model_type 'gpt2'\\) is not a family"):
         write_adapter_gguf(model, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
+    assert gguf_support("gpt2") == () and gguf_support("qwen3_moe") == ("adapter", "merged")
+
+
+# Settings under which llama.cpp's graph would compute another model than transformers: refused, naming the setting.
+REFUSED = [
+    ("gemma2", dict(query_pre_attn_scalar=128), "query_pre_attn_scalar 128, but llama.cpp scales by 1/sqrt\\(256\\)"),
+    ("gemma3_text", dict(layer_types=["full_attention"] * 2), "every 6th layer full attention"),
+    ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob is False"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+    ("llama", dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "RoPE type 'dynamic'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,overrides,message", REFUSED)
+def test_settings_llamacpp_computes_otherwise_are_refused(tmp_path, kind, overrides, message):
+    from transformers import AutoModelForCausalLM
+
+    cls, extra, _ = FAMILIES[kind]
+    model = AutoModelForCausalLM.from_config(cls(**(SHAPE | extra | {"vocab_size": 128} | overrides)))
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=message):
+        write_adapter_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_mistral_sliding_window_is_logged(caplog):
+    from transformers import MistralConfig
+
+    arch_of(MistralConfig(sliding_window=4096))
+    assert "without its sliding window: outputs differ only beyond 4096 tokens" in caplog.text
+
+
+def test_tensor_plan_rows_commute_with_a_low_rank_update():
+    """One plan serves the merged model and an adapter: the GGUF pieces of W + B A are those of W plus (rows B) A.
+    Checked on a fused 3-D expert stack (gate/up split, per-expert factors, as a future expert adapter is written)
+    and on llama-family k_proj (rotary row permutation)."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**SHAPE, num_local_experts=3, vocab_size=128)
+    plan = tensor_plan(config)
+    gen = torch.Generator().manual_seed(0)
+    E, I, H, r = 3, SHAPE["intermediate_size"], SHAPE["hidden_size"], 4
+    kv_rows = SHAPE["num_key_value_heads"] * H // SHAPE["num_attention_heads"]
+    for name, (W, A, B) in {
+        "model.layers.1.mlp.experts.gate_up_proj": (torch.randn(E, 2 * I, H, generator=gen),
+                                                   torch.randn(E, r, H, generator=gen),
+                                                   torch.randn(E, 2 * I, r, generator=gen)),
+        "model.layers.0.self_attn.k_proj.weight": (torch.randn(kv_rows, H, generator=gen),
+                                                  torch.randn(r, H, generator=gen),
+                                                  torch.randn(kv_rows, r, generator=gen)),
+    }.items():  # fmt: skip
+        pieces = plan(name)
+        assert len(pieces) == (2 if "experts" in name else 1)
+        for gguf_name, rows in pieces:
+            torch.testing.assert_close(apply_rows(rows, W + B @ A), apply_rows(rows, W) + apply_rows(rows, B) @ A)
+    names = [n for n, _ in plan("model.layers.1.mlp.experts.gate_up_proj")]
+    assert names == ["blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"]
+    W = torch.arange(E * 2 * I * H, dtype=torch.float32).reshape(E, 2 * I, H)
+    gate, up = (apply_rows(rows, W) for _, rows in plan("model.layers.1.mlp.experts.gate_up_proj"))
+    assert torch.equal(gate, W[:, :I]) and torch.equal(up, W[:, I:])  # transformers: gate rows first, then up
 
 
 @pytest.fixture(scope="module")
@@ -92,26 +153,6 @@ def merged(tmp_path_factory):
     return model, tokenizer, out
 
 
-def _q8_0(w):
-    """Q8_0 as ggml defines it: blocks of 32 along a row, d = max|x| / 127 stored as f16, q = round(x / d)."""
-    blocks = w.reshape(-1, 32)
-    d = blocks.abs().amax(1, keepdim=True) / 127
-    q = torch.round(blocks / torch.where(d == 0, torch.ones_like(d), d))
-    return (q * d.half().float()).reshape(w.shape)
-
-
-def _rounded(model, dtype):
-    """A copy of ``model`` whose 2-D weights went through ``dtype`` (the reference for a GGUF stored in it)."""
-    import copy
-
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.dim() == 2:
-                p.copy_(_q8_0(p) if dtype == "q8_0" else p.to(dtype).float())
-    return ref
-
-
 @pytest.mark.parametrize("kind,dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_transformers_loads_merged_gguf_same_logits(merged, kind, dtype):
     from transformers import AutoModelForCausalLM
@@ -120,7 +161,7 @@ def test_transformers_loads_merged_gguf_same_logits(merged, kind, dtype):
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"m-{kind}.gguf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("The quick brown fox jumps over 12 lazy dogs.").input_ids])
     with torch.no_grad():
-        got, ref, exact = loaded(ids).logits, _rounded(model, dtype)(ids).logits, model(ids).logits
+        got, ref, exact = loaded(ids).logits, rounded_copy(model, dtype)(ids).logits, model(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # the same weights, rounded to the storage type
     assert (got - exact).abs().max() < 0.05 * exact.abs().max()
 
@@ -132,7 +173,7 @@ def test_q8_0_merged_gguf_close(merged):
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="m-q8_0.gguf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("Lists are mutable sequences.").input_ids])
     with torch.no_grad():
-        got, ref = loaded(ids).logits, _rounded(model, "q8_0")(ids).logits
+        got, ref = loaded(ids).logits, rounded_copy(model, "q8_0")(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     meta, tensors = _fields(out / "m-q8_0.gguf")
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0

@@ -62,8 +62,8 @@ def test_name_in_use(saved):
 
 def test_other_method_and_unknown_method(saved):
     config = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BOFT"}))
+    with pytest.raises(ValueError, match="peft_type 'BOFT' is not supported"):
         ll.load_adapter(tiny_llama(), saved)
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4, "projection_prng_key": 0}))
     model = tiny_llama()

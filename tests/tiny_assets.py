@@ -1,9 +1,10 @@
-"""Tiny on-disk Hugging Face assets, built offline: a causal LM folder (Llama or GPT-2) with a working fast tokenizer.
+"""Tiny on-disk Hugging Face assets, built offline: a causal LM folder with a working fast tokenizer.
 
-``make_tiny_model_dir(path)`` writes what ``AutoModelForCausalLM.from_pretrained(path)`` and
-``AutoTokenizer.from_pretrained(path)`` read, with no network. The tokenizer is a byte-level BPE (GPT-2 style, so
-every string round-trips and nothing is unknown) trained on the stdlib's ``pydoc_data.topics`` prose; special tokens
-are split out before pre-tokenization, so text tokenizes piecewise between them (tests rely on that).
+``make_tiny_model_dir(path, arch)`` (``arch`` a key of ``FAMILIES``, or ``"gpt2"``) writes what
+``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` read, with no network. The
+tokenizer is a byte-level BPE (GPT-2 style, so every string round-trips and nothing is unknown) trained on the stdlib's
+``pydoc_data.topics`` prose; special tokens are split out before pre-tokenization, so text tokenizes piecewise between
+them (tests rely on that).
 """
 
 from __future__ import annotations
@@ -14,15 +15,42 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 PAD, EOS = "<|pad|>", "<|end|>"
 SPECIALS = [PAD, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
 VOCAB_SIZE = 384  # 256 bytes + specials + merges
 MAX_POSITIONS = 512
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=MAX_POSITIONS)
+# model_type -> (config class, its extra arguments, rows of vocabulary padding beyond the tokenizer). Qwen pads its
+# vocabulary (and transformers' Qwen2Tokenizer adds a token). Sizes that transformers' GGUF reader does not read back
+# take the real models' values: Gemma's head_dim and query_pre_attn_scalar 256 (llama.cpp assumes that scale too),
+# Qwen3's head_dim 128, Qwen3-MoE's moe_intermediate_size 768.
+FAMILIES = {
+    "llama": (LlamaConfig, {}, 0),
+    "mistral": (MistralConfig, {}, 0),
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2), 0),
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True), 8),
+    "qwen3": (Qwen3Config, dict(head_dim=128), 8),
+    "qwen3_moe": (Qwen3MoeConfig, dict(head_dim=128, moe_intermediate_size=768, num_experts=4, num_experts_per_tok=2,
+                                       norm_topk_prob=True),
+                  8),
+    "gemma2": (Gemma2Config, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
+    "gemma3_text": (Gemma3TextConfig, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
+    "phi3": (Phi3Config, {}, 0),
+}
 # Each turn: "<|role|>\n" + content + "<|end|>\n"; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -61,23 +89,24 @@ def make_tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_tiny_model_dir(path, arch: str = "llama", seed: int = 0, chat_template: bool = True) -> Path:
+def make_tiny_model_dir(path, arch: str = "llama", seed: int = 0, chat_template: bool = True, **overrides) -> Path:
     """Save a tiny causal LM (hidden 64, 2 layers) and its tokenizer into ``path``; return ``path``.
 
-    The model's vocabulary size equals the tokenizer's; pad/eos ids are set in its config. ``chat_template=False``
-    saves a tokenizer without a chat template (for the plain "prompt\\nresponse" rendering).
+    The model's vocabulary size equals the tokenizer's (plus the family's padding); pad/eos ids are set in its config.
+    ``chat_template=False`` saves a tokenizer without a chat template (for the plain "prompt\\nresponse" rendering).
+    ``overrides`` replace arguments of the family's config class.
     """
     path = Path(path)
     tok = make_tiny_tokenizer(chat_template)
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                bos_token_id=tok.eos_token_id)
-    if arch == "llama":
-        config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, **ids)
+    if arch in FAMILIES:
+        cls, extra, padding = FAMILIES[arch]
+        config = cls(**(SHAPE | extra | ids | {"vocab_size": len(tok) + padding} | overrides))
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, **ids)
+        config = GPT2Config(**(dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS) | ids | overrides))
     else:
-        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+        raise ValueError(f"arch must be one of {sorted(FAMILIES)} or 'gpt2', got {arch!r}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(path)

@@ -41,3 +41,24 @@ def adapted_for_training(kind: str):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     return model.train()
+
+
+def q8_0(w: torch.Tensor) -> torch.Tensor:
+    """Q8_0 as ggml defines it: blocks of 32 along a row, d = max|x| / 127 stored as f16, q = round(x / d)."""
+    blocks = w.reshape(-1, 32)
+    d = blocks.abs().amax(1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(d == 0, torch.ones_like(d), d))
+    return (q * d.half().float()).reshape(w.shape)
+
+
+def rounded_copy(model: torch.nn.Module, dtype) -> torch.nn.Module:
+    """A copy of ``model`` whose matrices (2-D and up) went through ``dtype`` (a torch dtype or "q8_0"): the
+    reference for a GGUF file that stores them so."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() >= 2:
+                p.copy_(q8_0(p) if dtype == "q8_0" else p.to(dtype).float())
+    return ref

@@ -18,12 +18,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_lora.commands.errors import run_command
 from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
+from lightning_lora.train.precision import auto_precision
 from lightning_lora.train.progress import StepProgressBar
 from lightning_lora.train.summary import RunSummary, ValidateAtEnd
 
@@ -63,6 +65,10 @@ class LoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
+        if trainer is not None and trainer.get("precision") is None and trainer.get("plugins") is None:
+            trainer["precision"] = auto_precision(trainer.get("accelerator"))  # precision: null = pick for this machine
+            if trainer["precision"] != "32-true":
+                print(f"precision: {trainer['precision']} (precision: null picks it for this GPU)")
         if trainer is not None and isinstance(trainer.get("val_check_interval"), int) \
                 and trainer.get("check_val_every_n_epoch") == 1:  # fmt: skip
             trainer["check_val_every_n_epoch"] = None  # count steps across epochs: short data sets work too
@@ -96,12 +102,30 @@ class LoRACLI(LightningCLI):
         print(("after training: " + after + "\n" if after else "") + "run summary:\n  " + "\n  ".join(lines))
 
 
+def names_model_class(argv: list[str]) -> bool:
+    """Whether a ``--config`` file gives ``model:`` a ``class_path`` (``configs/dpo.yaml``: ``DPOModule``), or the
+    command line does (``--model.class_path``): then any ``LoRAModule`` subclass is accepted; otherwise the model is
+    ``LoRAModule`` and its arguments sit directly under ``model:``."""
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        if isinstance(config, dict) and isinstance(config.get("model"), dict) and "class_path" in config["model"]:
+            return True
+    return any(a.startswith("--model.class_path") for a in argv)
+
+
 def make_cli(argv: list[str], run: bool = True) -> LoRACLI:
     """The CLI object. ``run=False`` parses and instantiates without running a subcommand; a leading command word
     (``fit``, ...) is then dropped, and only that one: the same word later (a value) stays."""
     enable_adapter_subclass_mode()
     return LoRACLI(
         LoRAModule,
+        subclass_mode_model=names_model_class(argv),
         datamodule_class=None,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

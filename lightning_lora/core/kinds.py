@@ -11,6 +11,8 @@ the kind (``kind_of(layer)``) instead of testing layer types, so a new kind is o
 | ``embedding`` | ``nn.Embedding`` | (vocab, dim) | weight (vocab, dim) = (in, out), "transposed" | (r, vocab), (dim, r) |
 | ``conv1d/2d/3d`` | ``nn.Conv{1,2,3}d``, groups 1 | (in, out) channels | weight (out, in * prod(k)) | (r, in, *k), (out, r, 1, ...) |
 
+Every kind but the embedding also has a bias that a merge may rewrite (``bias``/``write_bias``).
+
 The bitsandbytes 4-bit linear is registered by ``lightning_lora.quant.nf4`` (core imports neither bitsandbytes nor
 quant). Conv layers follow PEFT's layout: A is a conv with the base's kernel, stride, padding and dilation, B a 1x1
 conv, so dW = B A reshaped to the base's (out, in, *k) and merging is exact. Deviation: PEFT 0.21's unmerged conv
@@ -39,6 +41,10 @@ class LayerKind:
         dense_weight: the weight as a 2-D matrix: (out, fan_in), or (in, out) when ``transposed`` (embeddings).
         write_back: ``write_back(layer, new_weight, dtype)`` returns the layer holding ``new_weight`` (same
             orientation as ``dense_weight``): in place, or a new plain layer (a quantized base).
+        bias: ``bias(layer)`` -> the layer's output bias (out,) or None (default: ``layer.bias`` if any).
+        write_bias: ``write_bias(layer, new_bias)`` returns ``layer`` (the one ``write_back`` returned) with
+            ``new_bias`` (out,) as its bias, adding one if it had none; None on kinds without a bias (embeddings):
+            a merge that changes the bias is then refused.
         pair_shapes: ``pair_shapes(layer, r)`` -> shapes of A and B for a rank-r low-rank pair.
         apply_pair: ``apply_pair(x, A, B, layer, p)`` = B A dropout_p(x) laid out like the layer's output (unscaled).
         refuse: ``refuse(layer)`` -> None, or why this layer cannot be adapted (e.g. a grouped conv).
@@ -65,6 +71,8 @@ class LayerKind:
     pair_shapes: Callable[[nn.Module, int], tuple[tuple[int, ...], tuple[int, ...]]]
     apply_pair: Callable[[Tensor, Tensor, Tensor, nn.Module, float], Tensor]
     refuse: Callable[[nn.Module], str | None] = lambda layer: None
+    bias: Callable[[nn.Module], Tensor | None] = lambda layer: getattr(layer, "bias", None)
+    write_bias: Callable[[nn.Module, Tensor], nn.Module] | None = None
     linear: bool = False
     transposed: bool = False
     channel_dim: int = -1
@@ -128,9 +136,18 @@ def dense_weight(layer: nn.Module) -> Tensor:
     return layer.weight if kind is None else kind.dense_weight(layer)
 
 
-def merged_base_layer(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | None = None) -> nn.Module:
-    """The base layer with ``new_weight`` (same orientation as ``dense_weight``) written in (``LayerKind.write_back``)."""
-    return _kind(layer).write_back(layer, new_weight, dtype)
+def merged_base_layer(
+    layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | None = None, new_bias: Tensor | None = None
+) -> nn.Module:
+    """The base layer with ``new_weight`` (same orientation as ``dense_weight``) written in (``LayerKind.write_back``),
+    and ``new_bias`` (if given) as its bias (``LayerKind.write_bias`` of the layer written back)."""
+    kind = _kind(layer)
+    new = kind.write_back(layer, new_weight, dtype)
+    if new_bias is None:
+        return new
+    if kind.write_bias is None:
+        raise ValueError(f"a {kind.name} layer has no bias to merge an adapter's bias change into.")
+    return kind.write_bias(new, new_bias)
 
 
 def _kind(layer: nn.Module) -> LayerKind:
@@ -150,6 +167,16 @@ def write_in_place(layer: nn.Module, new_weight: Tensor, dtype: torch.dtype | No
             weight.data = new_weight.detach()  # the merged tensor is new: adopt it instead of copying it over
         else:
             weight.copy_(new_weight.reshape(weight.shape))
+    return layer
+
+
+def write_bias_in_place(layer: nn.Module, new_bias: Tensor) -> nn.Module:
+    """Write ``new_bias`` (out,) into ``layer.bias``, in place; a layer without a bias gets a frozen one."""
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.detach().to(layer.weight.dtype).clone(), requires_grad=False)
+        else:
+            layer.bias.copy_(new_bias)
     return layer
 
 
@@ -225,6 +252,7 @@ def _conv_kind(cls: type, dims: int) -> LayerKind:
         pair_shapes=lambda m, r: ((r, m.in_channels, *m.kernel_size), (m.out_channels, r, *([1] * dims))),
         apply_pair=_conv_pair(dims),
         refuse=_conv_refuse,
+        write_bias=write_bias_in_place,
         channel_dim=1,
         peft_vector_shape=lambda n: (1, n, *([1] * dims)),
         example=_CONV_EXAMPLES[dims],
@@ -239,6 +267,7 @@ register_kind(LayerKind(
     write_back=write_in_place,
     pair_shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
     apply_pair=_linear_pair,
+    write_bias=write_bias_in_place,
     linear=True,
     example=_seeded(lambda: nn.Linear(12, 10), 2, 3, 12),
 ))  # fmt: skip
@@ -250,6 +279,7 @@ register_kind(LayerKind(
     write_back=_hf_conv1d_write,
     pair_shapes=lambda m, r: ((r, m.weight.shape[0]), (m.weight.shape[1], r)),
     apply_pair=_linear_pair,
+    write_bias=write_bias_in_place,
     linear=True,
     fan_in_fan_out=True,
     example=_seeded(_gpt2_conv1d, 2, 3, 12),

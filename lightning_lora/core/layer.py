@@ -1,10 +1,19 @@
 """The contract every adapter method implements, and the wrapper that puts adapters on a frozen layer.
 
 ``AdapterLayer`` wraps a frozen base layer of any registered kind (``kinds.py``: ``nn.Linear``, GPT-2 ``Conv1D``,
-``nn.Embedding``, ``nn.Conv1d/2d/3d``, bitsandbytes ``Linear4bit``) and holds named adapter branches. Its output is
+``nn.Embedding``, ``nn.Conv1d/2d/3d``, bitsandbytes ``Linear4bit``) and holds named adapter branches. With the
+active adapters a_1 .. a_n (weights w_i), in activation order, its output is
 
-    y = base(x)                     then, for each active adapter a with weight w_a,
-    y = branch_a(x, y, base, w_a)   (LoRA/VeRA add w_a * dW_a x; DoRA rescales, see ``dora.py``)
+    f_0(x) = base(x);   f_i(x) = branch_i.wrap(x, f_{i-1}, w_i)  for the branches that act on the input side
+    y = f(x);           y = branch_j(x, y, base, w_j)            for the others (LoRA/VeRA add w dW x; DoRA rescales)
+
+A branch that wraps the base call (``wraps_base``, e.g. one that scales the input) calls the base once, on its own
+transformed input: no second base GEMM. Every branch runs under the autocast state the base runs under; a method
+that computes in its own dtype turns autocast off for itself (``own_precision``), as LoRA, DoRA and VeRA do.
+
+Non-additive branches (``additive = False``: DoRA, input-side scaling) follow two rules, which ``set_adapter``
+enforces: weight 1 only, and the only active adapter on the layers they adapt. ``factors()`` raises the branch's
+own reason why it cannot be folded into a low-rank product, and ``combine``/``set_adapter`` show that reason.
 
 Adapters are plain ``nn.Parameter`` tensors inside ``AdapterBranch`` modules, never ``nn.Linear`` children, so
 Lightning's precision plugins that swap ``nn.Linear`` modules cannot touch them.
@@ -12,7 +21,11 @@ Lightning's precision plugins that swap ``nn.Linear`` modules cannot touch them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -40,7 +53,8 @@ class AdapterConfig:
     A subclass that sets ``method`` joins ``METHODS`` by itself (``__init_subclass__``), wherever it is defined, and
     then works with every verb, PEFT files (its own ``peft_type``), ``combine`` (when additive), LoRA+ groups, the
     estimator, ``LoRAModule``, ``AdapterCallback`` and the CLI (``class_path``). It implements ``build`` and, for PEFT
-    files, ``to_peft``/``from_peft``/``peft_suffixes``; the other hooks have defaults.
+    files, ``to_peft``/``from_peft``/``peft_suffixes``; the other hooks have defaults. A second class under a name
+    already taken is refused (re-defining the same class, e.g. a module reloaded, replaces it).
     """
 
     target_modules: str | list[str] = "all-linear"
@@ -55,6 +69,10 @@ class AdapterConfig:
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "method" in vars(cls):
+            taken = METHODS.get(cls.method)
+            if taken is not None and _qualified(taken) != _qualified(cls):
+                raise TypeError(f"method name {cls.method!r} is taken by {_qualified(taken)}; give "
+                                f"{_qualified(cls)} another `method` name.")
             METHODS[cls.method] = cls
 
     def __post_init__(self) -> None:
@@ -82,12 +100,17 @@ class AdapterConfig:
         """State shared by all adapted layers of one adapter (VeRA's random projections); none by default."""
         return None
 
-    def build(self, base_layer: nn.Module, shared: object) -> AdapterBranch:
+    def build(self, base_layer: nn.Module, shared: object, name: str) -> AdapterBranch:
+        """The branch for the layer called ``name`` (its full name in the model, the key of the per-layer map:
+        per-layer options such as ``rank_pattern`` are decided by it). A two-argument ``build(base_layer, shared)``
+        of an older outside method still works (``build_branch``)."""
         raise NotImplementedError
 
     # -- PEFT files -------------------------------------------------------------------------------------------------
-    def to_peft(self, targets: list[str]) -> dict:
-        """The ``adapter_config.json`` PEFT writes for this adapter on the layers ``targets``."""
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
+        """The ``adapter_config.json`` PEFT writes for this adapter: ``targets`` is ``target_modules`` as PEFT writes
+        it (suffixes when they select exactly these layers), ``layers`` the per-layer map, full layer name -> branch
+        (per-layer options: ``rank_pattern``, ...). A one-argument ``to_peft(targets)`` still works (``peft_config``)."""
         raise NotImplementedError(f"{self.method} has no PEFT format (to_peft is not implemented).")
 
     @classmethod
@@ -127,6 +150,7 @@ class AdapterBranch(nn.Module):
     """
 
     additive: ClassVar[bool] = True  # output = base + w * dW x, so runtime weighting and `cat` combination are exact
+    wraps_base: ClassVar[bool] = False  # the layer calls ``wrap`` (the branch calls the base) instead of ``forward``
 
     def __init__(self, config: AdapterConfig, base_layer: nn.Module | None = None, shared: object = None):
         super().__init__()
@@ -142,13 +166,24 @@ class AdapterBranch(nn.Module):
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         raise NotImplementedError
 
+    def wrap(self, x: Tensor, base: Callable[[Tensor], Tensor], base_layer: nn.Module, weight: float = 1.0) -> Tensor:
+        """For ``wraps_base`` branches: the layer's output, calling ``base`` (the base layer's call, or the next
+        wrapping branch's) once on whatever input the method needs, e.g. ``base(x * l)`` for input-side scaling."""
+        return self(x, base(x), base_layer, weight)
+
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         """The dense change dW of the base weight, same orientation as ``dense_weight(base_layer)``."""
         raise NotImplementedError
 
     def merged_weight(self, weight: Tensor, base_layer: nn.Module, scale: float = 1.0) -> Tensor:
-        """W' such that the base layer with weight W' computes what base + this adapter computes."""
+        """W' such that the base layer with weight W' (and bias ``merged_bias``) computes what base + this adapter
+        computes."""
         return weight + scale * self.delta_weight(base_layer).to(weight.dtype)
+
+    def merged_bias(self, bias: Tensor | None, base_layer: nn.Module, scale: float = 1.0) -> Tensor | None:
+        """The bias b' that goes with ``merged_weight`` (e.g. l * b for output scaling); ``bias`` itself (the same
+        object) when the method leaves the bias alone, which is the default: merge then writes no bias."""
+        return bias
 
     def peft_tensors(self) -> dict[str, Tensor]:
         """This branch's tensors under PEFT's key suffixes (``lora_A.weight``, ...)."""
@@ -156,11 +191,9 @@ class AdapterBranch(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """2-D (B', A') with ``B' @ A'`` = dW in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
-        embedding), for ``combine``. Raises ValueError for a method whose update is not additive."""
-        raise ValueError(
-            f"{self.config.method} adapters cannot be combined: their update is not an additive low-rank product "
-            "(e.g. DoRA's magnitude rescales W + s B A row by row). Merge it alone or combine additive adapters."
-        )
+        embedding), for ``combine``. A method whose update is no low-rank product raises ValueError with its own
+        reason (one sentence, shown by ``combine`` and ``set_adapter``)."""
+        raise ValueError(f"a {self.config.method} update is not an additive low-rank product B A.")
 
     def param_roles(self) -> dict[str, str]:
         """LoRA+ role of each own parameter (one of ``ROLES``): ``slow`` (lr), ``fast`` (lr * ratio), ``vector``
@@ -180,31 +213,39 @@ class AdapterLayer(nn.Module):
         self.sample_adapters: list[str | None] | None = None  # one adapter name per batch row (mixed batches)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
         if not self.enabled:
-            return out
-        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-            # Under mixed precision the adapters still compute in their own dtype: their autograd functions run
-            # backward without autocast, so their forward must not be autocast either.
-            with torch.autocast(x.device.type, enabled=False):
-                return self._adapt(x, out)
-        return self._adapt(x, out)
-
-    def _adapt(self, x: Tensor, out: Tensor) -> Tensor:
+            return base(x, *args, **kwargs)
         if self.sample_adapters is not None:
-            return self._forward_per_sample(x, out)
-        for name, weight in self.active.items():
-            if name in self.adapters:
-                out = self.adapters[name](x, out, self.base_layer, weight)
+            return self._forward_per_sample(x, args, kwargs)
+        branches = self.adapters._modules
+        active = [(branches[n], w) for n, w in self.active.items() if n in branches]
+        if any(b.wraps_base for b, _ in active):  # input-side branches nest around the base call (module docstring)
+            call = functools.partial(_call_base, base, args, kwargs)
+            for branch, weight in active:
+                if branch.wraps_base:
+                    call = functools.partial(_call_wrap, branch, call, base, weight)
+            out = call(x)
+            active = [(b, w) for b, w in active if not b.wraps_base]
+        else:
+            out = base(x, *args, **kwargs)
+        for branch, weight in active:
+            out = branch(x, out, base, weight)
         return out
 
-    def _forward_per_sample(self, x: Tensor, out: Tensor) -> Tensor:
+    def _forward_per_sample(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         names = self.sample_adapters
         if len(names) != x.shape[0]:
             raise ValueError(f"mixed batch: {len(names)} adapter names for a batch of {x.shape[0]} samples.")
+        base = self.base_layer
+        out = base(x, *args, **kwargs)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.adapters):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[rows] = self.adapters[name](x[rows], out[rows], self.base_layer, 1.0)
+            branch = self.adapters[name]
+            if branch.wraps_base:  # its rows need their own base call, on their own input
+                out[rows] = branch.wrap(x[rows], functools.partial(_call_base, base, args, kwargs), base, 1.0)
+            else:
+                out[rows] = branch(x[rows], out[rows], base, 1.0)
         return out
 
     def __getattr__(self, name: str):
@@ -217,3 +258,58 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active}, enabled={self.enabled}"
+
+
+def _call_base(base: nn.Module, args: tuple, kwargs: dict, x: Tensor) -> Tensor:
+    return base(x, *args, **kwargs)
+
+
+def _call_wrap(branch: AdapterBranch, inner: Callable, base: nn.Module, weight: float, x: Tensor) -> Tensor:
+    return branch.wrap(x, inner, base, weight)
+
+
+def own_precision(like: Tensor) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on ``like``'s device (a no-op when it is off already): for a method that
+    computes in its adapter's own dtype under mixed precision, in forward and in its autograd functions' backward."""
+    device = like.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def in_own_precision(forward: Callable) -> Callable:
+    """Decorator: run a branch's ``forward(x, ...)`` under ``own_precision(x)``."""
+
+    @functools.wraps(forward)
+    def run(self, x: Tensor, *args, **kwargs):
+        with own_precision(x):
+            return forward(self, x, *args, **kwargs)
+
+    return run
+
+
+def build_branch(config: AdapterConfig, base_layer: nn.Module, shared: object, name: str) -> AdapterBranch:
+    """``config.build(base_layer, shared, name)``; an older outside method's ``build(base_layer, shared)`` also works."""
+    if _positional(type(config).build) >= 4:
+        return config.build(base_layer, shared, name)
+    return config.build(base_layer, shared)
+
+
+def peft_config(config: AdapterConfig, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
+    """``config.to_peft(targets, layers)``; an older outside method's ``to_peft(targets)`` also works."""
+    if _positional(type(config).to_peft) >= 3:
+        return config.to_peft(targets, layers)
+    return config.to_peft(targets)
+
+
+@functools.lru_cache(maxsize=None)
+def _positional(fn: Callable) -> int:
+    """How many positional arguments ``fn`` takes (self included); a large number for ``*args``."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 99
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -68,12 +68,13 @@ def find_targets(
     target_modules: TargetSpec,
     exclude_modules: TargetSpec | None,
     supports: Callable[[LayerKind], bool] | None = None,
-    method: str = "LoRA",
+    method: str = "an adapter",
 ) -> list[str]:
     """Names of the modules selected by ``target_modules`` minus ``exclude_modules``, in model order.
 
     ``"all-linear"`` selects the linear kinds (``kinds.py``) but the output head; convs and embeddings are selected
-    by name or pattern. ``supports(kind)`` says which layer kinds ``method`` adapts.
+    by name or pattern. ``supports(kind)`` says which layer kinds ``method`` (the method's name, for messages)
+    adapts.
 
     Raises:
         ValueError: nothing matches (the message lists layer names that could be targeted), a matched module is

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, merged_base_layer
-from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer
+from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer, build_branch
 from lightning_lora.core.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,13 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[t
     modules = dict(model.named_modules())
     bases = [modules[t].base_layer if isinstance(modules[t], AdapterLayer) else modules[t] for t in targets]
     shared = config.shared_state(bases)
-    return [(t, config.build(base, shared)) for t, base in zip(targets, bases)]
+    return [(t, build_branch(config, base, shared, t)) for t, base in zip(targets, bases)]
+
+
+def layer_map(model: nn.Module, name: str) -> dict[str, AdapterBranch]:
+    """The per-layer map of adapter ``name``: full target name -> its branch, in model order. A target is a layer
+    today (its module name); a parameter of a module would be ``<module name>.<parameter>``."""
+    return {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
 
 
 def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -> nn.Module:
@@ -121,12 +127,14 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
     check_known(model, list(weights), known=list(dict.fromkeys(n for layer_branches in branches for n in layer_branches)))
     for layer_branches in branches:
         for n, w in weights.items():
-            if n in layer_branches and not layer_branches[n].additive:
+            if n in layer_branches and not layer_branches[n].additive:  # the two rules of non-additive branches
                 method = layer_branches[n].config.method
                 if w != 1.0:
-                    raise ValueError(f"adapter {n!r} ({method}) cannot be weighted; use weight 1.")
-                if sum(other in layer_branches for other in weights) > 1:  # its norm would not see the others
-                    raise ValueError(f"adapter {n!r} ({method}) must be the only active adapter on the layers it adapts.")
+                    raise ValueError(f"adapter {n!r} ({method}) cannot be weighted; use weight 1: "
+                                     f"{not_additive_reason(layer_branches[n])}")
+                if sum(other in layer_branches for other in weights) > 1:
+                    raise ValueError(f"adapter {n!r} ({method}) must be the only active adapter on the layers it "
+                                     f"adapts: {not_additive_reason(layer_branches[n])}")
     for layer, layer_branches in zip(_cached_layers(model), branches):
         layer.__dict__["active"] = dict(weights)
         for n, branch in layer_branches.items():
@@ -134,6 +142,15 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
                 if p is not None:
                     p.requires_grad_(n in weights)
     return model
+
+
+def not_additive_reason(branch: AdapterBranch) -> str:
+    """Why ``branch`` is not an additive low-rank update: the ValueError its own ``factors()`` raises."""
+    try:
+        branch.factors()
+    except ValueError as err:
+        return str(err)
+    return f"{branch.config.method} declares its update non-additive (additive = False)."
 
 
 def _cached_layers(model: nn.Module) -> list[AdapterLayer]:
@@ -170,7 +187,8 @@ def merge(
     model: nn.Module, base_weights: Mapping[str, Tensor] | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
     """Fold the active adapters into their base weights and put plain layers back: W' = W + sum_a w_a dW_a (DoRA:
-    its merged weight). Inactive adapters are dropped.
+    its merged weight), and the bias each branch's ``merged_bias`` gives (written through the kind table when a
+    method changes it, e.g. output scaling). Inactive adapters are dropped.
 
     Args:
         base_weights: high-precision base weights by adapted-layer name, (out, in), for quantized bases (QLoRA):
@@ -197,25 +215,28 @@ def merge(
         # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
         for target, layer in layers.items():
             start = _original_weight(target, layer.base_layer, base_weights)
-            weight = _merged_weight(layer, start)
+            weight, bias = _merged_weight(layer, start), _merged_bias(layer)
             kind = kind_of(layer.base_layer)
             if (kind.rounding_error is not None and target not in svd_started
                     and not (base_weights is not None and target in base_weights)):
                 update = float((weight - start).norm() / start.norm())
                 rounded.setdefault(kind, {})[target] = (kind.rounding_error(layer.base_layer), update)
-            if not _all_finite(weight):
+            if not _all_finite(weight) or (bias is not None and not _all_finite(bias)):
                 raise ValueError(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
                 )
-            del weight, start
+            if bias is not None and kind.write_bias is None:
+                raise ValueError(f"merge refused: adapter(s) {list(layer.active)} change the bias of {target!r}, a "
+                                 f"{kind.name} layer that has none; the model is unchanged.")
+            del weight, start, bias
         for kind, errors in rounded.items():
             kind.warn_rounding(errors)
         for target, layer in layers.items():
             _untie(model, target, layer.base_layer)
         for target, layer in layers.items():
             weight = _merged_weight(layer, _original_weight(target, layer.base_layer, base_weights))
-            _set_submodule(model, target, merged_base_layer(layer.base_layer, weight, dtype))
+            _set_submodule(model, target, merged_base_layer(layer.base_layer, weight, dtype, _merged_bias(layer)))
     _restore_requires_grad(model)
     return model
 
@@ -226,6 +247,16 @@ def _merged_weight(layer: AdapterLayer, weight: Tensor) -> Tensor:
         if name in layer.adapters:
             weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
     return weight
+
+
+def _merged_bias(layer: AdapterLayer) -> Tensor | None:
+    """The bias with the layer's active adapters folded in (``merged_bias``), or None when none of them changes it."""
+    base = layer.base_layer
+    original = bias = kind_of(base).bias(base)
+    for name, scale in layer.active.items():
+        if name in layer.adapters:
+            bias = layer.adapters[name].merged_bias(bias, base, scale)
+    return None if bias is original else bias
 
 
 def _all_finite(weight: Tensor) -> bool:

@@ -104,8 +104,9 @@ def _fmt(value, spec: str = ".4f") -> str:
 def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_files: dict | None = None) -> str:
     """The ``README.md`` text for a PEFT folder with ``peft_config`` (``adapter_config.json``'s content).
 
-    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)) and
-    ``quantize`` (the base's quantization, e.g. ``"NF4"``: the method reads QLoRA).
+    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)),
+    ``quantize`` (the base's quantization, e.g. ``"NF4"``: the method reads QLoRA) and ``evaluation`` (a Markdown
+    table, ``train/eval_report.py``: shown under "Evaluation").
     """
     run = dict(run or {})
     source = peft_config.get("base_model_name_or_path")
@@ -154,6 +155,7 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
         "",
+        *(["## Evaluation", "", run["evaluation"], ""] if run.get("evaluation") else []),
         "## Load it",
         "",
         "PEFT (offline if the base is local):",
@@ -171,7 +173,7 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
         "# or: import lightning_lora as ll; ll.load_adapter(base_model, \"path/to/this/folder\")",
         "```",
         "",
-        "llama.cpp (adapter GGUF: `python -m lightning_lora export ... --format gguf`; merged model: add `--merged`):",
+        "llama.cpp (adapter GGUF: `python -m lightning_lora export ... --exports gguf`; merged model: `--exports gguf-merged`):",
         "",
         "```bash",
         f"llama-cli -m base.gguf --lora {adapter_gguf}",

@@ -1,12 +1,12 @@
-"""llama.cpp LoRA adapters as GGUF files, and the naming shared with the merged-model GGUF (``io/gguf_model.py``).
+"""llama.cpp LoRA adapters as GGUF files, and the supported families (``GGUF_ARCHITECTURES``, ``io/gguf_arch.py``).
 
 An adapter GGUF holds, per adapted linear layer, ``<base GGUF tensor name>.lora_a`` (r, in) and ``.lora_b``
 (out, r), plus the metadata ``general.type = "adapter"``, ``general.architecture`` (the base's), ``adapter.type =
 "lora"`` and ``adapter.lora.alpha``. llama.cpp applies ``W x + (alpha / r) B A x`` with r read from B's shape, so
 LoRA (arXiv:2106.09685, s = alpha/r) writes alpha, and rsLoRA (arXiv:2312.03732, s = alpha/sqrt(r)) writes
-alpha * sqrt(r). Names come from the ``gguf`` package's per-architecture tensor maps. llama.cpp stores llama-family
-q/k weights with each head's rows permuted (interleaved rotary halves, ``convert_hf_to_gguf.py``); a row
-permutation P of W = B A is P B A, so it is applied to B's rows. DoRA and VeRA have no llama.cpp form: merge first.
+alpha * sqrt(r). Names and row orders come from the family's tensor plan (``io/gguf_arch.py``): a row operation P of
+the base (llama-family q/k) is P W = (P B) A, so it is applied to B. DoRA and VeRA have no llama.cpp form: merge
+first.
 """
 
 from __future__ import annotations
@@ -20,62 +20,28 @@ from torch import nn
 
 from lightning_lora.core.verbs import adapter_layers, check_known
 from lightning_lora.io.files import atomic_file
+from lightning_lora.io.gguf_arch import GGUF_ARCHITECTURES, apply_rows, arch_of, require_gguf, tensor_plan
 from lightning_lora.methods.lora import LoRA
 
 log = logging.getLogger(__name__)
 
-LLAMA_FAMILY = ("llama",)  # Hugging Face model_type values written as GGUF architecture "llama"
 ADAPTER_DTYPES = ("f32", "f16")
+__all__ = ["GGUF_ARCHITECTURES", "gguf_support", "hf_config", "lora_pairs", "require_gguf", "write_adapter_gguf"]
 
 
-def require_gguf():
-    try:
-        import gguf
-    except ImportError as err:  # pragma: no cover
-        raise ModuleNotFoundError("GGUF export needs the 'gguf' package: pip install gguf") from err
-    return gguf
+def gguf_support(model_type: str) -> tuple[str, ...]:
+    """The GGUF files written for a Hugging Face ``model_type``: ``("adapter", "merged")``, or ``()`` (refused).
+    MoE experts are written in the merged model; expert adapters are not written yet."""
+    return ("adapter", "merged") if model_type in GGUF_ARCHITECTURES else ()
 
 
 def hf_config(model: nn.Module):
-    """The Hugging Face config of a llama-family model; other architectures are refused by name."""
+    """The Hugging Face config of a model whose family llama.cpp runs; other architectures are refused by name."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_FAMILY:
-        raise ValueError(
-            f"GGUF export supports llama-family models (model_type {', '.join(LLAMA_FAMILY)}: SmolLM2, Llama); "
-            f"{type(model).__name__} (model_type {model_type!r}) is not one. Export the PEFT folder or the merged "
-            "Hugging Face folder instead."
-        )
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(f"GGUF export needs a Hugging Face model; {type(model).__name__} has no config.")
+    arch_of(config, type(model).__name__)
     return config
-
-
-def tensor_namer(config):
-    """A function: Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``) -> GGUF tensor name
-    (``blk.0.attn_q.weight``), raising ``ValueError`` for a name llama.cpp's llama architecture does not have."""
-    gguf = require_gguf()
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-
-    def name(hf_name: str) -> str:
-        found = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if found is None:
-            raise ValueError(f"GGUF export: {hf_name!r} has no tensor name in llama.cpp's llama architecture.")
-        return found
-
-    return name
-
-
-def permute_qk(rows: torch.Tensor, hf_name: str, config) -> torch.Tensor:
-    """llama.cpp's row order for q/k projections (identity for other layers): within each head of size hd, new row
-    2i + j is old row i + j hd/2, i.e. the two rotary halves interleaved [0, hd/2, 1, hd/2 + 1, ...], as
-    ``convert_hf_to_gguf.py`` permutes them (``heads`` = key/value heads for k)."""
-    if ".q_proj." in hf_name + ".":
-        heads = config.num_attention_heads
-    elif ".k_proj." in hf_name + ".":
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    else:
-        return rows
-    shape = rows.shape
-    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
 def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -114,30 +80,36 @@ def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple
 def write_adapter_gguf(
     model: nn.Module, path: str | os.PathLike, name: str = "default", dtype: str = "f32"
 ) -> Path:
-    """Write adapter ``name`` of the llama-family ``model`` as a llama.cpp LoRA adapter GGUF at ``path`` (atomic).
+    """Write adapter ``name`` of ``model`` (a family of ``GGUF_ARCHITECTURES``) as a llama.cpp LoRA adapter GGUF at
+    ``path`` (atomic).
 
     Use it with ``llama-cli -m base.gguf --lora <path>`` (llama.cpp) over the same base.
 
     Raises:
-        ValueError: see ``lora_pairs``; an architecture other than llama; ``dtype`` not f32 or f16.
+        ValueError: see ``lora_pairs``; an architecture llama.cpp lacks; ``dtype`` not f32 or f16.
     """
     gguf = require_gguf()
     if dtype not in ADAPTER_DTYPES:
         raise ValueError(f"GGUF adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype!r}.")
     config = hf_config(model)
     pairs, alpha = lora_pairs(model, name)
-    namer = tensor_namer(config)
+    plan = tensor_plan(config)
     np_dtype = {"f32": "float32", "f16": "float16"}[dtype]
     tensors = {}
     for target, (A, B) in pairs.items():
-        base = namer(target + ".weight")
-        tensors[base + ".lora_a"] = A.float().cpu().numpy().astype(np_dtype)
-        tensors[base + ".lora_b"] = permute_qk(B.float().cpu(), target, config).numpy().astype(np_dtype)
+        pieces = plan(target + ".weight")
+        if not pieces:
+            raise ValueError(f"GGUF export: {target!r} is adapted, but llama.cpp's {arch_of(config).arch} base has "
+                             "no such tensor (its output is the embedding); merge first: export gguf-merged.")  # fmt: skip
+        for base, rows in pieces:
+            tensors[base + ".lora_a"] = A.float().cpu().numpy().astype(np_dtype)
+            tensors[base + ".lora_b"] = apply_rows(rows, B.float().cpu()).numpy().astype(np_dtype)
     with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(str(tmp), arch_of(config).arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key in sorted(tensors):
             writer.add_tensor(key, tensors[key])
         writer.write_header_to_file()

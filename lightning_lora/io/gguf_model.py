@@ -1,10 +1,12 @@
-"""A merged llama-family model as one standalone GGUF file for llama.cpp: weights, hyperparameters, tokenizer.
+"""A merged model as one standalone GGUF file for llama.cpp: weights, hyperparameters, tokenizer.
 
-Weights are written as f16, bf16 or q8_0 (``gguf.quants``; q8_0 needs rows that are multiples of 32, other rows fall
-back to f16 as llama.cpp's converter does); 1-D tensors (norms) stay f32. q/k rows take llama.cpp's per-head rotary
-order (``io/gguf.py``). The tokenizer goes into the metadata as llama.cpp reads it: a byte-level BPE (``gpt2``
-model, as SmolLM2's and Llama 3's) with its tokens, token types, merges, special ids, ``add_bos_token``, the
-pre-tokenizer type and the chat template, so ``llama-cli -m model.gguf`` runs on its own.
+Any family of ``GGUF_ARCHITECTURES`` (``io/gguf_arch.py``: names, row orders, norm offsets and metadata as llama.cpp's
+``convert_hf_to_gguf.py`` writes them). Weights are written as f16, bf16 or q8_0 (``gguf.quants``; q8_0 needs rows
+that are multiples of 32, other rows fall back to f16 as llama.cpp's converter does); biases, norms and the MoE
+router (``ffn_gate_inp``) stay f32, as the converter keeps them. The tokenizer goes into the metadata as llama.cpp
+reads it: a byte-level BPE (``gpt2`` model, as SmolLM2's, Llama 3's and Qwen's) with its tokens, token types, merges,
+special ids, ``add_bos_token``, the pre-tokenizer type and the chat template, so ``llama-cli -m model.gguf`` runs on
+its own.
 """
 
 from __future__ import annotations
@@ -21,37 +23,41 @@ from torch import nn
 
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.files import atomic_file
-from lightning_lora.io.gguf import hf_config, permute_qk, require_gguf, tensor_namer
+from lightning_lora.io.gguf import hf_config
+from lightning_lora.io.gguf_arch import apply_rows, arch_of, metadata, require_gguf, tensor_plan
 
 log = logging.getLogger(__name__)
 
 MODEL_DTYPES = ("f16", "bf16", "q8_0")
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"GGUF export: rope scaling {kind!r} is not supported yet (plain RoPE only).")
-    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
-    return float(theta if theta is not None else 10000.0)
+# llama.cpp's pre-tokenizer types by the regex of a ``Split`` before a ``ByteLevel(use_regex=False)`` (the regexes
+# llama.cpp's src/llama-vocab.cpp quotes as "original regex from tokenizer.json" for each type): Qwen2 splits digits
+# one by one, Llama 3 in groups of up to three.
+_HEAD = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZER_REGEXES = {_HEAD + r"\p{N}" + _TAIL: "qwen2", _HEAD + r"\p{N}{1,3}" + _TAIL: "llama-bpe"}
 
 
 def _pre_tokenizer(spec: dict | None) -> str:
-    """llama.cpp's pre-tokenizer type for a tokenizer.json ``pre_tokenizer`` (the regexes llama.cpp knows)."""
+    """llama.cpp's pre-tokenizer type for a tokenizer.json ``pre_tokenizer`` (the ones llama.cpp knows)."""
     parts = (spec or {}).get("pretokenizers") if (spec or {}).get("type") == "Sequence" else [spec or {}]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
     if kinds == [("ByteLevel", None, True)]:
         return "gpt-2"
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"
+    if kinds == [("Split", None, True), ("ByteLevel", None, False)]:
+        found = PRE_TOKENIZER_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+        if found:
+            return found
     log.warning("GGUF export: unknown pre-tokenizer %s; llama.cpp will use its default one.", spec)
     return "default"
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Write ``tokenizer`` (a fast byte-level BPE tokenizer) into ``writer``'s metadata, padded to ``vocab_size``."""
+def add_tokenizer(writer, tokenizer, vocab_size: int, config=None) -> None:
+    """Write ``tokenizer`` (a fast byte-level BPE tokenizer) into ``writer``'s metadata, padded to ``vocab_size``; the
+    model ``config``'s special token ids fill in those the tokenizer lacks (as the converter reads config.json)."""
     gguf = require_gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
@@ -59,7 +65,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError(
             "GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3); this tokenizer is "
-            f"{type(tokenizer).__name__} with model {model.get('type')!r}. Convert with llama.cpp's convert_hf_to_gguf.py."
+            f"{type(tokenizer).__name__} with model {model.get('type')!r}. Convert with llama.cpp's "
+            "convert_hf_to_gguf.py."
         )
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
@@ -83,6 +90,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as folder:  # SpecialVocab reads merges, special ids, chat template from files
         tokenizer.save_pretrained(folder)
+        if config is not None:
+            config.to_json_file(Path(folder) / "config.json")
         special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
         if special.chat_template is None and getattr(tokenizer, "chat_template", None):
             special.chat_template = tokenizer.chat_template
@@ -93,11 +102,17 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         special.add_to_gguf(writer, quiet=True)
 
 
-def _tensor_data(weight: torch.Tensor, dtype: str):
-    """``(array, raw_dtype)`` for GGUFWriter.add_tensor: f32 for 1-D tensors, else ``dtype``."""
+def _f32(gguf_name: str, data) -> bool:
+    """The tensors the converter keeps in f32 whatever the file type: vectors, norms, the MoE router, biases."""
+    kept = gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not gguf_name.endswith(".weight")
+    return data.ndim <= 1 or kept
+
+
+def _tensor_data(gguf_name: str, weight: torch.Tensor, dtype: str):
+    """``(array, raw_dtype)`` for GGUFWriter.add_tensor."""
     gguf = require_gguf()
     data = weight.detach().float().cpu().numpy()
-    if data.ndim == 1:
+    if _f32(gguf_name, data):
         return data.astype(np.float32), None
     if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % 32):
         return data.astype(np.float16), None
@@ -106,11 +121,12 @@ def _tensor_data(weight: torch.Tensor, dtype: str):
 
 
 def write_model_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: str = "f16") -> Path:
-    """Write the (merged, adapter-free) llama-family ``model`` and its ``tokenizer`` as one GGUF at ``path`` (atomic).
+    """Write the merged (adapter-free) ``model`` of a ``GGUF_ARCHITECTURES`` family and its ``tokenizer`` as one GGUF
+    at ``path`` (atomic).
 
     Raises:
         ValueError: adapters still on the model (merge first), another architecture, a tokenizer that is not a
-            byte-level BPE, an unknown ``dtype``, or a tensor llama.cpp's llama architecture has no name for.
+            byte-level BPE, an unknown ``dtype``, or a tensor the llama.cpp architecture has no name for.
     """
     gguf = require_gguf()
     if dtype not in MODEL_DTYPES:
@@ -120,34 +136,27 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, dtype
     if tokenizer is None:
         raise ValueError("GGUF export of a model needs its tokenizer (llama.cpp runs the file on its own).")
     config = hf_config(model)
-    namer = tensor_namer(config)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    tied = getattr(config, "tie_word_embeddings", False)
+    spec, plan = arch_of(config), tensor_plan(config)
     tensors = {}
     for hf_name, weight in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd for the output when output.weight is absent
-        tensors[namer(hf_name)] = _tensor_data(permute_qk(weight.detach().float(), hf_name, config), dtype)
+        for gguf_name, rows in plan(hf_name):
+            data = apply_rows(rows, weight.detach().float())
+            if spec.norm_offset and hf_name.endswith("norm.weight"):
+                data = data + spec.norm_offset  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
+            tensors[gguf_name] = _tensor_data(gguf_name, data, dtype)
+    for gguf_name, data in spec.extra_tensors(config.to_dict()).items():
+        tensors[gguf_name] = _tensor_data(gguf_name, data, dtype)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]  # fmt: skip
     with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(str(tmp), spec.arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(_rope_theta(config))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        for method, value in metadata(config).items():
+            getattr(writer, method)(value)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, config.vocab_size)
+        add_tokenizer(writer, tokenizer, config.vocab_size, config)
         for name in sorted(tensors):
             data, raw_dtype = tensors[name]
             writer.add_tensor(name, data, raw_dtype=raw_dtype)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora.core.layer import METHODS, AdapterConfig
+from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config
 from lightning_lora.core.targets import compact_targets
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, delete_adapter, plan_injection
+from lightning_lora.core.verbs import adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
@@ -42,23 +42,23 @@ def save_adapter(
     ``base_model_name_or_path`` and ``task_type`` default to where ``model`` was loaded from and ``"CAUSAL_LM"`` for
     causal LMs; ``run`` (``data``, ``steps``, ``val_loss``) goes into the card.
     """
-    branches = {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
+    branches = layer_map(model, name)
     if not branches:
         check_known(model, name, "save_adapter")
     first = next(iter(branches.values()))
     config = first.config
     tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    peft_config = config.to_peft(compact_targets(model, sorted(branches)))
-    if "fan_in_fan_out" in peft_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
-        peft_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
-    peft_config["task_type"] = task_type or task_type_of(model)
-    peft_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
+    file_config = peft_config(config, compact_targets(model, sorted(branches)), branches)
+    if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
+        file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
+    file_config["task_type"] = task_type or task_type_of(model)
+    file_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
     method = type(config).__name__ + (" (rsLoRA)" if getattr(config, "rslora", False) else "")
     with atomic_dir(path) as tmp:
-        write_json(peft_config, tmp / CONFIG_FILE)
+        write_json(file_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
-        (tmp / CARD_FILE).write_text(model_card(peft_config, method, run))
+        (tmp / CARD_FILE).write_text(model_card(file_config, method, run))
     return Path(path)
 
 

@@ -27,12 +27,14 @@ output is reused, as the formula above states. Without dropout (and in eval) bot
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind, dense_weight
+from lightning_lora.core.layer import AdapterBranch, in_own_precision, own_precision
 from lightning_lora.methods.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
 
 
@@ -54,11 +56,11 @@ class DoRA(LoRA):
     def supports(cls, kind: LayerKind) -> bool:
         return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
 
-    def build(self, base_layer: nn.Module, shared: object = None) -> DoRABranch:
+    def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
         return DoRABranch(self, base_layer)
 
-    def to_peft(self, targets: list[str]) -> dict:
-        return {**super().to_peft(targets), "use_dora": True}
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
+        return {**super().to_peft(targets, layers), "use_dora": True}
 
     @classmethod
     def from_peft(cls, peft_config: dict) -> DoRA | None:
@@ -120,6 +122,11 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with own_precision(grad_out):  # backward called inside an autocast block: still the adapter's dtype
+            return _DoRALinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, bits, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         mask = None if bits is None else _unpack_bits(bits, x.shape)
@@ -179,6 +186,7 @@ class DoRABranch(LoRABranch):
             self._weight_sq = (key, weight.float().pow(2).sum(1))
         return row_norm(weight, A, B, self.scale, self._weight_sq[1])
 
+    @in_own_precision
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         if weight != 1.0:
             raise ValueError("DoRA adapters cannot be weighted at run time (the magnitude is not additive).")
@@ -215,6 +223,10 @@ class DoRABranch(LoRABranch):
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         weight = dense_weight(base_layer)
         return self.merged_weight(weight, base_layer) - weight
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        raise ValueError("DoRA's magnitude rescales W + s B A row by row, so its update is no low-rank product and a "
+                         "weighted sum of DoRA updates is no DoRA; merge it alone or combine additive adapters.")
 
     def peft_tensors(self) -> dict[str, Tensor]:
         shape = self.kind.peft_vector_shape(self.magnitude.shape[0])

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision, own_precision
 from lightning_lora.methods import siblings
 
 
@@ -68,7 +69,7 @@ class LoRA(AdapterConfig):
     def examples(cls) -> list[LoRA]:
         return [cls(r=4, alpha=8.0), cls(r=4, alpha=8.0, rslora=True)]
 
-    def build(self, base_layer: nn.Module, shared: object = None) -> LoRABranch:
+    def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> LoRABranch:
         return LoRABranch(self, base_layer)
 
     @classmethod
@@ -90,7 +91,7 @@ class LoRA(AdapterConfig):
         """h = A x (r wide); an adapter dtype other than the activations' adds the input cast to it."""
         return act_bytes * self.r + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0)
 
-    def to_peft(self, targets: list[str]) -> dict:
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
         return {
             "peft_type": "LORA",
             "r": self.r,
@@ -172,6 +173,11 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with own_precision(grad_out):  # backward called inside an autocast block: still the adapter's dtype
+            return _LoRALinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         x, bits, h, A, B = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
@@ -244,6 +250,7 @@ class LoRABranch(AdapterBranch):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B)
 
+    @in_own_precision  # the adapter's own dtype under mixed precision (the base runs autocast)
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         p = self.p if self.training else 0.0
         if self.fused:
@@ -280,6 +287,12 @@ class LoRABranch(AdapterBranch):
     def factors(self) -> tuple[Tensor, Tensor]:
         B, A = self.pair()
         return B * self.scale, A
+
+    @torch.no_grad()
+    def load_factors(self, B: Tensor, A: Tensor) -> None:
+        """Set B (out, r) and A (r, fan_in) as 2-D matrices (conv kinds: reshaped to (out, r, 1, ...), (r, in, *k))."""
+        self.lora_B.copy_(B.reshape(self.lora_B.shape))
+        self.lora_A.copy_(A.reshape(self.lora_A.shape))
 
     def param_roles(self) -> dict[str, str]:
         if self.kind.reversed_init:  # embedding adapters: their own learning rate

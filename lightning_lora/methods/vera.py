@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import in_out_features
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision, own_precision
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -101,10 +102,10 @@ class VeRA(AdapterConfig):
         dims = [in_out_features(layer) for layer in layers]
         return Projections.generate(self.seed, self.r, max(d[0] for d in dims), max(d[1] for d in dims))
 
-    def build(self, base_layer: nn.Module, shared: Projections) -> VeRABranch:
+    def build(self, base_layer: nn.Module, shared: Projections, name: str = "") -> VeRABranch:
         return VeRABranch(self, base_layer, shared)
 
-    def to_peft(self, targets: list[str]) -> dict:
+    def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
         return {
             "peft_type": "VERA",
             "r": self.r,
@@ -174,6 +175,11 @@ class _VeRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with own_precision(grad_out):
+            return _VeRALinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         u, B, lambda_d, lambda_b, z = ctx.saved_tensors
         weight = ctx.weight
         need_u, need_base, _, need_d, need_b = ctx.needs_input_grad[:5]
@@ -205,6 +211,7 @@ class VeRABranch(AdapterBranch):
         A, B = self.projections.on(self.lambda_d.device, self.lambda_d.dtype)
         return A[:, : self.n_in], B[: self.n_out, :]
 
+    @in_own_precision
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         dtype, lead = self.lambda_d.dtype, base_out.shape[:-1]
         u = self.projections.project(x, self.n_in, dtype, self.p if self.training else 0.0)

@@ -53,8 +53,9 @@ class NF4:
     Args:
         blocksize: weights per absmax constant; one of 32, 64, ..., 4096 (bitsandbytes' supported sizes).
         double_quant: store the absmax constants in 8 bits (blocks of 256): 4.127 instead of 4.5 bits per weight.
-        compute_dtype: dtype of the dequantized weight in the matmul; ``None`` = bf16 on CUDA, fp32 on CPU (decided
-            at each forward from the input's device, so a model quantized on CPU and trained on CUDA computes in bf16).
+        compute_dtype: dtype of the dequantized weight in the matmul; ``None`` = the run's precision, decided at
+            each forward: the autocast dtype under mixed precision (``bf16-mixed`` on a GPU: bf16), else the input's
+            dtype (``32-true``: fp32, ``bf16-true``: bf16).
         skip_modules: names (or dotted name parts, e.g. ``"lm_head"``, ``"mlp"``) of linear layers kept unquantized.
         quant_storage: dtype the packed 4-bit data is stored in (default uint8; a float dtype lets FSDP shard it).
 
@@ -83,7 +84,8 @@ class NF4:
         self.skip_modules = skip
 
     def dtype_for(self, device: torch.device | str) -> torch.dtype:
-        """The compute dtype on ``device``: the configured one, else bf16 on CUDA and fp32 elsewhere."""
+        """The compute dtype a layer starts with on ``device``: the configured one, else bf16 on CUDA and fp32
+        elsewhere (with ``compute_dtype`` None each forward then follows the run's precision)."""
         if self.compute_dtype is not None:
             return parse_dtype(self.compute_dtype)
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -164,14 +166,20 @@ def _nf4_linear(bnb, linear: nn.Linear, nf4: NF4, device: torch.device | str | N
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
     layer.support_avx512bf16_for_cpu = False  # see module docstring: the fused CPU eval path breaks training
-    if nf4.compute_dtype is None:  # follow the input's device: bf16 on CUDA, fp32 elsewhere (quantized on CPU, run on GPU)
+    if nf4.compute_dtype is None:  # follow the run's precision (autocast dtype, else the input's), wherever it runs
         layer.register_forward_pre_hook(_auto_compute_dtype)
     layer.train(linear.training)
     return layer
 
 
 def _auto_compute_dtype(layer: nn.Module, args: tuple) -> None:
-    layer.compute_dtype = torch.bfloat16 if args[0].device.type == "cuda" else torch.float32
+    """``compute_dtype`` None follows the run's precision at every forward: the autocast dtype when autocast is on
+    (Lightning's ``bf16-mixed``, ``16-mixed``), else the input's float dtype (``bf16-true``, ``32-true``)."""
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type):
+        layer.compute_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        layer.compute_dtype = x.dtype if x.is_floating_point() else torch.float32
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:

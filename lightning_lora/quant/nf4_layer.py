@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.kinds import LayerKind
+from lightning_lora.core.kinds import LayerKind, write_bias_in_place
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ NF4_LINEAR = LayerKind(
     in_out=lambda m: (m.in_features, m.out_features),
     dense_weight=_dequantized,
     write_back=_plain_linear,
+    write_bias=write_bias_in_place,  # into the plain nn.Linear that write_back returns
     pair_shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
     apply_pair=lambda x, A, B, layer, p: nn.functional.linear(nn.functional.linear(nn.functional.dropout(x, p), A), B),
     linear=True,

@@ -64,19 +64,20 @@ class _LossHead(nn.Module):
     def __init__(self, head: nn.Module, labels: Tensor, chunk_size: int):
         super().__init__()
         self.head, self.labels, self.chunk_size = head, labels, chunk_size
+        self.count = 0  # labeled tokens of the last call
 
     def forward(self, hidden: Tensor) -> Tensor:
+        """The summed loss (fp32) over the labeled rows; their number is left in ``self.count``."""
         if hidden.shape[:2] != self.labels.shape:
             raise ValueError(f"causal_lm_loss: labels {tuple(self.labels.shape)} do not match the hidden states "
                              f"{tuple(hidden.shape[:2])} (batch, seq).")
         rows, targets = labeled_rows(hidden, self.labels)
+        self.count = targets.numel()
         if targets.numel() == 0:
             return hidden.sum().float() * 0.0
         if _plain_linear(self.head) and torch.is_grad_enabled():
-            total = _LinearCrossEntropy.apply(rows, self.head.weight, self.head.bias, targets, self.chunk_size)
-        else:
-            total = chunked_cross_entropy(self.head, rows, targets, self.chunk_size)
-        return total / targets.numel()
+            return _LinearCrossEntropy.apply(rows, self.head.weight, self.head.bias, targets, self.chunk_size)
+        return chunked_cross_entropy(self.head, rows, targets, self.chunk_size)
 
 
 def _plain_linear(head: nn.Module) -> bool:
@@ -134,12 +135,13 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
 
 
 @contextlib.contextmanager
-def _head_swapped(model: nn.Module, stand_in) -> Iterator[None]:
-    """Inside the block ``model``'s output head is ``stand_in(head)``; the head is put back on exit."""
+def _head_swapped(model: nn.Module, stand_in) -> Iterator[nn.Module]:
+    """Inside the block ``model``'s output head is ``stand_in(head)`` (yielded); the head is put back on exit."""
     parent, attr, head = _head_slot(model)
-    setattr(parent, attr, stand_in(head))
+    replacement = stand_in(head)
+    setattr(parent, attr, replacement)
     try:
-        yield
+        yield replacement
     finally:
         setattr(parent, attr, head)
 
@@ -174,9 +176,15 @@ def labeled_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return rows[keep], targets[keep]
 
 
+def labeled_count(labels: Tensor) -> int:
+    """How many positions carry a next-token label: #{t : y_{t+1} != -100} (the N of the mean)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
-                   position_ids: Tensor | None = None, chunk_size: int = CHUNK_SIZE) -> Tensor:
-    """Mean next-token cross-entropy over the labeled positions (Hugging Face's ``model(..., labels=...).loss``).
+                   position_ids: Tensor | None = None, chunk_size: int = CHUNK_SIZE, step=None) -> Tensor:
+    """Next-token cross-entropy over the labeled positions: their mean (Hugging Face's ``model(..., labels=...).loss``),
+    or, with ``step``, their sum, to be divided by the labeled tokens of the whole optimizer step.
 
     Args:
         model: a Hugging Face causal LM (``*ForCausalLM``), adapted or not, possibly FSDP2-sharded.
@@ -185,6 +193,10 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
             restart at 0 for each example: transformers then keeps attention inside each example.
         position_ids: (batch, seq) or None.
         chunk_size: labeled rows per head + cross-entropy chunk (memory: chunk_size x vocab fp32 logits).
+        step: a ``TokenWeightedLoss`` callback of the Trainer (``train/step_loss.py``). The loss returned is then the
+            *sum* over this micro-batch's labeled tokens, noted with their count in ``step``, which divides the
+            gradients by the labeled tokens of the whole optimizer step (every accumulated micro-batch, every rank)
+            before the optimizer steps, and logs that step's mean. Use it in ``training_step`` only.
 
     Returns:
         the fp32 scalar loss; 0 (still attached to the graph) when no position is labeled, where Hugging Face
@@ -195,19 +207,49 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                     use_cache=False, **kwargs)
-        loss = out.loss.float()
+        count = labeled_count(labels)
+        total = out.loss.float() * count if count else out.loss.float().nan_to_num() * 0.0  # HF's mean -> the sum
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)):
+        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False, **kwargs)
-        loss = out.logits  # what the model returns as its "logits" is the stand-in head's output: the loss
+        total = out.logits  # what the model returns as its "logits" is the stand-in head's output: the summed loss
+        count = loss_head.count
     segments = kwargs.get("packed_segments")
     if segments is not None and segments.shares_prefix and not segments.used:
         raise ValueError(f"{type(model).__name__}'s attention layers never received the packed segments, so its "
                          "examples could not see their shared prefix; set share_prefix=False for this model.")
-    return loss
+    if step is not None:
+        return step.add(total, count)
+    return total / count if count else total
+
+
+def rescales_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward changes the logits after the head (softcapping, logit scales): a stand-in head
+    would then skip that."""
+    config = getattr(model, "config", None)
+    return any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING)
+
+
+def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None):  # fmt: skip
+    """Run ``model`` with its output head replaced, for the call, by ``stand_in(head)`` (a module that takes the last
+    hidden states), with packed rows handled as ``causal_lm_loss`` does; return what the stand-in returned. For
+    other heads than the loss's, e.g. DPO's per-example log-probabilities (``train/dpo.py``).
+
+    Raises:
+        ValueError: the model rescales logits after its head (``rescales_logits``).
+    """
+    if rescales_logits(model):
+        raise ValueError(f"{type(model).__name__} rescales its logits after the head; a stand-in head would skip "
+                         "that. Compute from model(...).logits instead.")
+    kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
+    with _head_swapped(model, stand_in):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    **kwargs)
+    return out.logits
 
 
 def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
@@ -228,4 +270,5 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_rows"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "rescales_logits",
+           "run_with_head"]

@@ -4,12 +4,19 @@ Kinds: the quantized base (the real bytes of the packed 4-bit data plus its absm
 unquantized base (every other parameter and buffer outside the adapters), the adapters, and the optimizer state
 (measured from ``optimizer.state`` once populated, else estimated as Adam's two moments: 2 x trainable bytes).
 QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter with double quantization.
+
+The table counts tensors only. The process holds more (its resident set, RSS, is printed under the table): the
+Python, torch and transformers runtime (several hundred MiB by themselves), the tokenizer and data, the gradients of
+the adapters (as many bytes as the adapters), activations during a step, and allocator caches. The total row has no
+bits/param: it mixes 4-bit and 32-bit tensors. The unquantized base names its largest tensors (e.g. the embeddings,
+kept in high precision like ``lm_head``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +45,12 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log_table: bool = True) -> dict:
-    """Parameters and bytes of ``model`` (and ``optimizer``) by kind; logs a table.
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, log_table: bool = True,
+                  reference: str | None = None) -> dict:  # fmt: skip
+    """Parameters and bytes of ``model`` (and ``optimizer``) by kind; logs a table (and the process's RSS).
+
+    ``reference`` (DPO, ``train/dpo.py``): a note for a "reference model" row of 0 bytes (the reference is the model
+    with its adapter off).
 
     Returns:
         ``{kind: {"params": int, "bytes": int}}`` for each of ``KINDS`` plus ``"total"``; the optimizer entry also
@@ -73,8 +84,15 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 add("quantized base", t, params=0)
                 if name in _TABLES:
                     tables += report["quantized base"]["bytes"] - before
-    for t in [*model.parameters(), *model.buffers()]:
+    largest: list[tuple[int, str]] = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        before = report["unquantized base"]["bytes"]
         add("unquantized base", t)
+        if report["unquantized base"]["bytes"] > before:
+            largest.append((report["unquantized base"]["bytes"] - before, name))
+    if largest:
+        top = [t for t in sorted(largest, reverse=True)[:2] if t[0] >= 2**20] or sorted(largest, reverse=True)[:1]
+        report["unquantized base"]["source"] = "largest: " + ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for b, n in top)
 
     opt = report["optimizer state"]
     states = [v for s in (optimizer.state.values() if optimizer is not None else ()) for k, v in s.items() if k != "step"]
@@ -96,9 +114,26 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         quant["source"] = (f"{8 * (quant['bytes'] - tables) / quant['params']:.3f} as QLoRA counts; the rest: "
                            f"per-layer code tables and offsets ({tables:,} bytes)")  # fmt: skip
     report["total"] = {k: sum(report[kind][k] for kind in KINDS) for k in ("params", "bytes")}
+    report["total"]["source"] = "tensors only (see below)"
+    if reference is not None:
+        report["reference model"] = {"params": 0, "bytes": 0, "source": reference}
     if log_table:
-        log.info(format_report(report).rstrip())  # the table's title says what it is
+        rss = resident_mib()
+        log.info(format_report(report).rstrip() + "\n" + (
+            f"The process holds {rss:,.0f} MiB (RSS): the table counts only the model's tensors and the optimizer "
+            "state; the runtime (Python, torch, transformers), the data, the adapters' gradients and a step's "
+            "activations make the rest." if rss else ""))
     return report
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory (RSS) in MiB, from /proc (None where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def format_report(report: dict) -> str:
@@ -109,11 +144,11 @@ def format_report(report: dict) -> str:
     table = Table(title="memory by kind")
     for col in ("kind", "params", "bytes", "MiB", "bits/param", "note"):
         table.add_column(col, justify="left" if col in ("kind", "note") else "right")
-    for kind in (*KINDS, "total"):
-        row = report[kind]
-        if not row["params"] and kind != "total":  # e.g. no quantized base outside QLoRA: nothing to show
+    for kind in (*KINDS, "reference model", "total"):
+        row = report.get(kind)
+        if row is None or (not row["params"] and kind not in ("total", "reference model")):  # e.g. no NF4 base
             continue
-        bits = f"{8 * row['bytes'] / row['params']:.3f}" if row["params"] else "-"
+        bits = f"{8 * row['bytes'] / row['params']:.3f}" if row["params"] and kind in KINDS else "-"
         table.add_row(kind, f"{row['params']:,}", f"{row['bytes']:,}", f"{row['bytes'] / 2**20:.2f}", bits,
                       row.get("source", ""))
     buffer = io.StringIO()

@@ -2,8 +2,10 @@
 
 The base model is loaded, quantized (QLoRA) and injected in ``configure_model`` (idempotent), so under sharded
 strategies it is built inside Lightning's init contexts. Training minimises the causal-LM loss on ``batch["labels"]``
-(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``); batches
-may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
+(-100 = ignored), with the output head run on the labeled positions only, in chunks (``train/loss.py``), averaged
+over the labeled tokens of the whole optimizer step, every accumulated micro-batch and every rank (``step_loss.py``);
+batches may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the
+token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
 only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
 
 Example::
@@ -37,9 +39,11 @@ from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
+from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import FiniteLossGuard
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
+from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
 
 
@@ -115,6 +119,10 @@ class LoRAModule(LightningModule):
         adapter_name: the adapter's name on the model.
         loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
             never holds more than this many rows of logits.
+        evaluate: at the end of ``fit``, before the export, evaluate the base (adapter off) and the trained adapter
+            side by side on the first validation examples (``True``: 32; a number: that many): loss, perplexity,
+            exact match, ROUGE-L and chrF of greedy replies (``train/evaluate.py``). ``evaluation.json`` and
+            ``evaluation.md`` go to ``export_dir`` (else the log folder), and the adapter's model card shows the table.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class LoRAModule(LightningModule):
         adapter_name: str = "default",
         exports: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
+        evaluate: bool | int = False,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -160,11 +169,15 @@ class LoRAModule(LightningModule):
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
+        if not isinstance(evaluate, (bool, int)) or (not isinstance(evaluate, bool) and evaluate < 1):
+            raise ValueError(f"evaluate must be true, false or a positive number of examples, got {evaluate!r}.")
+        self.evaluate = evaluate
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
         self.val_loss = MeanMetric()
         self._step_start: float | None = None
+        self._step_loss = TokenWeightedLoss()  # divides by the step's labeled tokens, logs train_loss
 
     # ---------------------------------------------------------------- model
     @property
@@ -190,10 +203,11 @@ class LoRAModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _loss(self, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``)."""
+    def _loss(self, batch: dict, step: TokenWeightedLoss | None = None) -> torch.Tensor:
+        """Cross-entropy over the labeled tokens, head run on those rows only, in chunks (``train/loss.py``): their
+        mean, or with ``step`` their sum (divided by the whole optimizer step's labeled tokens, ``step_loss.py``)."""
         return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size)
+                              position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk_size, step=step)
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
@@ -206,9 +220,7 @@ class LoRAModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with offloading(self.offload_activations, self.device):
-            loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+            return self._loss(batch, self._step_loss)  # the sum; train_loss (the step's mean) is logged before the step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_start is None:
@@ -254,12 +266,14 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); once (a fit
-        after ``trainer.validate`` would otherwise replace the first guard, with a warning)."""
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, FiniteLossGuard) for c in trainer.callbacks):
-            return []
-        return [FiniteLossGuard()]
+        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); the loss is
+        token-weighted over each optimizer step (``step_loss.py``). Each once (a fit after ``trainer.validate``
+        would otherwise replace the first ones, with a warning)."""
+        present = self._trainer.callbacks if self._trainer is not None else []
+        wanted = [] if any(isinstance(c, FiniteLossGuard) for c in present) else [FiniteLossGuard()]
+        if not any(c is self._step_loss for c in present):
+            wanted.append(self._step_loss)
+        return wanted
 
     # ---------------------------------------------------------------- optimizers
     def configure_optimizers(self):
@@ -285,13 +299,18 @@ class LoRAModule(LightningModule):
                     quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer))  # fmt: skip
 
     def on_train_end(self) -> None:
+        run = run_facts(self.trainer)
+        if self.evaluate:
+            table = evaluate_at_end(self, self.evaluate, self.export_dir)
+            if table:
+                run["evaluation"] = table
         if self.export_dir is None:
             return
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
         self.exported = export_from_rank_zero(
             self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero, name=self.adapter_name,
             exports=self.exports, base_model=self.base_model, tokenizer=self._tokenizer, dtype=self.dtype_name,
-            trust_remote_code=self.trust_remote_code, run=run_facts(self.trainer))
+            trust_remote_code=self.trust_remote_code, run=run)
 
 
 

@@ -1,0 +1,78 @@
+"""CPU threads for the commands: a thread count and an OpenMP wait policy that hold up when the machine is busy.
+
+torch's CPU kernels run on OpenMP (GNU libgomp in the CPU wheels), which reads its settings once, when torch is
+imported. By default it starts one thread per core, and a thread that reaches the end of a parallel region spins
+(about 300,000 polls) before it sleeps. When another process takes a core, one of our threads waits for its time
+slice while the others spin through theirs: on the 2-core machine of BENCHMARKS.md a QLoRA step of SmolLM2 went
+from 1.9 s to 12 s with one busy neighbour process (README, "Threads").
+
+So a command (``python -m lightning_lora ...`` or the ``lightning-lora`` script) sets, before torch is imported and
+only where the environment does not set them already:
+
+- ``OMP_NUM_THREADS``: the cores this process may run on (``os.sched_getaffinity``), so a CPU quota or ``taskset``
+  is honoured;
+- ``GOMP_SPINCOUNT``: ``SPINCOUNT`` polls before a waiting thread sleeps, short enough that a descheduled neighbour
+  costs little, long enough that a quiet machine keeps its speed.
+
+``lightning_lora/__init__.py`` calls ``apply_for_commands()`` first thing; the Python API (``import lightning_lora``
+in your own program) changes nothing. ``LIGHTNING_LORA_THREADS=keep`` leaves OpenMP's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+SPINCOUNT = 10_000
+KEEP_ENV = "LIGHTNING_LORA_THREADS"
+_OURS = ("lightning_lora", "lightning-lora")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_settings(environ: Mapping[str, str], cores: int) -> dict[str, str]:
+    """The variables to set: ``OMP_NUM_THREADS`` and ``GOMP_SPINCOUNT``, each only when ``environ`` lacks it (a
+    given ``OMP_WAIT_POLICY`` also keeps the spin count as it is); nothing with ``LIGHTNING_LORA_THREADS=keep``."""
+    if environ.get(KEEP_ENV, "").strip().lower() == "keep":
+        return {}
+    out = {}
+    if "OMP_NUM_THREADS" not in environ:
+        out["OMP_NUM_THREADS"] = str(max(1, cores))
+    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+        out["GOMP_SPINCOUNT"] = str(SPINCOUNT)
+    return out
+
+
+def is_command(orig_argv: list[str] | None = None, argv0: str | None = None) -> bool:
+    """True in ``python -m lightning_lora[.x] ...`` and in the ``lightning-lora`` script, False elsewhere."""
+    orig_argv = list(getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv)
+    for i, arg in enumerate(orig_argv):
+        module = orig_argv[i + 1] if arg == "-m" and i + 1 < len(orig_argv) else arg[2:] if arg.startswith("-m") else None
+        if module is not None:
+            return module.split(".")[0] in _OURS
+    argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+    return Path(argv0).name in _OURS
+
+
+def apply_for_commands() -> dict[str, str]:
+    """In a command, set ``cpu_settings`` in ``os.environ`` (before torch is imported); return what was set."""
+    if not is_command():
+        return {}
+    settings = cpu_settings(os.environ, usable_cores())
+    os.environ.update(settings)
+    return settings
+
+
+if __name__ == "__main__":  # python -m lightning_lora.commands.threads: what a command runs with
+    import torch
+
+    print({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
+          "torch threads", torch.get_num_threads())
