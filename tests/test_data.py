@@ -2,6 +2,8 @@
 
 import json
 import logging
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,7 @@ from transformers import AutoTokenizer
 
 from lightning_lora.train.data import InstructionDataModule, TextDataModule, chatterbot_pairs
 
+ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("Hello there, how are you?", "Fine, thank you."), ("What is 2 + 2?", "It is 4."),
          ("Name a colour.", "Blue"), ("Say nothing", "...")]
 
@@ -44,9 +47,11 @@ def test_masking_with_chat_template(tiny_dir, tmp_path):
     dm.setup("fit")
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     expected = []
-    for p, r in PAIRS:  # the template written out by hand: "<|role|>\n" + content + "<|end|>\n"
-        prompt, response = enc(tok, f"<|user|>\n{p}<|end|>\n<|assistant|>\n"), enc(tok, f"{r}<|end|>\n")
-        expected.append((prompt + response, [-100] * len(prompt) + response))
+    for p, r in PAIRS:  # the template written out by hand: "<|role|>\n" + content + "<|end|>\n"; the loss covers
+        # the reply and its end-of-turn token, not the newline after it (never generated: the model stops at <|end|>)
+        prompt, response = enc(tok, f"<|user|>\n{p}<|end|>\n<|assistant|>\n"), enc(tok, f"{r}<|end|>")
+        tail = enc(tok, "\n")
+        expected.append((prompt + response + tail, [-100] * len(prompt) + response + [-100] * len(tail)))
     assert examples(dm) == sorted(expected)
 
 
@@ -58,8 +63,8 @@ def test_masking_multi_turn_messages(tiny_dir, tmp_path):
                                val_fraction=0.0)
     dm.setup("fit")
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    parts = [("<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n", False), ("Hello.<|end|>\n", True),
-             ("<|user|>\nBye<|end|>\n<|assistant|>\n", False), ("Goodbye.<|end|>\n", True)]
+    parts = [("<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n", False), ("Hello.<|end|>", True),
+             ("\n<|user|>\nBye<|end|>\n<|assistant|>\n", False), ("Goodbye.<|end|>", True), ("\n", False)]
     ids = [enc(tok, t) for t, _ in parts]
     labels = [x if train else [-100] * len(x) for x, (_, train) in zip(ids, parts)]
     assert examples(dm) == [(sum(ids, []), sum(labels, []))]
@@ -219,3 +224,81 @@ def test_fit_step_with_a_module_that_has_a_tokenizer(tiny_dir, tmp_path):
     module = Module()
     trainer.fit(module, InstructionDataModule(path, batch_size=2))
     assert len(module.losses) == 2 and all(torch.isfinite(torch.tensor(module.losses)))
+
+
+# ------------------------------------------------------------------------------------- validation and test splits
+def rows(n):
+    return [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(n)]
+
+
+def held_out(dm):
+    return [{tuple(x["input_ids"].tolist()) for x in part} for part in (dm.train_set, dm.val_set, dm.test_set)]
+
+
+def test_test_split_is_held_out_after_the_validation_split(tiny_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(40))
+    plain = InstructionDataModule(path, tokenizer=tiny_dir, val_fraction=0.25)
+    plain.setup("fit")
+    dm = InstructionDataModule(path, tokenizer=tiny_dir, val_fraction=0.25, test_fraction=0.25)
+    dm.setup("fit")
+    train, val, test = held_out(dm)
+    assert (len(train), len(val), len(test)) == (20, 10, 10) and not (train & val or train & test or val & test)
+    assert val == held_out(plain)[1]  # adding a test split leaves the validation split as it was
+    assert [len(b["input_ids"]) for b in dm.test_dataloader()] == [8, 2]
+    with pytest.raises(ValueError, match=r"has no test split \(test_fraction 0\.0\)\. Set data test_fraction"):
+        plain.test_dataloader()
+    with pytest.raises(ValueError, match="leave examples to train on"):
+        InstructionDataModule(path, val_fraction=0.5, test_fraction=0.5)
+
+
+def test_a_small_validation_split_is_warned_about(tiny_dir, tmp_path, caplog):
+    """A 12-line data set validates on 1 example: say so (before: nothing was said)."""
+    with caplog.at_level(logging.WARNING, logger="lightning_lora.train.data"):
+        InstructionDataModule(write_jsonl(tmp_path / "a.jsonl", rows(12)), tokenizer=tiny_dir).setup("fit")
+    assert "The validation split holds only 1 of 12 examples (val_fraction 0.1): its loss and perplexity are noise" \
+           in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_lora.train.data"):
+        InstructionDataModule(write_jsonl(tmp_path / "b.jsonl", rows(100)), tokenizer=tiny_dir).setup("fit")
+    assert "split holds only" not in caplog.text
+
+
+def test_a_checkpoint_is_not_scored_on_examples_it_trained_on(tiny_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(40))
+
+    def split(**kw):
+        dm = InstructionDataModule(path, tokenizer=tiny_dir, **{"val_fraction": 0.1, "test_fraction": 0.2, **kw})
+        dm.setup("test")
+        return dm
+
+    saved = split().state_dict()
+    for same_or_fewer in ({}, {"test_fraction": 0.0}, {"val_fraction": 0.2, "test_fraction": 0.1}):
+        split(**same_or_fewer).load_state_dict(saved)
+    for leaking in ({"test_fraction": 0.3}, {"seed": 1}, {"limit": 30}):
+        with pytest.raises(ValueError, match=r"trained on this data with another split \(.* -> .*\), so these "
+                                             r"validation or test examples include ones it trained on"):
+            split(**leaking).load_state_dict(saved)
+    other = InstructionDataModule(write_jsonl(tmp_path / "e.jsonl", rows(41)), tokenizer=tiny_dir, seed=1)
+    other.setup("test")
+    other.load_state_dict(saved)  # other data: its split owes nothing to the checkpoint's
+
+
+def test_validate_and_test_a_run_with_its_config(tiny_dir, tmp_path, monkeypatch):
+    """The README's commands: fit with a test split, then `validate` and `test` with the run's config.yaml."""
+    from lightning_lora.commands.cli import make_cli
+
+    monkeypatch.setattr("sys.argv", ["lightning_lora"])
+    path = write_jsonl(tmp_path / "d.jsonl", rows(40))
+    fit = make_cli(["fit", "--config", str(ROOT / "configs" / "own_data.yaml"), "--model.base_model", tiny_dir,
+                    "--data.init_args.source", path, "--data.init_args.test_fraction", "0.25",
+                    "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.default_root_dir",
+                    str(tmp_path / "run"), "--model.export_dir", "null", "--validate_before_fit", "false",
+                    "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    again = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    validate, test = make_cli(["validate", *again]), make_cli(["test", *again])
+    metrics = [c.trainer.callback_metrics for c in (fit, validate, test)]
+    assert float(metrics[1]["val_loss"]) == pytest.approx(float(metrics[0]["val_loss"]), abs=1e-5)  # same split
+    assert len(test.datamodule.test_set) == 10 and torch.isfinite(metrics[2]["test_loss"])
+    with pytest.raises(ValueError, match="include ones it trained on"):
+        make_cli(["test", *again, "--data.init_args.test_fraction", "0.5"])

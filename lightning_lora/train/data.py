@@ -1,21 +1,26 @@
 """Data as LightningDataModules: instruction pairs (loss on responses only) and packed plain text.
 
 ``InstructionDataModule``: JSONL lines ``{"prompt", "response"}`` or ``{"messages": [{"role", "content"}, ...]}``, or
-the built-in ``chatterbot`` source (2,393 English prompt/response pairs of the ``chatterbot-corpus`` package).
-Conversations are rendered with the tokenizer's chat template when it has one (else ``prompt\\nresponse<eos>``);
-labels equal ``input_ids`` on the assistant turns (including the template's end-of-turn text) and are -100 elsewhere.
+the built-in ``chatterbot`` source (2,393 English prompt/response pairs of the ``chatterbot-corpus`` package), read
+and checked by ``train/conversations.py`` (bad lines: ``file:line`` errors; lines with a missing value: dropped and
+counted). Conversations are rendered with the tokenizer's chat template when it has one (else
+``prompt\\nresponse<eos>``); labels equal ``input_ids`` on the assistant's tokens, its end-of-turn token included,
+and are -100 elsewhere (``train/chat.py``, for any family's template).
 ``TextDataModule``: plain text (a file, or the built-in ``pydoc`` source: the stdlib's ``pydoc_data.topics`` prose)
 tokenized and packed into blocks of ``block_size`` tokens, ``labels = input_ids``.
 
 The tokenizer is the LightningModule's ``.tokenizer`` (taken at ``setup``) unless ``tokenizer`` names a model (alias or
-folder, see ``lightning_lora.io.models``). Both modules split off a deterministic validation set (``seed``).
+folder, see ``lightning_lora.io.models``). Both modules split the examples once, seeded: ``val_fraction`` for
+validation (a warning when that is fewer than ``MIN_HELD_OUT`` examples), ``test_fraction`` (default 0: no test
+split, and ``test`` refuses rather than score the validation split again), the rest for training. The split is
+recorded in checkpoints; validating or testing a checkpoint on the same data split differently is refused, since
+its held-out examples would then include ones it trained on.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
+import hashlib
 import logging
 from pathlib import Path
 
@@ -24,122 +29,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_lora.io.models import load_tokenizer
+from lightning_lora.train.chat import IGNORE, render, tokenize_conversations
+from lightning_lora.train.conversations import (
+    CHATTERBOT_PIP,
+    Conversation,
+    chatterbot_pairs,
+    jsonl_conversations,
+    pydoc_text,
+    read_jsonl,
+    read_text,
+)
 from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding, log_shared_prefix
 
+__all__ = ["CHATTERBOT_PIP", "IGNORE", "Conversation", "InstructionDataModule", "TextDataModule", "chatterbot_pairs",
+           "collate", "pydoc_text", "read_jsonl", "render", "tokenize_conversations"]
 log = logging.getLogger(__name__)
-IGNORE = -100
-CHATTERBOT_PIP = "pip install --no-deps chatterbot-corpus==1.3.3"
-Conversation = list[dict[str, str]]
-
-
-# ----------------------------------------------------------------------------------------------------------- sources
-def read_jsonl(path: str | Path) -> list[Conversation]:
-    """Conversations from a JSONL file; a bad line raises ``ValueError`` naming the file and the line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}). Each line must be one object.") from err
-            out.append(_conversation(row, f"{path}:{lineno}"))
-    return out
-
-
-def _conversation(row, where: str) -> Conversation:
-    if isinstance(row, dict) and "prompt" in row and "response" in row:
-        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["response"])}]
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        if all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs) and any(
-            m["role"] == "assistant" for m in msgs
-        ):
-            return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
-    got = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise ValueError(
-        f"{where}: expected keys 'prompt' and 'response', or 'messages' (a list of {{'role', 'content'}} with at "
-        f"least one 'assistant' turn); got {got}."
-    )
-
-
-def chatterbot_pairs() -> list[Conversation]:
-    """Consecutive turns of every English chatterbot-corpus conversation as prompt/response pairs."""
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")  # located, not imported
-    folder = Path(spec.submodule_search_locations[0]) / "data" / "english" if spec else None
-    if folder is None or not folder.is_dir():
-        raise ModuleNotFoundError(f"source='chatterbot' needs the chatterbot-corpus package:\n    {CHATTERBOT_PIP}")
-    pairs = []
-    for file in sorted(folder.glob("*.yml")):
-        data = yaml.load(file.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        for conv in data.get("conversations") or []:
-            turns = [str(t) for t in conv]  # some items are numbers
-            pairs += [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
-                      for a, b in zip(turns, turns[1:])]
-    return pairs
-
-
-def pydoc_text() -> list[str]:
-    """The stdlib's pydoc topics (about 65k words of English prose), one document per topic, in a fixed order."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-# ---------------------------------------------------------------------------------------------------- tokenization
-def render(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text and the character spans of its assistant turns (the loss targets)."""
-    if getattr(tokenizer, "chat_template", None):
-        def apply(msgs, gen=False):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-        text, spans = apply(conv), []
-        for i, m in enumerate(conv):
-            if m["role"] != "assistant":
-                continue
-            before, upto = apply(conv[:i], gen=True), apply(conv[: i + 1])
-            if not (text.startswith(upto) and upto.startswith(before)):
-                raise ValueError("The tokenizer's chat template does not render conversations prefix by prefix; "
-                                 "cannot locate the response tokens. Use a tokenizer without a chat template.")
-            spans.append((len(before), len(upto)))
-        return text, spans
-    eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
-    text, spans = (bos if bos != eos else ""), []
-    for m in conv:
-        if m["role"] == "assistant":
-            spans.append((len(text), len(text) + len(m["content"]) + len(eos)))
-            text += m["content"] + eos + "\n"
-        else:
-            text += m["content"] + "\n"
-    return text, spans
-
-
-def tokenize_conversations(tokenizer, convs: list[Conversation], max_length: int) -> list[dict[str, torch.Tensor]]:
-    """input_ids/labels per conversation; longer ones are truncated (counted and logged)."""
-    if not convs:
-        return []
-    rendered = [render(tokenizer, c) for c in convs]
-    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    examples, truncated, dropped = [], 0, 0
-    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-        labels = [t if any(s <= o[0] < e for s, e in spans) else IGNORE for t, o in zip(ids, offsets)]
-        if len(ids) > max_length:
-            truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-        if all(x == IGNORE for x in labels):
-            dropped += 1  # nothing to learn from: the prompt fills max_length
-            continue
-        examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
-    if truncated or dropped:
-        log.warning(f"{truncated} of {len(convs)} examples were longer than max_length={max_length} and were "
-                    f"truncated; {dropped} examples kept no response token and were dropped.")
-    return examples
+MIN_HELD_OUT = 10  # fewer validation (or test) examples than this: the figures are noise, and we say so
+SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "limit")
 
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -160,23 +66,26 @@ class _TokenizedDataModule(pl.LightningDataModule):
     packing: bool | None = None  # None: rows are all alike (plain shuffled batches); else see ``train/packing.py``
     share_prefix = False
 
-    def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit):
+    def __init__(self, path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit, test_fraction=0.0):
         super().__init__()
         if path is None and source not in self.SOURCES:
             if source is None or not Path(str(source)).is_file():
                 raise ValueError(f"Unknown source {source!r}: neither a built-in data set ({', '.join(self.SOURCES)}) "
                                  "nor an existing file. Use a built-in name or the path of your file (source: my.jsonl).")
             path, source = str(source), None  # a file path given as the source
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction and test_fraction must be in [0, 1) and leave examples to train on, got "
+                             f"{val_fraction} and {test_fraction}.")
         if batch_size < 1 or (limit is not None and limit < 1):
             raise ValueError(f"batch_size and limit must be positive, got {batch_size} and {limit}.")
         self.path, self.source, self.tokenizer_name = path, source, tokenizer
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
-        self.num_workers, self.limit = num_workers, limit
+        self.num_workers, self.limit, self.test_fraction = num_workers, limit, test_fraction
         self.tokenizer = None
         self.train_set: list | None = None
         self.val_set: list | None = None
+        self.test_set: list | None = None
+        self.split: dict | None = None  # what ``state_dict`` records: the split's settings and which data
 
     def _resolve_tokenizer(self):
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
@@ -201,10 +110,42 @@ class _TokenizedDataModule(pl.LightningDataModule):
             raise ValueError(f"The data set ({self.path or self.source}) is empty: it gave no usable example.")
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
         order = order[: self.limit] if self.limit else order
-        n_val = round(len(order) * self.val_fraction)
-        n_val = min(max(n_val, 1 if self.val_fraction > 0 else 0), len(order) - 1)
+        n = len(order)
+        n_val = min(max(round(n * self.val_fraction), 1 if self.val_fraction > 0 else 0), n - 1)
+        n_test = min(max(round(n * self.test_fraction), 1 if self.test_fraction > 0 else 0), n - 1 - n_val)
         self.val_set = [examples[i] for i in order[:n_val]]
-        self.train_set = [examples[i] for i in order[n_val:]]
+        self.test_set = [examples[i] for i in order[n_val:n_val + n_test]]
+        self.train_set = [examples[i] for i in order[n_val + n_test:]]
+        for name, key, k in (("validation", "val_fraction", n_val), ("test", "test_fraction", n_test)):
+            if 0 < k < MIN_HELD_OUT:
+                log.warning(f"The {name} split holds only {k} of {n} examples ({key} {getattr(self, key)}): its loss "
+                            f"and perplexity are noise. Use more data or a larger {key} (at least {MIN_HELD_OUT} "
+                            "examples).")
+        data = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if self.path else f"built-in {self.source}"
+        self.split = {**{k: getattr(self, k) for k in SPLIT_KEYS}, "held_out": n_val + n_test, "data": data}
+
+    def state_dict(self) -> dict:
+        """The split (its settings, and the data: a file's sha256 or the built-in's name), saved in checkpoints."""
+        return {"split": dict(self.split)} if self.split else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuse a split of the checkpoint's own data that holds out examples the checkpoint trained on.
+
+        Validation takes the first ``n_val`` examples of the seeded order, test the next ``n_test``, training the
+        rest: with the same order (seed, limit, data), a split is safe while it holds out no more than the
+        checkpoint's fit did.
+        """
+        saved = state.get("split")
+        if not saved or not self.split or saved.get("data") != self.split["data"]:
+            return  # other data (or no record): nothing of it was trained on through this split
+        same_order = all(saved.get(k) == self.split[k] for k in ("seed", "limit"))
+        if same_order and self.split["held_out"] <= saved.get("held_out", 0):
+            return
+        settings = ", ".join(f"{k} {saved.get(k)} -> {self.split[k]}"
+                             for k in SPLIT_KEYS if saved.get(k) != self.split[k])
+        raise ValueError(f"The checkpoint was trained on this data with another split ({settings}), so these "
+                         "validation or test examples include ones it trained on. Use the data settings of its fit "
+                         "(the run folder's config.yaml).")
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
@@ -231,7 +172,11 @@ class _TokenizedDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        if not self.test_set:
+            raise ValueError(f"{type(self).__name__} has no test split (test_fraction {self.test_fraction}). Set "
+                             "data test_fraction (e.g. 0.1) when you fit, so those examples are held out from "
+                             "training, and test with the same data settings; `validate` scores the validation split.")
+        return self._loader(self.test_set, shuffle=False)
 
 
 class InstructionDataModule(_TokenizedDataModule):
@@ -243,6 +188,8 @@ class InstructionDataModule(_TokenizedDataModule):
         tokenizer: alias or model folder to read the tokenizer from; None: the LightningModule's ``.tokenizer``.
         max_length: longer examples are truncated (their count is logged).
         limit: keep at most this many examples (a seeded random subset).
+        val_fraction, test_fraction: shares held out (seeded by ``seed``) for ``validate`` and ``test``; at least
+            one example each when non-zero, a warning under 10. ``test`` needs ``test_fraction`` > 0 set at fit time.
         packing: lay the ``batch_size`` examples of each batch end to end in rows of up to ``pack_length`` tokens
             (padding-free packing, ``train/packing.py``): a batch still holds ``batch_size`` examples, in fewer rows,
             with ``position_ids`` restarting per example and attention kept inside each example. Off: training
@@ -264,8 +211,8 @@ class InstructionDataModule(_TokenizedDataModule):
     def __init__(self, path: str | None = None, source: str | None = "chatterbot", tokenizer: str | None = None,
                  max_length: int = 256, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
                  num_workers: int = 0, limit: int | None = None, packing: bool = False, pack_length: int | None = None,
-                 share_prefix: bool = False):
-        super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
+                 share_prefix: bool = False, test_fraction: float = 0.0):
+        super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit, test_fraction)
         if share_prefix and not packing:
             raise ValueError("share_prefix needs packing: set packing: true as well (a shared prefix lives in packed "
                              "rows), or share_prefix: false.")
@@ -279,11 +226,16 @@ class InstructionDataModule(_TokenizedDataModule):
         self.pack_length = pack_length or batch_size * max_length
 
     def _examples(self):
-        convs = read_jsonl(self.path) if self.path is not None else chatterbot_pairs()
+        if self.path is not None:
+            rows = jsonl_conversations(self.path)
+            origins, convs = [w for w, _ in rows], [c for _, c in rows]
+        else:
+            convs = chatterbot_pairs()
+            origins = [f"chatterbot pair {i}" for i in range(len(convs))]
         if self.limit and len(convs) > self.limit:  # tokenize only a seeded subset
             keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(self.seed))[: self.limit]
-            convs = [convs[i] for i in sorted(keep.tolist())]
-        return tokenize_conversations(self.tokenizer, convs, self.max_length)
+            convs, origins = ([xs[i] for i in sorted(keep.tolist())] for xs in (convs, origins))
+        return tokenize_conversations(self.tokenizer, convs, self.max_length, origins)
 
 
 class TextDataModule(_TokenizedDataModule):
@@ -293,23 +245,22 @@ class TextDataModule(_TokenizedDataModule):
         path: a UTF-8 text file (one document); ``source`` when None: ``"pydoc"`` (the stdlib's pydoc topics), or
             a file path.
         limit: keep at most this many blocks (a seeded random subset).
+        val_fraction, test_fraction: as in ``InstructionDataModule``.
     """
 
     SOURCES = ("pydoc",)
 
     def __init__(self, path: str | None = None, source: str | None = "pydoc", tokenizer: str | None = None,
                  block_size: int = 128, batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, limit: int | None = None):
-        super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit)
+                 num_workers: int = 0, limit: int | None = None, test_fraction: float = 0.0):
+        super().__init__(path, source, tokenizer, batch_size, val_fraction, seed, num_workers, limit, test_fraction)
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}.")
         self.block_size = block_size
 
     def _examples(self):
         if self.path is not None:
-            if not Path(self.path).is_file():
-                raise FileNotFoundError(f"{self.path} does not exist.")
-            docs = [Path(self.path).read_text(encoding="utf-8")]
+            docs = [read_text(self.path)]
         else:
             docs = pydoc_text()
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
