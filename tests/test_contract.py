@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import ia3_method  # noqa: E402, F401  (a test-only outside method using the wrap/bias/name hooks)
 import loha  # noqa: E402, F401  (an outside method: registers itself)
 
-from lightning_lora.core.layer import peft_config  # noqa: E402
+from lightning_lora.core.layer import peft_config_of  # noqa: E402
 from lightning_lora.core.verbs import layer_map, not_additive_reason  # noqa: E402
 
 
@@ -170,7 +170,7 @@ def test_build_gets_the_name_and_to_peft_the_per_layer_map(cfg, kind, monkeypatc
         return
     monkeypatch.setattr(cls, "to_peft", lambda self, targets, layers: seen.setdefault("layers", layers)
                         and to_peft(self, targets, layers))
-    written = peft_config(cfg, ["layer"], layer_map(net, "default"))
+    written = peft_config_of(cfg, ["layer"], layer_map(net, "default"))
     assert seen["layers"] == {"layer": net.layer.adapters["default"]} and written["target_modules"] == ["layer"]
 
 

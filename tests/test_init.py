@@ -19,7 +19,8 @@ from lightning_lora.commands.export import export_checkpoint
 from lightning_lora.io.export import export
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.quant.nf4 import NF4
-from lightning_lora.quant.prepare import INIT_A, INIT_B, prepare
+from lightning_lora.methods.lora_init import INIT_A, INIT_B
+from lightning_lora.quant.prepare import prepare
 from lightning_lora.train.callback import AdapterCallback
 from lightning_lora.train.module import LoRAModule
 from tiny_assets import make_tiny_model_dir
@@ -176,12 +177,57 @@ def test_merge_of_an_svd_start_uses_the_trained_base():
     model = prepare(tiny_llama(), ll.LoRA(r=4, init="loftq"), quantize=NF4_32)
     perturb_adapters(model, std=0.05)
     trained = logits(model)
-    with pytest.raises(ValueError, match="started from an SVD"):  # the original W would count the start twice
+    with pytest.raises(ValueError, match=r"started from LoftQ \(1 iter.\), which rewrote its base"):  # counted twice
         ll.merge(model, base_weights=linear_weights(tiny_llama()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "merged into the dequantized NF4 weights" warning: that is the base here
         ll.merge(model)
     torch.testing.assert_close(logits(model), trained, atol=1e-5, rtol=0)
+
+
+def test_inject_honours_the_start_or_points_to_prepare():
+    """Every verb honours init: inject runs PiSSA exactly as prepare does; LoftQ (it needs a quantizer) is refused."""
+    by_prepare = prepare(tiny_llama(), ll.LoRA(r=4, init="pissa", target_modules=["q_proj", "down_proj"]))
+    by_inject = ll.inject(tiny_llama(), ll.LoRA(r=4, init="pissa", target_modules=["q_proj", "down_proj"]))
+    mine, theirs = by_inject.state_dict(), by_prepare.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(k.endswith(INIT_A) for k in mine)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"needs a quantized base: use prepare\(model, adapter, quantize=NF4\(\)\)"):
+        ll.inject(model, ll.LoRA(r=4, init="loftq"))
+    assert not any(isinstance(m, ll.AdapterLayer) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", [ll.LoRA, ll.DoRA])
+def test_save_adapter_of_a_pissa_start_is_for_the_original_base(method, tmp_path):
+    """save_adapter / save_adapters write what export writes: PEFT on the original weights equals the trained model."""
+    import json
+
+    import peft
+
+    model = ll.inject(tiny_llama(), method(r=4, alpha=8, init="pissa"))
+    perturb_adapters(model, std=0.05)  # "training"
+    ll.inject(model, ll.LoRA(r=2, target_modules=["v_proj"]), "other")  # a second adapter, saved in a subfolder
+    trained = logits(model.eval())
+    ll.save_adapter(model, tmp_path / "one")
+    ll.save_adapters(model, tmp_path / "all")
+    for folder in (tmp_path / "one", tmp_path / "all"):
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8  # the rank-2r conversion
+        assert "rank-8 LoRA" in (folder / "README.md").read_text()
+        theirs = logits(peft.PeftModel.from_pretrained(tiny_llama(), folder).eval())  # the original base
+        torch.testing.assert_close(theirs, trained, atol=1e-4, rtol=0)
+    plain = ll.inject(tiny_llama(), ll.LoRA(r=4, alpha=8))  # a default start is written as it is
+    ll.save_adapter(plain, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 4
+    assert "Initialization" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+def test_save_adapter_of_a_loftq_start_says_which_base(tmp_path):
+    model = prepare(tiny_llama(), ll.LoRA(r=4, init="loftq"), quantize=NF4_32)
+    ll.save_adapter(model, tmp_path)
+    assert "same NF4 quantization of the base it was trained on" in (tmp_path / "README.md").read_text()
 
 
 def peft_logits(folder: str, adapter_dir) -> torch.Tensor:

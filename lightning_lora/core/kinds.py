@@ -58,7 +58,8 @@ class LayerKind:
         reversed_init: LoRA initializes A to zeros and B normal on this kind (PEFT's embedding init).
         peft_vector_shape: PEFT's shape for a per-output-channel vector (DoRA's magnitude): (out,), or
             (1, out, 1, ...) on convs.
-        peft_pair: PEFT's key suffixes for a LoRA pair on this kind (``lora_embedding_A``/``_B`` on embeddings).
+        peft_layer: PEFT's layer family for this kind (``"linear"``, ``"embedding"``, ``"conv"``): PEFT names a
+            method's tensors by it (e.g. LoRA's on embeddings), so methods key their PEFT names on it.
         example: a tiny seeded layer of this kind and an input for it; the contract tests (tests/test_contract.py)
             run every method that supports the kind on it, so a new kind is tested with no new test code.
     """
@@ -82,7 +83,7 @@ class LayerKind:
     fan_in_fan_out: bool = False
     reversed_init: bool = False
     peft_vector_shape: Callable[[int], tuple[int, ...]] = lambda n: (n,)
-    peft_pair: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    peft_layer: str = "linear"
     example: Callable[[], tuple[nn.Module, Tensor]] | None = None
 
 
@@ -255,6 +256,7 @@ def _conv_kind(cls: type, dims: int) -> LayerKind:
         write_bias=write_bias_in_place,
         channel_dim=1,
         peft_vector_shape=lambda n: (1, n, *([1] * dims)),
+        peft_layer="conv",
         example=_CONV_EXAMPLES[dims],
     )
 
@@ -294,7 +296,7 @@ register_kind(LayerKind(
     apply_pair=_embedding_pair,
     transposed=True,
     reversed_init=True,
-    peft_pair=("lora_embedding_A", "lora_embedding_B"),
+    peft_layer="embedding",
     example=_seeded(lambda: nn.Embedding(20, 8), 2, 5, ids=20),
 ))  # fmt: skip
 for _cls, _dims in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):

@@ -21,16 +21,15 @@ Lightning's precision plugins that swap ``nn.Linear`` modules cannot touch them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from lightning_lora.core.wrapper import AdapterLayer, in_own_precision, own_precision  # noqa: F401  (re-exported)
 from lightning_lora.core.kinds import (  # noqa: F401  (re-exported: the layer helpers live with the kinds)
     LayerKind,
     dense_weight,
@@ -96,6 +95,23 @@ class AdapterConfig:
         """Small configs of this method that the contract tests run on every kind it supports (default: ``cls()``)."""
         return [cls()]
 
+    # -- start (initialization) -----------------------------------------------------------------------------------
+    @property
+    def rewrites_base(self) -> bool:
+        """True when this adapter's start rewrites the base weights (PiSSA's residual, LoftQ's quantization):
+        ``inject``/``prepare`` then call each branch's ``start`` layer by layer (``core/start.py``). Default: False
+        (the branch's own constructor initializes it; the base is untouched)."""
+        return False
+
+    def check_start(self, quantize: object = None) -> None:
+        """The checks of this adapter's start that need no model (``quantize``: the quantization ``prepare`` was
+        given, None for ``inject``); raise ValueError saying what to do. Default: none."""
+
+    def original_base_note(self, quantized: bool) -> str:
+        """A paragraph for the adapter folder's README when its start rewrote the base: which base the saved adapter
+        belongs on (``quantized``: the trained base was quantized). Default: none."""
+        return ""
+
     def shared_state(self, layers: list[nn.Module]) -> object:
         """State shared by all adapted layers of one adapter (VeRA's random projections); none by default."""
         return None
@@ -110,7 +126,7 @@ class AdapterConfig:
     def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
         """The ``adapter_config.json`` PEFT writes for this adapter: ``targets`` is ``target_modules`` as PEFT writes
         it (suffixes when they select exactly these layers), ``layers`` the per-layer map, full layer name -> branch
-        (per-layer options: ``rank_pattern``, ...). A one-argument ``to_peft(targets)`` still works (``peft_config``)."""
+        (per-layer options: ``rank_pattern``, ...). A one-argument ``to_peft(targets)`` still works (``peft_config_of``)."""
         raise NotImplementedError(f"{self.method} has no PEFT format (to_peft is not implemented).")
 
     @classmethod
@@ -136,6 +152,18 @@ class AdapterConfig:
         if tensors:
             raise ValueError(f"{source}: unexpected shared tensors {sorted(tensors)} for a {self.method} adapter.")
 
+    # -- the model card ---------------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """The method's name as a card shows it (e.g. ``"LoRA (rsLoRA)"``); default: the class name."""
+        return type(self).__name__
+
+    def card_facts(self, layers: Mapping[str, AdapterBranch]) -> dict[str, str]:
+        """Rows for the adapter's README card, ``{what: value}``, from the config and the per-layer map. Default:
+        this method's own dataclass fields (not the common ``target_modules``/``exclude_modules``/``dropout``)."""
+        common = {f.name for f in dataclasses.fields(AdapterConfig)}
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in common}
+
     # -- estimate -----------------------------------------------------------------------------------------------------
     def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
         """Bytes per token that one adapted (n_in -> n_out) layer keeps for backward beyond its base layer
@@ -150,7 +178,8 @@ class AdapterBranch(nn.Module):
     """
 
     additive: ClassVar[bool] = True  # output = base + w * dW x, so runtime weighting and `cat` combination are exact
-    wraps_base: ClassVar[bool] = False  # the layer calls ``wrap`` (the branch calls the base) instead of ``forward``
+    wraps_base: bool = False  # the layer calls ``wrap`` (the branch calls the base) instead of ``forward``
+    started_from: str | None = None  # the start that rewrote this branch's base ("PiSSA", "LoftQ", ...), if any
 
     def __init__(self, config: AdapterConfig, base_layer: nn.Module | None = None, shared: object = None):
         super().__init__()
@@ -170,6 +199,22 @@ class AdapterBranch(nn.Module):
         """For ``wraps_base`` branches: the layer's output, calling ``base`` (the base layer's call, or the next
         wrapping branch's) once on whatever input the method needs, e.g. ``base(x * l)`` for input-side scaling."""
         return self(x, base(x), base_layer, weight)
+
+    def start(self, base_layer: nn.Module, quantize: Callable[[Tensor], nn.Module] | None) -> nn.Module:
+        """For a config that ``rewrites_base``: initialize this branch from ``base_layer`` and return the base layer
+        to train on (``base_layer`` itself, changed in place, or a new one; ``quantize(weight)`` gives the quantized
+        layer ``prepare`` asked for, None where this layer stays in high precision). A branch whose start rewrote the
+        base sets ``started_from``. Called before the branch is attached, one layer at a time."""
+        return base_layer
+
+    def refuse_start(self, base_layer: nn.Module) -> str | None:
+        """Why ``start`` cannot run on ``base_layer`` (e.g. a rank above min(in, out)), or None."""
+        return None
+
+    def for_original_base(self, base_layer: nn.Module) -> AdapterBranch:
+        """A branch that computes, on the base as it was before ``start``, what this one computes on the base it
+        trained on (PiSSA: the rank-2r conversion); ``save_adapter`` writes it. Default: this branch."""
+        return self
 
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         """The dense change dW of the base weight, same orientation as ``dense_weight(base_layer)``."""
@@ -201,93 +246,6 @@ class AdapterBranch(nn.Module):
         return {n: "vector" if p.ndim == 1 else "slow" for n, p in self.named_parameters(recurse=False)}
 
 
-class AdapterLayer(nn.Module):
-    """A frozen base layer plus named adapter branches (see module docstring)."""
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active: dict[str, float] = {}  # adapter name -> weight
-        self.enabled = True
-        self.sample_adapters: list[str | None] | None = None  # one adapter name per batch row (mixed batches)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        base = self.base_layer
-        if not self.enabled:
-            return base(x, *args, **kwargs)
-        if self.sample_adapters is not None:
-            return self._forward_per_sample(x, args, kwargs)
-        branches = self.adapters._modules
-        active = [(branches[n], w) for n, w in self.active.items() if n in branches]
-        if any(b.wraps_base for b, _ in active):  # input-side branches nest around the base call (module docstring)
-            call = functools.partial(_call_base, base, args, kwargs)
-            for branch, weight in active:
-                if branch.wraps_base:
-                    call = functools.partial(_call_wrap, branch, call, base, weight)
-            out = call(x)
-            active = [(b, w) for b, w in active if not b.wraps_base]
-        else:
-            out = base(x, *args, **kwargs)
-        for branch, weight in active:
-            out = branch(x, out, base, weight)
-        return out
-
-    def _forward_per_sample(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        names = self.sample_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(f"mixed batch: {len(names)} adapter names for a batch of {x.shape[0]} samples.")
-        base = self.base_layer
-        out = base(x, *args, **kwargs)
-        for name in dict.fromkeys(n for n in names if n is not None and n in self.adapters):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            branch = self.adapters[name]
-            if branch.wraps_base:  # its rows need their own base call, on their own input
-                out[rows] = branch.wrap(x[rows], functools.partial(_call_base, base, args, kwargs), base, 1.0)
-            else:
-                out[rows] = branch(x[rows], out[rows], base, 1.0)
-        return out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapters"):
-                raise
-            return getattr(self.base_layer, name)  # weight, in_features, ... as the code around expects
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}, active={self.active}, enabled={self.enabled}"
-
-
-def _call_base(base: nn.Module, args: tuple, kwargs: dict, x: Tensor) -> Tensor:
-    return base(x, *args, **kwargs)
-
-
-def _call_wrap(branch: AdapterBranch, inner: Callable, base: nn.Module, weight: float, x: Tensor) -> Tensor:
-    return branch.wrap(x, inner, base, weight)
-
-
-def own_precision(like: Tensor) -> contextlib.AbstractContextManager:
-    """A context in which autocast is off on ``like``'s device (a no-op when it is off already): for a method that
-    computes in its adapter's own dtype under mixed precision, in forward and in its autograd functions' backward."""
-    device = like.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
-
-
-def in_own_precision(forward: Callable) -> Callable:
-    """Decorator: run a branch's ``forward(x, ...)`` under ``own_precision(x)``."""
-
-    @functools.wraps(forward)
-    def run(self, x: Tensor, *args, **kwargs):
-        with own_precision(x):
-            return forward(self, x, *args, **kwargs)
-
-    return run
-
-
 def build_branch(config: AdapterConfig, base_layer: nn.Module, shared: object, name: str) -> AdapterBranch:
     """``config.build(base_layer, shared, name)``; an older outside method's ``build(base_layer, shared)`` also works."""
     if _positional(type(config).build) >= 4:
@@ -295,7 +253,7 @@ def build_branch(config: AdapterConfig, base_layer: nn.Module, shared: object, n
     return config.build(base_layer, shared)
 
 
-def peft_config(config: AdapterConfig, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
+def peft_config_of(config: AdapterConfig, targets: list[str], layers: Mapping[str, AdapterBranch]) -> dict:
     """``config.to_peft(targets, layers)``; an older outside method's ``to_peft(targets)`` also works."""
     if _positional(type(config).to_peft) >= 3:
         return config.to_peft(targets, layers)

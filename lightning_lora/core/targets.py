@@ -4,6 +4,9 @@ A target spec is ``"all-linear"``, one string, or a list of strings. Each string
 (as in ``model.named_modules()``) is equal to it, ends with ``"." + it`` (``"q_proj"``), matches it as a glob
 (``"*.mlp.*_proj"``) or matches it as a regular expression over the whole name (``r".*\\.(q|v)_proj"``). These are
 the rules of Hugging Face PEFT (exact/suffix for lists, full regex match for strings) plus globs.
+
+Per-layer options (PEFT's ``rank_pattern``/``alpha_pattern``) use PEFT's own rule, ``pattern_key``: a key is a
+regular expression that must match the end of the name at a dot boundary, and the first matching key wins.
 """
 
 from __future__ import annotations
@@ -37,6 +40,33 @@ def name_matches(name: str, pattern: str) -> bool:
         return re.fullmatch(pattern, name) is not None
     except re.error:
         return False
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of ``patterns`` that selects the layer ``name`` under PEFT's per-layer rule (``peft.utils.other.
+    get_pattern_key``): ``re.match(rf"(.*\\.)?({key})$", name)``, so ``"q_proj"`` selects every ``...q_proj``,
+    ``"layers.0.self_attn.q_proj"`` one layer, and a key may be a regex. None when no key selects it."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def check_patterns(patterns: object, field: str, value_ok: Callable[[object], bool], what: str) -> None:
+    """Raise ValueError naming ``field`` unless ``patterns`` is None or ``{regex: value}`` with valid values."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{field} must be a mapping {{layer name pattern: {what}}}, got {patterns!r}.")
+    for key, value in patterns.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{field}: keys are layer name patterns (strings), got {key!r}.")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{field}: {key!r} is not a valid regular expression ({err}).") from None
+        if not value_ok(value):
+            raise ValueError(f"{field}[{key!r}] must be {what}, got {value!r}.")
 
 
 def _output_head_names(model: nn.Module) -> set[str]:

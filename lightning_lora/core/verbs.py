@@ -13,8 +13,10 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, merged_base_layer
+from lightning_lora.core import merging
+from lightning_lora.core.kinds import kind_of, merged_base_layer
 from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer, build_branch
+from lightning_lora.core.start import start_layers
 from lightning_lora.core.targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -107,12 +109,21 @@ def inject(model: nn.Module, adapter: AdapterConfig, name: str = "default") -> n
     """Wrap every layer ``adapter.target_modules`` selects with an adapter called ``name``; freeze the rest.
 
     The model's output is unchanged right after injection. The first adapter injected becomes active; later ones
-    are added inactive (``set_adapter`` picks). Returns ``model`` (changed in place).
+    are added inactive (``set_adapter`` picks). A start that rewrites the base (``LoRA(init="pissa")``) runs here as
+    in ``prepare`` (``core/start.py``); one that needs a quantized base (``init="loftq"``) is refused, pointing to
+    ``prepare``. Returns ``model`` (changed in place).
 
     Raises:
-        ValueError: no layer matches, a matched layer cannot be adapted, or ``name`` is taken.
+        ValueError: no layer matches, a matched layer cannot be adapted, ``name`` is taken, or the start cannot run.
+            The model is then unchanged.
     """
-    return attach(model, plan_injection(model, adapter, name), name)
+    check_adapter_config(adapter)
+    if adapter.rewrites_base:
+        adapter.check_start(None)
+    plan = plan_injection(model, adapter, name)
+    if adapter.rewrites_base:
+        start_layers(model, plan, adapter)
+    return attach(model, plan, name)
 
 
 def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float]) -> nn.Module:
@@ -202,26 +213,26 @@ def merge(
     if not layers:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
     rounded: dict = {}  # kind -> {layer: (rounding error, update)}: quantized layers merged without their original weight
-    # An SVD start (init="pissa"/"loftq", quant/prepare.py) trained on the residual or on LoftQ's Q: that base, not
-    # the original W, is the one to merge into (the original would count the start twice).
-    svd_started = {t for t, layer in layers.items()
-                   if any(getattr(b.config, "init", None) in ("pissa", "loftq") for b in layer.adapters.values())}
-    if base_weights is not None and svd_started & set(base_weights):
-        raise ValueError(f"merge: the adapters on {sorted(svd_started & set(base_weights))[:3]} started from an SVD "
-                         "(init='pissa'/'loftq') and trained on the base they changed; merge without base_weights "
-                         "(their merge is then exact), or use lightning_lora.io.export.")
+    # A start that rewrote the base (PiSSA's residual, LoftQ's Q: ``started_from``) made that base the one every
+    # adapter on the layer trained on, so it is the one to merge into (the original W would count the start twice).
+    started = {t: b.started_from for t, layer in layers.items() for b in layer.adapters.values() if b.started_from}
+    clash = sorted(set(started) & set(base_weights or {}))
+    if clash:
+        raise ValueError(f"merge: the adapter on {clash[:3]} started from {started[clash[0]]}, which rewrote its base, "
+                         "and trained on that base; merge without base_weights (the merge is then exact), or use "
+                         "lightning_lora.io.export.")
     with torch.no_grad():
         # Pass 1 checks every merged weight and keeps none (memory: one layer's weight, not a second model), so a
         # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
         for target, layer in layers.items():
-            start = _original_weight(target, layer.base_layer, base_weights)
-            weight, bias = _merged_weight(layer, start), _merged_bias(layer)
+            start = merging.original_weight(target, layer.base_layer, base_weights)
+            weight, bias = merging.merged_weight(layer, start), merging.merged_bias(layer)
             kind = kind_of(layer.base_layer)
-            if (kind.rounding_error is not None and target not in svd_started
+            if (kind.rounding_error is not None and target not in started
                     and not (base_weights is not None and target in base_weights)):
                 update = float((weight - start).norm() / start.norm())
                 rounded.setdefault(kind, {})[target] = (kind.rounding_error(layer.base_layer), update)
-            if not _all_finite(weight) or (bias is not None and not _all_finite(bias)):
+            if not merging.all_finite(weight) or (bias is not None and not merging.all_finite(bias)):
                 raise ValueError(
                     f"merge refused: layer {target!r} would get non-finite (NaN/inf) weights from adapter(s) "
                     f"{list(layer.active)}; the model is unchanged. Check the training run that produced them."
@@ -233,50 +244,12 @@ def merge(
         for kind, errors in rounded.items():
             kind.warn_rounding(errors)
         for target, layer in layers.items():
-            _untie(model, target, layer.base_layer)
+            merging.untie(model, target, layer.base_layer)
         for target, layer in layers.items():
-            weight = _merged_weight(layer, _original_weight(target, layer.base_layer, base_weights))
-            _set_submodule(model, target, merged_base_layer(layer.base_layer, weight, dtype, _merged_bias(layer)))
+            weight = merging.merged_weight(layer, merging.original_weight(target, layer.base_layer, base_weights))
+            _set_submodule(model, target, merged_base_layer(layer.base_layer, weight, dtype, merging.merged_bias(layer)))
     _restore_requires_grad(model)
     return model
-
-
-def _merged_weight(layer: AdapterLayer, weight: Tensor) -> Tensor:
-    """W with the layer's active adapters folded in (each branch's ``merged_weight``, in activation order)."""
-    for name, scale in layer.active.items():
-        if name in layer.adapters:
-            weight = layer.adapters[name].merged_weight(weight, layer.base_layer, scale)
-    return weight
-
-
-def _merged_bias(layer: AdapterLayer) -> Tensor | None:
-    """The bias with the layer's active adapters folded in (``merged_bias``), or None when none of them changes it."""
-    base = layer.base_layer
-    original = bias = kind_of(base).bias(base)
-    for name, scale in layer.active.items():
-        if name in layer.adapters:
-            bias = layer.adapters[name].merged_bias(bias, base, scale)
-    return None if bias is original else bias
-
-
-def _all_finite(weight: Tensor) -> bool:
-    """True when no element is NaN/inf: one reduction (a finite sum), and the exact check only if that overflows."""
-    return bool(torch.isfinite(weight.sum())) or bool(torch.isfinite(weight).all())
-
-
-def _untie(model: nn.Module, target: str, base: nn.Module) -> None:
-    """Give ``base`` its own weight if it shares it with another module (tied input/output embeddings), so the merge
-    changes only this layer; the model's config then says the embeddings are no longer tied."""
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, nn.Parameter) or is_quantized(base):
-        return
-    users = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
-    if len(users) > 1:
-        base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        config = getattr(model, "config", None)
-        if config is not None and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-        log.warning("merge: %r shared its weight with %s; it was untied so the merge changes only it.", target, users)
 
 
 @contextlib.contextmanager
@@ -309,16 +282,6 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
                 prefix = f"{target}.adapters.{adapter}." if target else f"adapters.{adapter}."
                 out.update({prefix + k: v for k, v in branch.state_dict().items()})
     return out
-
-
-def _original_weight(target: str, base: nn.Module, base_weights: Mapping[str, Tensor] | None) -> Tensor:
-    current = dense_weight(base)
-    if base_weights is not None and target in base_weights:
-        given = base_weights[target]
-        if tuple(given.shape) != tuple(current.shape):
-            raise ValueError(f"merge: base weight for {target!r} has shape {tuple(given.shape)}, expected {tuple(current.shape)}.")
-        return given.to(current.device)
-    return current.detach()  # merged_weight returns a new tensor; a quantized base without originals: merge warns
 
 
 def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:

@@ -101,12 +101,14 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec) if isinstance(value, float) else str(value)
 
 
-def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_files: dict | None = None) -> str:
+def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_files: dict | None = None,
+               facts: dict[str, str] | None = None) -> str:
     """The ``README.md`` text for a PEFT folder with ``peft_config`` (``adapter_config.json``'s content).
 
     ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)),
     ``quantize`` (the base's quantization, e.g. ``"NF4"``: the method reads QLoRA) and ``evaluation`` (a Markdown
-    table, ``train/eval_report.py``: shown under "Evaluation").
+    table, ``train/eval_report.py``: shown under "Evaluation"); ``facts`` are the method's own rows
+    (``AdapterConfig.card_facts``: rank, alpha and scale, ...).
     """
     run = dict(run or {})
     source = peft_config.get("base_model_name_or_path")
@@ -118,18 +120,13 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
     if run.get("quantize"):
         method = (f"QLoRA ({method} over an {run['quantize']} base)" if method.startswith("LoRA")
                   else f"{method} over an {run['quantize']} base")
-    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
-    scale = None
-    if alpha is not None and r:
-        scale = alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
     targets = peft_config.get("target_modules") or []
     val_loss = run.get("val_loss")
     ppl = math.exp(val_loss) if isinstance(val_loss, float) and val_loss < 700 else None
     rows = [
         ("base model", shown),
         ("method", method),
-        ("rank r", _fmt(r)),
-        ("alpha", f"{_fmt(alpha)} (scale {_fmt(scale)})" if alpha is not None else "n/a"),
+        *(facts or {}).items(),
         ("target modules", ", ".join(f"`{t}`" for t in targets)),
         ("data", _fmt(run.get("data"))),
         ("steps", _fmt(run.get("steps"))),

@@ -25,7 +25,7 @@ from lightning_lora.core.verbs import adapter_state_dict, inject
 from lightning_lora.io.finite import check_finite
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.quant.nf4 import NF4
-from lightning_lora.quant.prepare import SVD_INITS, prepare
+from lightning_lora.quant.prepare import prepare
 
 CKPT_KEY = "lightning_lora"
 
@@ -112,7 +112,7 @@ def load_for_export(ckpt_path: str | os.PathLike, config: str | os.PathLike | No
     model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
     adapter = adapter_from_spec(facts["adapter"])
     quant = facts.get("quantize")
-    if getattr(adapter, "init", "default") in SVD_INITS:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
+    if adapter.rewrites_base:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
         prepare(model, adapter, name, NF4(**(quant.get("init_args", quant) or {})) if quant else None)
     else:
         inject(model, adapter, name)

@@ -69,12 +69,15 @@ def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple
     ):
         raise ValueError("GGUF export: the adapted lm_head is tied to the embeddings, which llama.cpp's base has as "
                          "one tensor; merge first: export gguf-merged.")  # fmt: skip
-    pairs = {}
+    pairs, alpha = {}, None
     for target, layer in layers.items():
-        tensors = layer.adapters[name].peft_tensors()
-        pairs[target] = (tensors["lora_A.weight"].detach(), tensors["lora_B.weight"].detach())
-    scale = config.alpha / (config.r**0.5) if config.rslora else config.alpha / config.r
-    return pairs, scale * config.r
+        branch = layer.adapters[name]
+        tensors = branch.peft_tensors()
+        A, B = tensors["lora_A.weight"].detach(), tensors["lora_B.weight"].detach()
+        effective = branch.scale * branch.r  # llama.cpp applies alpha / r with r read from B's shape
+        alpha = effective if alpha is None else alpha
+        pairs[target] = (A, B if effective == alpha else B * (effective / alpha))  # rank/alpha_pattern: into B
+    return pairs, alpha
 
 
 def write_adapter_gguf(

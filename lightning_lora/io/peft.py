@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config
+from lightning_lora.core.kinds import is_quantized
+from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config_of
 from lightning_lora.core.targets import compact_targets
 from lightning_lora.core.verbs import adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
-from lightning_lora.methods import dora, lora, vera  # noqa: F401  (the built-in methods join the registry)
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
@@ -39,26 +39,34 @@ def save_adapter(
     """Write adapter ``name`` of ``model`` to the folder ``path`` in PEFT's format (atomically), with a ``README.md``
     card (``io/card.py``). Returns the path.
 
+    An adapter whose start rewrote the base (PiSSA, LoftQ) is written for the original base: each branch's
+    ``for_original_base`` (PiSSA's rank-2r conversion), with its method's note on the base in the card.
     ``base_model_name_or_path`` and ``task_type`` default to where ``model`` was loaded from and ``"CAUSAL_LM"`` for
     causal LMs; ``run`` (``data``, ``steps``, ``val_loss``) goes into the card.
     """
-    branches = layer_map(model, name)
-    if not branches:
+    trained = layer_map(model, name)
+    if not trained:
         check_known(model, name, "save_adapter")
+    bases = {t: model.get_submodule(t).base_layer for t in trained}
+    branches = {t: b.for_original_base(bases[t]) for t, b in trained.items()}
     first = next(iter(branches.values()))
     config = first.config
     tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    file_config = peft_config(config, compact_targets(model, sorted(branches)), branches)
+    file_config = peft_config_of(config, compact_targets(model, sorted(branches)), branches)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
     file_config["task_type"] = task_type or task_type_of(model)
     file_config["base_model_name_or_path"] = base_model_name_or_path or base_source(model)
-    method = type(config).__name__ + (" (rsLoRA)" if getattr(config, "rslora", False) else "")
+    original = next(iter(trained.values())).config
+    note = ""
+    if any(b.started_from for b in trained.values()):
+        note = original.original_base_note(any(is_quantized(base) for base in bases.values()))
+    card = model_card(file_config, original.label, run, facts=config.card_facts(branches))
     with atomic_dir(path) as tmp:
         write_json(file_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
-        (tmp / CARD_FILE).write_text(model_card(file_config, method, run))
+        (tmp / CARD_FILE).write_text(card + note)
     return Path(path)
 
 
@@ -105,7 +113,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> AdapterConfig:
     """Our config for a PEFT ``adapter_config.json``: the one registered method whose ``from_peft`` claims it
     (targets are set by the caller from the file's tensors)."""
-    unsupported = {k: peft_config.get(k) for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if peft_config.get(k)}
+    unsupported = {k: peft_config.get(k) for k in ("modules_to_save",) if peft_config.get(k)}
     if peft_config.get("bias", "none") != "none":
         unsupported["bias"] = peft_config["bias"]
     if unsupported:
@@ -119,7 +127,11 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
             f"{source}: peft_type {peft_config.get('peft_type')!r} is not supported; lightning_lora reads "
             f"{', '.join(known)} (registered methods: {', '.join(METHODS)})."
         )
-    return next(iter(claims.values()))
+    config = next(iter(claims.values()))
+    ignored = [k for k in ("rank_pattern", "alpha_pattern") if peft_config.get(k) and not getattr(config, k, None)]
+    if ignored:  # per-layer options the claiming method did not take would be dropped silently
+        raise ValueError(f"{source}: {config.method} does not read {ignored} (per-layer options); they would be lost.")
+    return config
 
 
 def _from_peft(cls: type[AdapterConfig], peft_config: dict, source: str) -> AdapterConfig | None:

@@ -35,7 +35,9 @@ from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind, dense_weight
 from lightning_lora.core.layer import AdapterBranch, in_own_precision, own_precision
-from lightning_lora.methods.lora import LoRA, LoRABranch, _pack_bits, _unpack_bits
+from lightning_lora.methods.loftq import Quantize
+from lightning_lora.methods.lora import LoRA, LoRABranch
+from lightning_lora.methods.lora_fused import pack_bits, unpack_bits
 
 
 @dataclasses.dataclass
@@ -57,7 +59,13 @@ class DoRA(LoRA):
         return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
-        return DoRABranch(self, base_layer)
+        return DoRABranch(self, base_layer, name)
+
+    def check_start(self, quantize: object = None) -> None:
+        if self.init == "loftq":
+            raise ValueError("DoRA(init='loftq') is not supported (LoftQ fits an additive correction; neither paper nor "
+                             "PEFT defines it for DoRA): use DoRA(init='pissa') or LoRA(init='loftq').")
+        super().check_start(quantize)
 
     def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
         return {**super().to_peft(targets, layers), "use_dora": True}
@@ -100,7 +108,7 @@ class _DoRALinear(torch.autograd.Function):
         if p > 0.0:  # the mask is kept packed 8 per byte (as in lora.py), the dropped input only as a temporary
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             x_in = x * mask * (1.0 / (1.0 - p))
-            bits = _pack_bits(mask)
+            bits = pack_bits(mask)
         h = x_in @ A.t()
         factor = magnitude / norm
         if bias is None:
@@ -129,7 +137,7 @@ class _DoRALinear(torch.autograd.Function):
     def _backward(ctx, grad_out):
         x, bits, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
-        mask = None if bits is None else _unpack_bits(bits, x.shape)
+        mask = None if bits is None else unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
         grad_x = grad_A = grad_B = grad_m = None
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
@@ -166,8 +174,8 @@ class DoRABranch(LoRABranch):
 
     additive: ClassVar[bool] = False
 
-    def __init__(self, config: DoRA, base_layer: nn.Module):
-        super().__init__(config, base_layer)
+    def __init__(self, config: DoRA, base_layer: nn.Module, name: str = ""):
+        super().__init__(config, base_layer, name)
         self._weight_sq: tuple[tuple, Tensor] | None = None  # (key of the weight it was computed from, ||W||^2_row)
         with torch.no_grad():  # the same computation as in forward, so m / n is exactly 1 at init
             norm = self.norm(base_layer)
@@ -223,6 +231,20 @@ class DoRABranch(LoRABranch):
     def delta_weight(self, base_layer: nn.Module) -> Tensor:
         weight = dense_weight(base_layer)
         return self.merged_weight(weight, base_layer) - weight
+
+    def start(self, base_layer: nn.Module, quantize: Quantize | None) -> nn.Module:
+        """LoRA's start, then the magnitude of the new base + s B0 A0, so DoRA is still the identity at init."""
+        new = super().start(base_layer, quantize)
+        with torch.no_grad():
+            self.magnitude.copy_(self.norm(new).to(self.magnitude.dtype))
+        return new
+
+    def for_original_base(self, base_layer: nn.Module) -> DoRABranch:
+        converted = super().for_original_base(base_layer)
+        if converted is not self:  # the same direction W_res + s B A = W + s (B A - B0 A0), so the same magnitude
+            with torch.no_grad():
+                converted.magnitude.copy_(self.magnitude.detach())
+        return converted
 
     def factors(self) -> tuple[Tensor, Tensor]:
         raise ValueError("DoRA's magnitude rescales W + s B A row by row, so its update is no low-rank product and a "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -26,25 +27,34 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.kinds import LayerKind
-from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision, own_precision
-from lightning_lora.methods import siblings
+from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision
+from lightning_lora.core.targets import check_patterns, pattern_key
+from lightning_lora.methods import lora_init, siblings
+from lightning_lora.methods.loftq import Quantize
+from lightning_lora.methods.lora_fused import lora_linear
 
 
 @dataclasses.dataclass
 class LoRA(AdapterConfig):
     """LoRA adapter config: rank ``r``, scaling ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
 
+    ``rank_pattern``/``alpha_pattern`` (PEFT's): per-layer r and alpha, ``{layer name pattern: value}``, matched by
+    PEFT's rule (``core/targets.py: pattern_key``: a regex matching the end of the layer's name at a dot, first key
+    wins); other layers take ``r``/``alpha``. ``init`` picks the start (``lora_init.py``).
+
     Example::
 
-        inject(model, LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+        inject(model, LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 16}))
     """
 
     r: int = 8
     alpha: float = 16.0
     rslora: bool = False
-    init: str = "default"  # "default" | "gaussian" | "pissa" | "loftq": see INITS and lightning_lora/quant/prepare.py
+    init: str = "default"  # "default" | "gaussian" | "pissa" | "loftq": see lora_init.py
     pissa_niter: int | None = None  # PiSSA: None = exact SVD; k = randomized SVD with k subspace iterations
     loftq_iters: int = 1  # LoftQ: alternating steps Q = NF4(W - s B A), (B, A) = top-r SVD of W - Q
+    rank_pattern: dict[str, int] | None = None  # per-layer r, PEFT's rank_pattern
+    alpha_pattern: dict[str, float] | None = None  # per-layer alpha, PEFT's alpha_pattern
 
     method: ClassVar[str] = "LoRA"
     peft_type: ClassVar[str] = "LORA"
@@ -55,11 +65,19 @@ class LoRA(AdapterConfig):
         self._check_rank(self.r)
         if not self.alpha > 0:
             raise ValueError(f"{self.method}: alpha must be > 0, got {self.alpha}.")
-        check_init(self)
+        check_patterns(self.rank_pattern, f"{self.method} rank_pattern", _is_rank, "a positive integer")
+        check_patterns(self.alpha_pattern, f"{self.method} alpha_pattern", _is_alpha, "a number > 0")
+        lora_init.check_init(self)
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+    def rank_for(self, name: str) -> int:
+        """r of the layer called ``name`` (``rank_pattern``, else ``r``)."""
+        key = pattern_key(self.rank_pattern or {}, name)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, name: str) -> float:
+        """alpha of the layer called ``name`` (``alpha_pattern``, else ``alpha``)."""
+        key = pattern_key(self.alpha_pattern or {}, name)
+        return self.alpha if key is None else float(self.alpha_pattern[key])
 
     @classmethod
     def supports(cls, kind: LayerKind) -> bool:
@@ -67,11 +85,45 @@ class LoRA(AdapterConfig):
 
     @classmethod
     def examples(cls) -> list[LoRA]:
-        return [cls(r=4, alpha=8.0), cls(r=4, alpha=8.0, rslora=True)]
+        return [cls(r=4, alpha=8.0), cls(r=4, alpha=8.0, rslora=True),
+                cls(r=4, alpha=8.0, rank_pattern={"lay.r": 3}, alpha_pattern={"layer": 5.0})]  # fmt: skip
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> LoRABranch:
-        return LoRABranch(self, base_layer)
+        return LoRABranch(self, base_layer, name)
 
+    # -- start ------------------------------------------------------------------------------------------------------
+    @property
+    def rewrites_base(self) -> bool:
+        return self.init in lora_init.REWRITING
+
+    def check_start(self, quantize: object = None) -> None:
+        lora_init.check_start(self, quantize)
+
+    def original_base_note(self, quantized: bool) -> str:
+        return lora_init.note(self, quantized)
+
+    # -- card -------------------------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return type(self).__name__ + (" (rsLoRA)" if self.rslora else "")
+
+    def card_facts(self, layers: Mapping[str, AdapterBranch]) -> dict[str, str]:
+        """Rank and alpha with the scale they give (per-layer ranges under ``rank_pattern``/``alpha_pattern``)."""
+        def spread(values: list, spec: str = "g", note: str = "") -> str:
+            low, high = format(min(values), spec), format(max(values), spec)
+            return low if low == high else f"{low} to {high}{note}"
+
+        per_layer = [(b.r, b.alpha, b.scale) for b in layers.values()]
+        per_layer = per_layer or [(self.r, self.alpha, self.scale_for(self.r, self.alpha))]
+        r, alpha, scale = zip(*per_layer)
+        return {"rank r": spread(r, note=" per layer"),
+                "alpha": f"{spread(alpha, note=' per layer')} (scale {spread(scale, '.4f')})"}
+
+    def scale_for(self, r: int, alpha: float) -> float:
+        """The scaling s of a rank-r layer: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+    # -- PEFT files -------------------------------------------------------------------------------------------------
     @classmethod
     def from_peft(cls, peft_config: dict) -> LoRA | None:
         if cls is not LoRA or peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora"):
@@ -85,14 +137,14 @@ class LoRA(AdapterConfig):
             alpha=float(peft_config.get("lora_alpha", 8)),
             dropout=float(peft_config.get("lora_dropout", 0.0)),
             rslora=bool(peft_config.get("use_rslora", False)),
+            rank_pattern=dict(peft_config.get("rank_pattern") or {}) or None,
+            alpha_pattern=dict(peft_config.get("alpha_pattern") or {}) or None,
         )
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """h = A x (r wide); an adapter dtype other than the activations' adds the input cast to it."""
-        return act_bytes * self.r + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0)
-
     def to_peft(self, targets: list[str], layers: Mapping[str, AdapterBranch] | None = None) -> dict:
-        return {
+        """PEFT's ``LoraConfig``; per-layer r and alpha from the per-layer map, as ``rank_pattern``/``alpha_pattern``
+        (written only when some layer differs from ``r``/``alpha``)."""
+        config = {
             "peft_type": "LORA",
             "r": self.r,
             "lora_alpha": self.alpha,
@@ -107,131 +159,50 @@ class LoRA(AdapterConfig):
             "modules_to_save": None,
             "task_type": None,
         }
+        layers = layers or {}
+        for field, given, value, default in (("rank_pattern", self.rank_pattern, "r", self.r),
+                                             ("alpha_pattern", self.alpha_pattern, "alpha", self.alpha)):  # fmt: skip
+            pattern = per_layer_pattern(given, {n: getattr(b, value) for n, b in layers.items()}, default)
+            if pattern:
+                config[field] = pattern
+        return config
+
+    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
+        """h = A x (r wide); an adapter dtype other than the activations' adds the input cast to it."""
+        return act_bytes * self.r + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0)
 
 
-INITS = ("default", "gaussian", "pissa", "loftq")
+PEFT_PAIRS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
 
-def check_init(config: LoRA) -> None:
-    """Validate ``init``, ``pissa_niter`` and ``loftq_iters`` (their meaning: ``lightning_lora/quant/prepare.py``)."""
-    if config.init not in INITS:
-        raise ValueError(f"{config.method}: init must be one of {INITS}, got {config.init!r}.")
-    niter = config.pissa_niter
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-        raise ValueError(f"{config.method}: pissa_niter must be None (exact SVD) or an integer >= 0, got {niter!r}.")
-    iters = config.loftq_iters
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"{config.method}: loftq_iters must be an integer >= 1, got {iters!r}.")
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-_BIT_SHIFTS: dict[torch.device, Tensor] = {}
+def _is_alpha(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def _shifts(device: torch.device) -> Tensor:
-    if device not in _BIT_SHIFTS:
-        _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
-    return _BIT_SHIFTS[device]
-
-
-def _pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor as uint8, 8 elements per byte (little-endian bit order), padded to a multiple of 8."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    return (flat.view(-1, 8) << _shifts(mask.device)).sum(1, dtype=torch.uint8)  # distinct bits: sum == or
-
-
-def _unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
-    flat = ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).view(-1)
-    return flat[: shape.numel()].view(shape).bool()
-
-
-class _LoRALinear(torch.autograd.Function):
-    """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
-
-    Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask packed
-    8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept.
-    With ``inplace`` the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)  # a temporary when x is bf16/fp16: x itself is what is saved
-        bits = None
-        if p > 0.0:
-            mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            h = torch.mm(x2 * mask, A.t()).mul_(1.0 / (1.0 - p))
-            bits = _pack_bits(mask)
-        else:
-            h = torch.mm(x2, A.t())
-        out = siblings.add_up(base_out, h, B, scale, inplace)
-        if inplace:
-            ctx.mark_dirty(base_out)
-        ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, bits, h, A, B)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        with own_precision(grad_out):  # backward called inside an autocast block: still the adapter's dtype
-            return _LoRALinear._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out: Tensor):
-        x, bits, h, A, B = ctx.saved_tensors
-        scale, p = ctx.scale, ctx.p
-        need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-        mask = None if bits is None else _unpack_bits(bits, x2.shape)
-        grad_x = grad_A = grad_B = None
-        if need_x or need_A:  # d out / d (A x_kept) = s * g B, times 1/(1-p) for the dropout rescale
-            grad_h = torch.mm(g, B).mul_(scale if mask is None else scale / (1.0 - p))
-            if need_A:
-                grad_A = torch.mm(grad_h.t(), x2 if mask is None else x2 * mask)
-            if need_x:
-                grad_x = torch.mm(grad_h, A)
-                if mask is not None:
-                    grad_x.mul_(mask)
-                grad_x = grad_x.view(x.shape).to(x.dtype)
-        if need_B:
-            grad_B = torch.mm(g.t(), h).mul_(scale)
-        return grad_x, (grad_out if need_base else None), grad_A, grad_B, None, None, None
-
-
-def lora_linear(
-    x: Tensor, base_out: Tensor, A: Tensor, B: Tensor, scale: float, p: float, inplace: bool = False
-) -> Tensor:
-    """``base_out + scale * B A dropout_p(x)`` over any leading dims, in the adapter's dtype (cast back to
-    ``base_out``'s). Without autograd (eval, ``torch.no_grad``) it is two plain GEMMs, the second accumulating into
-    the output. ``inplace=True`` lets the sum overwrite ``base_out``: only for a caller that owns it and never reads
-    it again (``LoRABranch``; DoRA reuses its base output, so it must not).
-    """
-    n_in = x.shape[-1]
-    out_dtype = base_out.dtype
-    if out_dtype != A.dtype:  # mixed precision: compute in the adapter's dtype on a fresh copy, cast back at the end
-        base_out = base_out.to(A.dtype)
-    inplace = inplace and base_out.is_contiguous()
-    if p == 0.0 and not (
-        torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
-    ):
-        out = siblings.add_up(base_out, torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t()), B, scale, inplace)
-    else:
-        inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
-        out = _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)  # casts x inside: the saved x is the layer's
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+def per_layer_pattern(given: dict | None, values: Mapping[str, float], default: float) -> dict:
+    """The pattern to write for per-layer ``values`` (layer name -> value): the config's own ``given`` pattern when it
+    gives exactly these values on these layers (it round-trips as written), else one exact key per layer that
+    differs from ``default`` (``re.escape``: a key is a regex). Empty when every layer has ``default``."""
+    if given and all(values[n] == (given[k] if (k := pattern_key(given, n)) is not None else default) for n in values):
+        return dict(given)
+    return {re.escape(n): v for n, v in values.items() if v != default}
 
 
 class LoRABranch(AdapterBranch):
     """LoRA on one layer: parameters ``lora_A`` and ``lora_B`` shaped by the layer kind (``kinds.py``): (r, in) and
     (out, r) on linear kinds, (r, in, *k) and (out, r, 1, ...) on convs (PEFT's layout)."""
 
-    def __init__(self, config: LoRA, base_layer: nn.Module):
+    def __init__(self, config: LoRA, base_layer: nn.Module, name: str = ""):
         super().__init__(config, base_layer)
         kind = self.kind
-        shape_A, shape_B = kind.pair_shapes(base_layer, config.r)
+        self.r, self.alpha = config.rank_for(name), config.alpha_for(name)  # this layer's (rank_pattern, alpha_pattern)
+        shape_A, shape_B = kind.pair_shapes(base_layer, self.r)
         self.fused = kind.linear  # (..., in) -> (..., out): the fused GEMM path
-        self.scale = config.scaling
+        self.scale = config.scale_for(self.r, self.alpha)
         self.p = config.dropout
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(shape_A, device=device))
@@ -239,16 +210,16 @@ class LoRABranch(AdapterBranch):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            if self.kind.reversed_init:  # embeddings, as PEFT: A zeros, B normal
-                nn.init.zeros_(self.lora_A)
-                nn.init.normal_(self.lora_B)
-            elif getattr(self.config, "init", "default") == "gaussian":  # as PEFT's init_lora_weights="gaussian"
-                nn.init.normal_(self.lora_A, std=1.0 / self.config.r)
-                nn.init.zeros_(self.lora_B)
-            else:  # "default"; "pissa" and "loftq" overwrite A and B after injection (quant/prepare.py)
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B)
+        lora_init.reset(self)  # "default" / "gaussian"; "pissa" and "loftq" overwrite A and B in start()
+
+    def start(self, base_layer: nn.Module, quantize: Quantize | None) -> nn.Module:
+        return lora_init.start(self, base_layer, quantize)
+
+    def refuse_start(self, base_layer: nn.Module) -> str | None:
+        return lora_init.refuse_start(self, base_layer)
+
+    def for_original_base(self, base_layer: nn.Module) -> LoRABranch:
+        return lora_init.for_original_base(self, base_layer)
 
     @in_own_precision  # the adapter's own dtype under mixed precision (the base runs autocast)
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
@@ -281,7 +252,7 @@ class LoRABranch(AdapterBranch):
         return delta.t() if self.kind.transposed else delta
 
     def peft_tensors(self) -> dict[str, Tensor]:
-        name_A, name_B = self.kind.peft_pair
+        name_A, name_B = PEFT_PAIRS.get(self.kind.peft_layer, PEFT_PAIRS["linear"])
         return {name_A: self.lora_A, name_B: self.lora_B}
 
     def factors(self) -> tuple[Tensor, Tensor]:

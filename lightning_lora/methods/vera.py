@@ -134,6 +134,9 @@ class VeRA(AdapterConfig):
             save_projection=bool(peft_config.get("save_projection", True)),
         )
 
+    def card_facts(self, layers: Mapping[str, AdapterBranch]) -> dict[str, str]:
+        return {"rank r": str(self.r), "projections": f"seed {self.seed}" + (", saved" if self.save_projection else "")}
+
     def shared_tensors(self, shared: Projections) -> dict[str, Tensor]:
         return {"vera_A": shared.A, "vera_B": shared.B}
 

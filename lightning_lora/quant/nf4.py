@@ -172,6 +172,19 @@ def _nf4_linear(bnb, linear: nn.Linear, nf4: NF4, device: torch.device | str | N
     return layer
 
 
+def nf4_layer(weight: Tensor, like: nn.Linear, nf4: NF4) -> nn.Module:
+    """A bitsandbytes NF4 layer holding ``weight`` (out, in), with ``like``'s bias, device and train/eval mode (the
+    quantizer ``prepare`` hands to a start that chooses the base, e.g. LoftQ's)."""
+    import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
+
+    linear = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().to(like.weight.dtype).contiguous(), requires_grad=False)
+    if like.bias is not None:
+        linear.bias = like.bias
+    linear.train(like.training)
+    return _nf4_linear(bnb, linear, nf4, like.weight.device)
+
+
 def _auto_compute_dtype(layer: nn.Module, args: tuple) -> None:
     """``compute_dtype`` None follows the run's precision at every forward: the autocast dtype when autocast is on
     (Lightning's ``bf16-mixed``, ``16-mixed``), else the input's float dtype (``bf16-true``, ``32-true``)."""

@@ -14,42 +14,37 @@ LoftQ's own (deterministic: the same W, r, s, NF4 settings and T give the same Q
 
 QPiSSA (arXiv:2404.02948, section 4.4): PiSSA's residual W - s B0 A0 (``methods/pissa.py``) is what gets quantized.
 
-Each function works on one layer, so the whole-model initialization (``prepare.py``) needs one layer's temporaries.
+Each function works on one layer, so the whole-model start (``core/start.py``) needs one layer's temporaries. The
+quantization itself is not known here: ``quantize(weight)`` (from ``quant/prepare.py``) returns the quantized layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
-from lightning_lora.core.layer import dense_weight
+from lightning_lora.core.kinds import dense_weight
 from lightning_lora.methods.pissa import pissa_factors, split_factors, top_r
-from lightning_lora.quant.nf4 import NF4, _nf4_linear
+
+Quantize = Callable[[Tensor], nn.Module]  # (out, in) weight -> the quantized layer holding it
 
 
-def nf4_layer(weight: Tensor, like: nn.Linear, nf4: NF4) -> nn.Module:
-    """A bitsandbytes NF4 layer holding ``weight`` (out, in), with ``like``'s bias, device and train/eval mode."""
-    import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
-
-    linear = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach().to(like.weight.dtype).contiguous(), requires_grad=False)
-    if like.bias is not None:
-        linear.bias = like.bias
-    linear.train(like.training)
-    return _nf4_linear(bnb, linear, nf4, like.weight.device)
-
-
-def loftq(layer: nn.Linear, r: int, scale: float, nf4: NF4, iters: int = 1) -> tuple[nn.Module, Tensor, Tensor]:
-    """LoftQ's (NF4 base, A, B) for the high-precision ``layer`` (module docstring); A (r, in), B (out, r) in fp32."""
-    weight = layer.weight.detach().float()
+def loftq(weight: Tensor, r: int, scale: float, quantize: Quantize, iters: int = 1) -> tuple[nn.Module, Tensor, Tensor]:
+    """LoftQ's (quantized base, A, B) for the high-precision (out, in) ``weight`` (module docstring); A (r, in),
+    B (out, r) in fp32."""
+    weight = weight.detach().float()
     A = B = None
     for _ in range(iters):
         target = weight if A is None else weight - scale * (B @ A)
-        base = nf4_layer(target, layer, nf4)
+        base = quantize(target)
         A, B = split_factors(*top_r(weight - dense_weight(base).float(), r), scale)
     return base, A, B
 
 
-def qpissa(layer: nn.Linear, r: int, scale: float, nf4: NF4, niter: int | None = None) -> tuple[nn.Module, Tensor, Tensor]:
-    """QPiSSA's (NF4 base of W - s B0 A0, A0, B0) for the high-precision ``layer``."""
-    A, B, residual = pissa_factors(layer.weight, r, scale, niter)
-    return nf4_layer(residual, layer, nf4), A, B
+def qpissa(
+    weight: Tensor, r: int, scale: float, quantize: Quantize, niter: int | None = None
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """QPiSSA's (quantized base of W - s B0 A0, A0, B0) for the high-precision (out, in) ``weight``."""
+    A, B, residual = pissa_factors(weight, r, scale, niter)
+    return quantize(residual), A, B
