@@ -8,6 +8,7 @@ from tiny_assets import make_tiny_tokenizer
 
 from lightning_lora.train.conversations import jsonl_conversations, read_jsonl
 from lightning_lora.train.data import InstructionDataModule, TextDataModule
+from lightning_lora.train.preference import read_pairs
 
 GOOD = {"prompt": "Hi", "response": "Hello."}
 
@@ -77,6 +78,9 @@ def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"plain text\nmore\nna\xefve\n")
     with pytest.raises(ValueError, match=r"t\.txt:3: not UTF-8 \(byte 0xef"):
         TextDataModule(str(tmp_path / "t.txt"), tokenizer=make_tiny_tokenizer(), block_size=4).setup("fit")
+    pair = {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not UTF-8 \(byte 0xe9"):
+        read_pairs(write(tmp_path, [pair, b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'], "p.jsonl"))
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read(tmp_path):

@@ -5,8 +5,8 @@ Parameters are counted exactly: the model is built on the meta device (no memory
 (``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
 Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
 
-- weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
-  selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
+- weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the ``nn.Linear`` layers that ``"all-linear"``
+  selects (not the output head) and ``quantize`` accepts (not GPT-2's Conv1D, no input width off the block) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
   double quantization (QLoRA, arXiv:2305.14314, section 3), 8-bit absmax + one fp32 per 256 blocks
   (4 + 8/64 + 32/(64*256) = 4.127 bits/param). Embeddings, norms and lm_head stay at ``--dtype``.
 - adapters, gradients: trainable parameters at ``--adapter-dtype`` (default ``--dtype``, as the QLoRA reference code
@@ -66,6 +66,7 @@ from lightning_lora.core.kinds import in_out_features
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
 from lightning_lora.core.verbs import adapter_layers, inject, remove
+from lightning_lora.quant.nf4 import unsupported_shape
 from lightning_lora.train.checkpointing import check_mode
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -113,8 +114,9 @@ def count(config, adapter) -> dict:
     """Exact counts on a meta-device model with ``adapter`` injected (then removed again)."""
     model = _meta_model(config.to_json_string(use_diff=False))
     base = sum(p.numel() for p in model.parameters())
-    linears = find_targets(model, "all-linear", None)
-    quantizable = [model.get_submodule(n).weight.numel() for n in linears]
+    linears = [model.get_submodule(n) for n in find_targets(model, "all-linear", None)]
+    # what quantize() turns into NF4: nn.Linear (not GPT-2's Conv1D) of a shape bitsandbytes holds correctly
+    quantizable = [m.weight.numel() for m in linears if isinstance(m, nn.Linear) and unsupported_shape(m, 64) is None]
     inject(model, adapter)
     try:
         layers = adapter_layers(model)

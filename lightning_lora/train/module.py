@@ -219,7 +219,7 @@ class LoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with offloading(self.offload_activations, self.device):
+        with offloading(self.offload_activations, self.device, self.model):
             return self._loss(batch, self._step_loss)  # the sum; train_loss (the step's mean) is logged before the step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_lora.train.conversations import read_text
 from lightning_lora.train.data import _TokenizedDataModule, chatterbot_pairs, collate, tokenize_conversations
 from lightning_lora.train.packing import collate_packed
 
@@ -29,22 +30,18 @@ Pair = tuple[list[dict[str, str]], list[dict[str, str]]]
 def read_pairs(path: str | Path) -> list[Pair]:
     """``(chosen conversation, rejected conversation)`` per JSONL line ``{"prompt", "chosen", "rejected"}``; a bad
     line raises ``ValueError`` naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
     pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}). Each line must be one object.") from err
-            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected"))):
-                got = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{path}:{lineno}: expected string keys 'prompt', 'chosen' and 'rejected'; got {got}.")
-            pairs.append(_pair(row["prompt"], row["chosen"], row["rejected"]))
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}). Each line must be one object.") from err
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected"))):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{path}:{lineno}: expected string keys 'prompt', 'chosen' and 'rejected'; got {got}.")
+        pairs.append(_pair(row["prompt"], row["chosen"], row["rejected"]))
     return pairs
 
 
