@@ -30,6 +30,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from lightning_lora.io.lock import pid_alive
+
 log = logging.getLogger(__name__)
 
 _KINDS = ("staging", "old", "tmp")
@@ -50,18 +52,6 @@ def private_name(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _pid_runs(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale(target: Path) -> list[Path]:
     """Remove the leftovers of killed writes beside ``target`` (their pid no longer runs); return what was removed.
     A ``.old`` folder whose target is missing is the previous content of a swap cut in half: it is put back."""
@@ -73,7 +63,7 @@ def remove_stale(target: Path) -> list[Path]:
         return removed
     for path in siblings:
         match = pattern.match(path.name)
-        if match is None or _pid_runs(int(match.group(2)) if match.group(2) else None):
+        if match is None or (match.group(2) is not None and pid_alive(int(match.group(2)))):
             continue
         if match.group(1) == "old" and not os.path.lexists(target):
             os.rename(path, target)

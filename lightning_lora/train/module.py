@@ -6,7 +6,8 @@ strategies it is built inside Lightning's init contexts. Training minimises the 
 over the labeled tokens of the whole optimizer step, every accumulated micro-batch and every rank (``step_loss.py``);
 batches may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the
 token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
-only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
+only the trainable tensors (the adapter), not the frozen base, and resume exactly, mid-epoch too: optimizer state,
+the data loader's position and every rank's RNG states (adapter dropout) are restored (``train/resume.py``).
 
 Example::
 
@@ -40,11 +41,12 @@ from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.eval_report import evaluate_at_end
-from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
+from lightning_lora.train.resume import ExactResume
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -266,11 +268,13 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); the loss is
-        token-weighted over each optimizer step (``step_loss.py``). Each once (a fit after ``trainer.validate``
-        would otherwise replace the first ones, with a warning)."""
+        """Guards and exact resume, each once (a fit after ``trainer.validate`` would otherwise replace the first
+        ones, with a warning): a NaN/inf loss or validation stops the run naming the step, one fit per
+        ``export_dir`` (``guards.py``), the RNG states saved and restored with checkpoints (``resume.py``); the loss
+        is token-weighted over each optimizer step (``step_loss.py``)."""
         present = self._trainer.callbacks if self._trainer is not None else []
-        wanted = [] if any(isinstance(c, FiniteLossGuard) for c in present) else [FiniteLossGuard()]
+        kinds = {type(c) for c in present}
+        wanted = [c for c in (FiniteLossGuard(), ExactResume(), ExportDirLock(self.export_dir)) if type(c) not in kinds]
         if not any(c is self._step_loss for c in present):
             wanted.append(self._step_loss)
         return wanted
@@ -292,8 +296,10 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the adapter (and any other trainable tensor), plus the run facts an offline export needs."""
+        """Keep only the adapter (and any other trainable tensor, all finite), plus the run facts an offline export
+        needs."""
         if self.model is not None:
+            check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer))  # fmt: skip
