@@ -10,7 +10,6 @@ rebuilds the trained model from it offline. A checkpoint holding other pickled o
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import pickle
 import re
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.imports import import_class
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_state_dict, inject
 from lightning_lora.io.finite import check_finite
@@ -154,10 +154,7 @@ def adapter_from_spec(spec: dict) -> AdapterConfig:
     path = spec.get("class_path", "lightning_lora.LoRA")
     if "." not in path:
         path = f"lightning_lora.{path}"
-    module_name, _, cls_name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
-        raise ValueError(f"adapter class_path {path!r} is not a lightning_lora adapter config (a subclass of AdapterConfig).")
+    cls = import_class(path, AdapterConfig, "adapter class_path")
     return cls(**(spec.get("init_args") or {}))
 
 

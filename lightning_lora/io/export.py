@@ -100,8 +100,9 @@ def save_merged(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: str
     """Write a merged (adapter-free) model to the (new or empty) folder ``path``: ``save_pretrained`` plus the tokenizer for a
     Hugging Face model, else its state dict as ``model.safetensors``; ``dtype`` casts it first (default: as it is)."""
     path = Path(path)
-    if dtype not in (None, "auto") and parse_dtype(dtype) != torch.float32:
-        model = model.to(parse_dtype(dtype))
+    dtype = None if dtype is None else parse_dtype(dtype, auto=True)
+    if dtype not in (None, "auto", torch.float32):
+        model = model.to(dtype)
     path.mkdir(exist_ok=True)
     if callable(getattr(model, "save_pretrained", None)):  # a Hugging Face model
         model.save_pretrained(path)

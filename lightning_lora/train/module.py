@@ -163,9 +163,7 @@ class LoRAModule(LightningModule):
         self.export_dir = export_dir
         self.exports = exports
         self.exported: dict = {}  # {format: path} written at the end of training
-        self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
-        if dtype == "auto":
-            self.dtype_name = "auto"
+        self.dtype_name = dtype_name(dtype, "LoRAModule dtype", auto=True)
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         if loss_chunk_size < 1:
@@ -304,8 +302,12 @@ class LoRAModule(LightningModule):
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer))  # fmt: skip
 
+    def run_facts(self) -> dict:
+        """What the model card says of this run (``train/card_facts.py``)."""
+        return run_facts(self.trainer)
+
     def on_train_end(self) -> None:
-        run = run_facts(self.trainer)
+        run = self.run_facts()
         if self.evaluate:
             table = evaluate_at_end(self, self.evaluate, self.export_dir)
             if table:
