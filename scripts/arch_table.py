@@ -25,7 +25,8 @@ COLUMNS = ("model_type", "train", "pack", "QLoRA", "merge", "PEFT", "GGUF", "why
 def qlora_cell(arch) -> str:
     report = nf4_report(arch.name)
     quantized = len(report["quantized"])
-    kept = [name for name, why in report["kept"].items() if why != "in skip_modules"]  # lm_head is kept by design
+    kept = [name for name, why in report["kept"].items()  # lm_head is kept by design; experts are counted apart
+            if why != "in skip_modules" and name not in report["experts"]]
     cell = "yes" if not kept else f"{quantized} of {quantized + len(kept)} linears"
     return cell + (", experts stay fp" if report["experts"] else "")
 

@@ -230,9 +230,10 @@ def test_each_export_format_works(arch, adapted, tmp_path):
 
 
 def test_nf4_quantizes_every_linear_or_says_why(arch):
+    """Every linear layer and expert tensor is NF4 or named in quantize's log line with the reason."""
     report, model = nf4_report(arch.name), arch.build()
     linear = {n for n, m in model.named_modules() if (k := kind_of(m)) is not None and k.linear}
-    assert set(report["quantized"]) | set(report["kept"]) == linear
+    assert set(report["quantized"]) | set(report["kept"]) == linear | set(expert_tensors(model))
     assert not set(report["quantized"]) & set(report["kept"]) and all(report["kept"].values())
 
 
@@ -248,7 +249,7 @@ def test_qlora_trains(arch):
 
 def test_moe_experts_gap_is_stated(arch):
     """The registry's ``expert_gap`` tells the truth both ways: with it, the 3-D expert tensors exist, all-linear
-    adapts none of them and NF4 leaves them in floating point; without it, every expert tensor is adapted and
+    adapts none of them and NF4 leaves them in floating point (saying so in its log); without it, every expert tensor is adapted and
     quantized. When the "moe" stream closes the gap, this fails until the line's flag is flipped."""
     model = arch.build()
     experts = expert_tensors(model)
@@ -256,10 +257,12 @@ def test_moe_experts_gap_is_stated(arch):
         assert not arch.expert_gap, f"{arch.name} has no 3-D expert tensors: drop expert_gap"
         return
     ll.inject(model, ll.LoRA(r=4))
-    adapted_experts, left_in_fp = experts_adapted(model, experts), nf4_report(arch.name)["experts"]
+    report = nf4_report(arch.name)
+    adapted_experts, left_in_fp = experts_adapted(model, experts), report["experts"]
     if arch.expert_gap:
         assert not adapted_experts and left_in_fp == sorted(experts), \
             f"{arch.name}: experts are now adapted/quantized; set expert_gap=False in tests/architectures.py"
+        assert set(experts) <= set(report["kept"])  # quantize's log line names them, with the reason
     else:
         assert adapted_experts == list(experts) and not left_in_fp
 

@@ -113,7 +113,8 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
     """Replace every eligible ``nn.Linear`` of ``model`` by a bitsandbytes NF4 ``Linear4bit``, in place.
 
     Skipped, with one log line: layers named in ``nf4.skip_modules``, GPT-2 ``Conv1D`` layers (not ``nn.Linear``),
-    shapes bitsandbytes mishandles (``unsupported_shape``). Already-quantized layers are left as they are.
+    shapes bitsandbytes mishandles (``unsupported_shape``), 3-D weights outside any layer kind (MoE experts stored as
+    one tensor, issue #21.3: listed, not converted). Already-quantized layers are left as they are.
 
     Args:
         device: where the quantized layers live and quantization runs (default: each weight's current device).
@@ -145,6 +146,10 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
             kept[name] = why
         else:
             plan.append((name, module))
+    for name, param in model.named_parameters():  # e.g. MoE experts stored as (E, out, in) tensors: said, not hidden
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if param.ndim == 3 and param.is_floating_point() and kind_of(owner) is None:
+            kept[name] = f"a 3-D weight of {type(owner).__name__} (e.g. MoE experts), not a layer NF4 converts"
     new = {name: _nf4_linear(bnb, module, nf4, device) for name, module in plan}
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
