@@ -87,6 +87,7 @@ REFUSED = [
     ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob is False"),
     ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
     ("llama", dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "RoPE type 'dynamic'"),
+    ("smollm3", dict(no_rope_layers=[0, 1], pad_token_id=0), "skips RoPE in every 4th layer"),
 ]  # fmt: skip
 
 

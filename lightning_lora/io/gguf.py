@@ -7,6 +7,11 @@ LoRA (arXiv:2106.09685, s = alpha/r) writes alpha, and rsLoRA (arXiv:2312.03732,
 alpha * sqrt(r). Names and row orders come from the family's tensor plan (``io/gguf_arch.py``): a row operation P of
 the base (llama-family q/k) is P W = (P B) A, so it is applied to B. DoRA and VeRA have no llama.cpp form: merge
 first.
+
+MoE experts are written in the merged model. Expert adapters are not written yet; llama.cpp applies them per expert
+(``build_lora_mm_id``) from ``<ffn_*_exps>.lora_a`` (E, r, in) and ``.lora_b`` (E, out, r), so adding them means
+giving ``write_adapter_gguf`` those stacked factors under the parameter's name (``...mlp.experts.gate_up_proj``):
+the tensor plan already splits gate and up rows of B as it splits the base (tested in tests/test_gguf.py).
 """
 
 from __future__ import annotations
