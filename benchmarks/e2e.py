@@ -1,24 +1,29 @@
-"""End to end: a QLoRA fine-tune of SmolLM2-135M-Instruct with lightning_lora against the standard recipe.
+"""End to end: a QLoRA fine-tune of SmolLM2-135M-Instruct with lightning_lora against the standard recipe and the floor.
 
-    python benchmarks/e2e.py                                   # both settings, 2 alternating runs per variant
-    python benchmarks/e2e.py --settings quickstart --steps 12 --repeats 1    # a smoke run
+    python benchmarks/e2e.py                                          # every setting, its default variants, 2 rounds
+    python benchmarks/e2e.py --settings dense --variants floor ours --repeats 3
+    python benchmarks/e2e.py --settings quickstart --steps 12 --repeats 1                 # a smoke run
 
 **The recipe** is written here as PEFT's QLoRA docs show it, not through our classes: transformers
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` loading,
 ``get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``, and a plain PyTorch loop over
 batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW.
-**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss) +
-``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up;
-in the settings named by ``--checkpointing`` (default: ``long``) ours also runs with
-``LoRAModule(gradient_checkpointing="mlp")`` (``--checkpointing-mode layers``: whole layers), a third variant.
+**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss, lean activations) +
+``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up.
+Variants of ours change one thing (``OURS``): ``ours+ckpt mlp`` / ``ours+ckpt layers`` (gradient checkpointing),
+``ours+siblings`` (``methods/siblings.py`` on), ``ours-lean`` (``lean_activations=False``).
+**The floor** (REFERENCE.md section 3) is the same NF4 model and the same packed batches as ours, every parameter
+frozen, no adapter: forward + our loss + backward to the inputs, in a plain loop (no optimizer, no Trainer).
 
-Both see the same examples in the same order, ``batch_size`` examples per optimizer step (the recipe tokenizes with
+All see the same examples in the same order, ``batch_size`` examples per optimizer step (the recipe tokenizes with
 its own code; the parent checks that both tokenizations are identical). Settings: ``quickstart`` (chatterbot pairs,
-batch 4, max_length 64) and ``long`` (batch 4, max_length 512, responses made of pydoc topics, mostly response
-tokens). Each run is its own process (1 torch thread), variants alternating. Recorded per run: process CPU time per
-example over the steps after the first (data loading and framework overhead included), the process's peak RSS
-(loading included) and its peak RSS during training (``VmHWM`` reset at the first step), and the mean training loss
-over the last 10 steps. Writes ``benchmarks/e2e_results.json``.
+batch 4, max_length 64), ``long`` (batch 4, max_length 512, responses made of pydoc topics of varied length: the
+recipe pads ~30%) and ``dense`` (batch 4, max_length 512, every example longer than that and cut: full rows, no
+padding). Each run is its own process (1 torch thread); a round runs every variant once, the order reversed every
+other round. Recorded per run: process CPU time per example over the steps after the first (data loading and
+framework overhead included), the peak RSS during training (``VmHWM`` reset at the first step, with what was
+resident then), the mean training loss over the last 10 steps (the step's token-weighted mean), and the load average.
+Ratios are of the fastest run of each variant (of medians in ``*_median``). Writes ``benchmarks/e2e_results.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ SETTINGS = {"quickstart": dict(batch_size=4, max_length=64), "long": dict(batch_
 LR, R, ALPHA = 1e-3, 8, 16
 # Ours with other LoRAModule arguments (and switches outside it), each a variant of its own.
 OURS = {"ours": {}, "ours+ckpt mlp": dict(gradient_checkpointing="mlp"),
-        "ours+ckpt layers": dict(gradient_checkpointing=True), "ours+siblings": dict(siblings=True)}
+        "ours+ckpt layers": dict(gradient_checkpointing=True), "ours+siblings": dict(siblings=True),
+        "ours-lean": dict(lean_activations=False)}
 VARIANTS = ["recipe", "floor", *OURS]
 DEFAULT_VARIANTS = {"quickstart": ["recipe", "floor", "ours"], "long": ["recipe", "ours", "ours+ckpt mlp"],
                     "dense": ["recipe", "floor", "ours"]}

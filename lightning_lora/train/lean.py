@@ -51,18 +51,28 @@ def _register(out: Tensor, rebuild: Callable[..., Tensor], *inputs) -> Tensor:
     """Note that ``out`` is ``rebuild(*inputs)`` bitwise, so a later layer that saves it may keep the recipe."""
     if out.requires_grad and not torch.is_autocast_enabled(out.device.type) and not torch.compiler.is_compiling():
         key = _identity(out)
-        _RECIPES[key] = (weakref.ref(out, lambda _, key=key: _RECIPES.pop(key, None)), rebuild, inputs,
-                         _versions(inputs))
+        _RECIPES[key] = (weakref.ref(out, lambda _, key=key: _RECIPES.pop(key, None)), _Recipe(rebuild, inputs))
     return out
 
 
 class _Recipe:
-    """A saved output kept as the function that rebuilds it and that function's inputs."""
+    """A saved output kept as the function that rebuilds it and that function's inputs. Every layer that saved the
+    output holds this one object, so backward rebuilds it once for all of them (q, k and v read one norm output)."""
 
-    __slots__ = ("rebuild", "inputs", "versions")
+    __slots__ = ("rebuild", "inputs", "versions", "built")
 
-    def __init__(self, rebuild, inputs, versions):
-        self.rebuild, self.inputs, self.versions = rebuild, inputs, versions
+    def __init__(self, rebuild, inputs):
+        self.rebuild, self.inputs, self.versions = rebuild, inputs, _versions(inputs)
+        self.built: Tensor | None = None  # freed with this object, when the last layer that saved it has run backward
+
+    def get(self) -> Tensor:
+        if self.built is None:
+            if _versions(self.inputs) != self.versions:
+                raise RuntimeError("lean activations: an input of a recomputed activation was modified in place "
+                                   "after the forward; call use_lean_activations(model, enabled=False) for this model.")
+            with torch.no_grad():
+                self.built = self.rebuild(*self.inputs)
+        return self.built
 
 
 def _hooks(outer: tuple | None) -> tuple[Callable, Callable]:
@@ -72,17 +82,13 @@ def _hooks(outer: tuple | None) -> tuple[Callable, Callable]:
     def pack(t):
         entry = _RECIPES.get(_identity(t)) if isinstance(t, Tensor) else None
         if entry is not None and entry[0]() is not None:
-            return _Recipe(*entry[1:])
+            return entry[1]
         return outer_pack(t) if outer_pack else t
 
     def unpack(packed):
         if not isinstance(packed, _Recipe):
             return outer_unpack(packed) if outer_unpack else packed
-        if _versions(packed.inputs) != packed.versions:
-            raise RuntimeError("lean activations: an input of a recomputed activation was modified in place after "
-                               "the forward; call use_lean_activations(model, enabled=False) for this model.")
-        with torch.no_grad():
-            return packed.rebuild(*packed.inputs)
+        return packed.get()
 
     return pack, unpack
 
