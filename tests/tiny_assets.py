@@ -19,14 +19,17 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Olmo2Config,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SmolLM3Config,
 )
 
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -51,6 +54,10 @@ FAMILIES = {
     "gemma2": (Gemma2Config, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
     "gemma3_text": (Gemma3TextConfig, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
     "phi3": (Phi3Config, {}, 0),
+    "smollm3": (SmolLM3Config, {}, 0),
+    "granite": (GraniteConfig, dict(attention_multiplier=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                    logits_scaling=4.0), 0),
+    "olmo2": (Olmo2Config, {}, 0),
 }
 # Each turn: "<|role|>\n" + content + "<|end|>\n"; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (

@@ -55,6 +55,14 @@ def _qwen_check(hp: dict) -> str | None:
     return None
 
 
+def _smollm3_check(hp: dict) -> str | None:
+    """llama.cpp's SmolLM3 graph skips RoPE in every 4th layer (``n_no_rope_layer_step``)."""
+    wanted = [int((i + 1) % 4 != 0) for i in range(hp["num_hidden_layers"])]
+    if hp.get("no_rope_layers") is not None and list(hp["no_rope_layers"]) != wanted:
+        return f"no_rope_layers {hp['no_rope_layers']}, but llama.cpp skips RoPE in every 4th layer exactly"
+    return _llama_check(hp)
+
+
 def _llama_check(hp: dict) -> str | None:
     if hp.get("sliding_window"):  # Mistral 7B v0.1: the same model up to the window
         log.warning("GGUF export: llama.cpp runs %s without its sliding window: outputs differ only beyond %d tokens.",
@@ -76,8 +84,9 @@ class GGUFArch:
     check: Callable[[dict], str | None] = field(default=lambda hp: None)  # why llama.cpp would compute otherwise
 
 
-_LLAMA = GGUFArch("llama", hparams.llama, rope_types=("default", "linear", "yarn", "llama3"), rope_rows=True,
-                  extra_tensors=hparams.llama3_rope_freqs, check=_llama_check)  # fmt: skip
+_LLAMA_ROPES = dict(rope_types=("default", "linear", "yarn", "llama3"), rope_rows=True,
+                    extra_tensors=hparams.llama3_rope_freqs)  # the converter's LlamaModel and its subclasses
+_LLAMA = GGUFArch("llama", hparams.llama, check=_llama_check, **_LLAMA_ROPES)
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # convert_hf_to_gguf.py writes Mistral and Mixtral as llama.cpp's "llama"
@@ -89,6 +98,9 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
                        check=_gemma_check(2, layers_27b=46)),
     "gemma3_text": GGUFArch("gemma3", hparams.gemma3, rope_types=("default", "linear"), norm_offset=1.0,
                             drop_lm_head=True, check=_gemma_check(6, layers_27b=62)),
+    "smollm3": GGUFArch("smollm3", hparams.llama, check=_smollm3_check, **_LLAMA_ROPES),
+    "granite": GGUFArch("granite", hparams.granite, check=_llama_check, **_LLAMA_ROPES),
+    "olmo2": GGUFArch("olmo2", hparams.olmo2),
     "phi3": GGUFArch("phi3", hparams.phi3, rope_types=("default", "longrope"), extra_tensors=hparams.phi3_rope_factors),
 }
 

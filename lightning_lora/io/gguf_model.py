@@ -91,5 +91,5 @@ def write_model_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, dtype
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    log.info("model GGUF (%s, %d tensors) written to %s", dtype, len(tensors), path)
+    log.debug("model GGUF (%s, %d tensors) written to %s", dtype, len(tensors), path)
     return Path(path)
