@@ -25,7 +25,8 @@ from lightning_lora.core.layer import AdapterBranch
 from lightning_lora.core.verbs import adapter_layers
 from lightning_lora.io.export import export
 from lightning_lora.train.attention import runs_packed_attention, use_packed_attention
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import collate_packed
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "phi3", "olmo2",

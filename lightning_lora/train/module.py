@@ -44,9 +44,9 @@ from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
-from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.train.resume import ExactResume
+from lightning_lora.train.step_loss import TokenWeightedLoss
 
 
 def enable_adapter_subclass_mode() -> None:
