@@ -55,7 +55,9 @@ DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "genera
 # Hugging Face tokenizer does) and the unknown token of the tokenizer object as loaded.
 NOT_COMPARED = ("tokenizer.ggml.pre",)
 OURS_ONLY = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.unknown_token_id")
-# general.architecture of the reader's supported families; Mixtral is "llama" with experts, which it does not read.
+# The families transformers' GGUF reader reads back whole. Not: Mixtral ("llama" with experts, unread), Mistral
+# (named "mistral", it asks gguf for an architecture of that name), Qwen2-MoE (shared-expert sizes unread), and the
+# families it lacks (smollm3, granite, olmo2).
 TRANSFORMERS_READS = {"llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3"}
 
 
