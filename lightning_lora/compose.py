@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, AdapterLayer, build_branch
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set, refuse_trained
 from lightning_lora.methods.lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def combine(
         raise ValueError(f"combine: weights must be finite numbers, got {bad}.")
     if method not in ("cat", "svd"):
         raise ValueError(f"combine: method must be 'cat' (exact) or 'svd' (truncated), got {method!r}.")
+    refuse_trained(model, weights, "combine")
 
     layers = {t: layer for t, layer in adapter_layers(model).items() if any(a in layer.adapters for a in weights)}
     first = {a: next(layer.adapters[a] for layer in layers.values() if a in layer.adapters) for a in weights}
@@ -172,5 +173,6 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[n
         )
     names = list(names)
     check_known(model, names, "per_sample_adapters (None: the base)")
+    refuse_trained(model, names, "per_sample_adapters")
     with layers_set(model, "sample_adapters", names):
         yield model

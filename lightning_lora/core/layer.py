@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from lightning_lora.core.trained import check_fields
 from lightning_lora.core.wrapper import AdapterLayer, in_own_precision, own_precision  # noqa: F401  (re-exported)
 from lightning_lora.core.kinds import (  # noqa: F401  (re-exported: the layer helpers live with the kinds)
     LayerKind,
@@ -54,11 +55,19 @@ class AdapterConfig:
     estimator, ``LoRAModule``, ``AdapterCallback`` and the CLI (``class_path``). It implements ``build`` and, for PEFT
     files, ``to_peft``/``from_peft``/``peft_suffixes``; the other hooks have defaults. A second class under a name
     already taken is refused (re-defining the same class, e.g. a module reloaded, replaces it).
+
+    Every config also carries ``modules_to_save``, ``trainable_token_indices`` and ``bias`` (PEFT's options for
+    whole module copies, token rows and biases trained beside the method's tensors: ``core/trained.py``); they need
+    nothing from a method.
     """
 
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
+    # trained besides the method's branches, as PEFT names them (core/trained.py): whole modules, token rows, biases
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    bias: str = "none"
 
     method: ClassVar[str] = "adapter"
     peft_type: ClassVar[str | None] = None  # PEFT's ``peft_type`` of the files this method writes
@@ -79,6 +88,7 @@ class AdapterConfig:
             raise ValueError(f"{self.method}: dropout must be in [0, 1), got {self.dropout}.")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise ValueError(f"{self.method}: target_modules is empty; give layer names, a pattern or 'all-linear'.")
+        check_fields(self)
 
     def _check_rank(self, r: int) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

@@ -11,18 +11,23 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.core.trained import active_trained
+
 if TYPE_CHECKING:
     from lightning_lora.core.layer import AdapterBranch
 
 
 class AdapterLayer(nn.Module):
     """A frozen base layer plus named adapter branches; its output with the active ones: ``core/layer.py``'s module
-    docstring (wrapping branches around the base call, then the others on its output, in activation order)."""
+    docstring (wrapping branches around the base call, then the others on its output, in activation order). An
+    active adapter's trained tensors (``trained[name]``: a whole copy, token rows, a bias; ``core/trained.py``)
+    stand in for the base layer's own during the whole call."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
+        self.trained = nn.ModuleDict()  # adapter name -> Trained: tensors it trains in place of the base's (trained.py)
         self.active: dict[str, float] = {}  # adapter name -> weight
         self.enabled = True
         self.sample_adapters: list[str | None] | None = None  # one adapter name per batch row (mixed batches)
@@ -33,6 +38,13 @@ class AdapterLayer(nn.Module):
             return base(x, *args, **kwargs)
         if self.sample_adapters is not None:
             return self._forward_per_sample(x, args, kwargs)
+        owner = active_trained(self)
+        if owner is not None:  # the active adapter's trained tensors stand in for the base's, branches included
+            with owner.in_place_of(base) as replaced:
+                return self._forward(replaced, x, args, kwargs)
+        return self._forward(base, x, args, kwargs)
+
+    def _forward(self, base: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         branches = self.adapters._modules
         active = [(branches[n], w) for n, w in self.active.items() if n in branches]
         if any(b.wraps_base for b, _ in active):  # input-side branches nest around the base call (module docstring)
@@ -67,12 +79,12 @@ class AdapterLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "adapters"):
+            if name in ("base_layer", "adapters", "trained"):
                 raise
             return getattr(self.base_layer, name)  # weight, in_features, ... as the code around expects
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}, active={self.active}, enabled={self.enabled}"
+        return f"adapters={list(self.adapters)}, trained={list(self.trained)}, active={self.active}, enabled={self.enabled}"
 
 
 def _call_base(base: nn.Module, args: tuple, kwargs: dict, x: Tensor) -> Tensor:

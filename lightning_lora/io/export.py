@@ -38,7 +38,7 @@ from torch import nn
 
 from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.core.layer import is_quantized
-from lightning_lora.core.verbs import adapter_names, adapter_state_dict, merge, remove
+from lightning_lora.core.verbs import adapter_names, adapter_state_dict, merge, remove, trained_map
 from lightning_lora.io.card import base_source
 from lightning_lora.io.files import save_tensors
 from lightning_lora.io.finite import check_finite, probe
@@ -47,6 +47,7 @@ from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
 from lightning_lora.io.init_export import merge_exact, save_for_original_base, svd_init
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
+from lightning_lora.io.tokens import match_vocabulary
 from lightning_lora.io.transaction import check_folder_target, naming, staged
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def write_peft(job: Job, path: Path, option: str | None = None) -> None:
         save_adapters(job.model, path, **job.card)
     else:
         save_adapter(job.model, path, job.name, **job.card)
+    if job.tokenizer is not None and any(s.rows is not None for s in trained_map(job.model, job.name).values()):
+        job.tokenizer.save_pretrained(path)  # trained token rows: their tokens (PEFT's advice for new tokens)
 
 
 def save_merged(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -131,6 +134,9 @@ def check_gguf(job: Job, option: str | None) -> None:
         raise ValueError(f"exports 'gguf': adapter {job.name!r} started from {job.svd_start!r} and trained on the base "
                          "it changed, which llama.cpp's base GGUF does not hold; export 'gguf-merged' instead.")  # fmt: skip
     lora_pairs(job.model, job.name)  # DoRA/VeRA: merge first
+    for target, state in trained_map(job.model, job.name).items():
+        raise ValueError(f"exports 'gguf': adapter {job.name!r} also trains {state.describe()} of {target!r}, which "
+                         "a llama.cpp LoRA adapter cannot hold; export 'gguf-merged' instead.")  # fmt: skip
 
 
 def check_gguf_merged(job: Job, option: str | None) -> None:
@@ -282,6 +288,7 @@ def _merged_model(job: Job, base_model: str | None, peft_dir: Path | None, trust
     if base_model is not None:
         fresh, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         job.tokenizer = job.tokenizer if job.tokenizer is not None else source_tokenizer
+        match_vocabulary(fresh, job.model)  # a run that added tokens (io/tokens.py) trained on the resized base
     if job.svd_start:  # the trained base (residual, LoftQ's Q) plus the adapter, written into the base
         return merge_exact(job.model, job.name, fresh if fresh is not None else remove(_copy(job.model, share)))
     if fresh is not None:

@@ -138,7 +138,9 @@ class _DoRALinear(torch.autograd.Function):
         scale, p = ctx.scale, ctx.p
         mask = None if bits is None else unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
-        grad_x = grad_A = grad_B = grad_m = None
+        grad_x = grad_A = grad_B = grad_m = grad_bias = None
+        if ctx.needs_input_grad[6]:  # a trained bias (core/trained.py): out = f (base_out - b) + b + ..., so 1 - f
+            grad_bias = (grad_out * (1.0 - factor)).sum(0)
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
         if need_x or need_A:
             grad_h = (grad_dir @ B).mul_(scale)
@@ -155,7 +157,7 @@ class _DoRALinear(torch.autograd.Function):
             grad_m = (grad_out * (out if bias is None else out - bias)).sum(0).div_(magnitude)
             if rows is not None:
                 grad_m[rows] = (grad_out[:, rows] * kept).sum(0)
-        return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, None, None, None
+        return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, grad_bias, None, None
 
 
 def dora_linear(x, base_out, A, B, magnitude, norm, bias, scale: float, p: float) -> Tensor:
@@ -163,7 +165,7 @@ def dora_linear(x, base_out, A, B, magnitude, norm, bias, scale: float, p: float
     lead, dtype = base_out.shape[:-1], A.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
-    bias = None if bias is None else bias.detach().to(dtype)
+    bias = None if bias is None else bias.to(dtype)  # a frozen base's bias gets no gradient; a trained one does
     out = _DoRALinear.apply(x2, base2, A, B, magnitude, norm.to(dtype), bias, scale, p)
     return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
 
@@ -214,7 +216,7 @@ class DoRABranch(LoRABranch):
         factor = (self.magnitude / self.norm(base_layer).to(dtype)).view(shape)
         base = base_out.to(dtype)
         bias = base_layer.bias
-        y0 = base if bias is None else base - bias.detach().to(dtype).view(shape)
+        y0 = base if bias is None else base - bias.to(dtype).view(shape)  # a trained bias: its gradient is exact
         direction = y0 + self.kind.apply_pair(x.to(dtype), self.lora_A, self.lora_B, base_layer, p) * self.scale
         out = factor * direction if bias is None else factor * direction - y0 + base
         return out.to(base_out.dtype)
