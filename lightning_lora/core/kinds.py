@@ -62,6 +62,12 @@ class LayerKind:
             method's tensors by it (e.g. LoRA's on embeddings), so methods key their PEFT names on it.
         example: a tiny seeded layer of this kind and an input for it; the contract tests (tests/test_contract.py)
             run every method that supports the kind on it, so a new kind is tested with no new test code.
+        experts: a stack of E per-expert matrices of an MoE experts module (``core/experts.py``): ``"all-linear"``
+            and ``target_parameters`` select it, the experts' forward calls it one expert at a time, and its
+            ``dense_weight`` is (E, out, in).
+        wrap: ``wrap(layer)`` -> the ``AdapterLayer`` that holds this kind's adapters (default: ``AdapterLayer``).
+        restore: ``restore(layer)`` -> what its parent holds once no adapter wraps it (default: the layer itself; an
+            expert stack gives back the parameter it holds).
     """
 
     name: str
@@ -85,6 +91,9 @@ class LayerKind:
     peft_vector_shape: Callable[[int], tuple[int, ...]] = lambda n: (n,)
     peft_layer: str = "linear"
     example: Callable[[], tuple[nn.Module, Tensor]] | None = None
+    experts: bool = False
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    restore: Callable[[nn.Module], object] | None = None
 
 
 KINDS: list[LayerKind] = []  # registration order; kind_of checks the newest first (a 4-bit linear is an nn.Linear)

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_lora.core.experts import expert_stacks
 from lightning_lora.core.kinds import is_quantized
 from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config_of
 from lightning_lora.core.targets import compact_targets
 from lightning_lora.core.verbs import adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
@@ -50,9 +52,13 @@ def save_adapter(
     branches = {t: b.for_original_base(bases[t]) for t, b in trained.items()}
     first = next(iter(branches.values()))
     config = first.config
-    tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
+    paths = peft_paths(model, branches)  # an MoE expert stack sits under its experts module (peft_experts.py)
+    tensors = {f"{PREFIX}{paths[t]}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    file_config = peft_config_of(config, compact_targets(model, sorted(branches)), branches)
+    stacks = [t for t, b in branches.items() if b.kind.experts]
+    modules = sorted(t for t in branches if t not in stacks)
+    file_config = peft_config_of(config, compact_targets(model, modules), branches)
+    add_to_config(file_config, model, stacks)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
     file_config["task_type"] = task_type or task_type_of(model)
@@ -167,7 +173,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             f"{path} holds only pickle-based weights; lightning_lora never unpickles files (they can run code). "
             f"Convert them to {WEIGHTS_FILE} with a tool you trust."
         )
-    config = config_from_peft(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
+    file_config = read_json(path / CONFIG_FILE)
+    config = config_from_peft(file_config, str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
     shared = {k[len(SHARED_PREFIX) :]: tensors.pop(k) for k in list(tensors) if _is_shared(k)}
     _drop_saved_embeddings(model, tensors, weights_path)
@@ -177,14 +184,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         by_layer.setdefault(layer, {})[suffix] = value
     if not by_layer:
         raise ValueError(f"{weights_path} holds no adapter tensors.")
-    modules = dict(model.named_modules())
-    missing = [layer for layer in by_layer if layer not in modules]
+    by_layer = our_targets(model, by_layer, file_config, str(path / CONFIG_FILE))  # MoE expert stacks by name
+    modules, stacks = dict(model.named_modules()), expert_stacks(model)
+    missing = [layer for layer in by_layer if layer not in modules and layer not in stacks]
     if missing:
         raise ValueError(
             f"{path}: the adapter is for layers this {type(model).__name__} does not have, e.g. {missing[:3]}; "
             "is it for another architecture, or was it saved from a wrapper of this model?"
         )
-    config.target_modules = sorted(by_layer)
+    config.target_modules = sorted(t for t in by_layer if t not in stacks)
+    config.target_parameters = sorted(t for t in by_layer if t in stacks) or None
     plan = plan_injection(model, config, name)
     config.load_shared_tensors(plan[0][1].shared, shared, str(weights_path))
     for target, branch in plan:

@@ -56,7 +56,7 @@ class DoRA(LoRA):
 
     @classmethod
     def supports(cls, kind: LayerKind) -> bool:
-        return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
+        return not kind.transposed and not kind.experts  # (out, fan_in) weights: not embeddings, not expert stacks
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
         return DoRABranch(self, base_layer, name)
