@@ -85,9 +85,6 @@ class LoHa(AdapterConfig):
             raise ValueError("LoHa: rank_dropout and use_effective_conv2d are not supported by this example.")
         return cls(r=int(peft_config["r"]), alpha=float(peft_config.get("alpha", 8)))
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """dW is built per layer (not per token); only a cast of the input to the adapter dtype is extra."""
-        return adapter_bytes * n_in if adapter_bytes != act_bytes else 0
 
 
 class LoHaBranch(AdapterBranch):
@@ -127,6 +124,10 @@ class LoHaBranch(AdapterBranch):
         B = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(out, r * r) * self.scale
         A = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, -1)
         return B, A
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """dW is built per layer (not per token); only a cast of the input to the adapter dtype is extra."""
+        return adapter_bytes * self.in_out[0] if adapter_bytes != act_bytes else 0
 
     def param_roles(self) -> dict[str, str]:
         """LoRA+: the output-side factors (B1, B2) learn fast, the input-side ones (A1, A2) slow."""

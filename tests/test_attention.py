@@ -9,6 +9,8 @@ import logging
 
 import pytest
 import torch
+from tiny_assets import make_tiny_model_dir
+from tiny_models import LLAMA, adapted_for_training, unpacked_loss
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_lora import LoRA
@@ -16,8 +18,6 @@ from lightning_lora.train.attention import find_segments, runs_packed_attention,
 from lightning_lora.train.data import InstructionDataModule
 from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import collate_packed, shared_prefix_length
-from tiny_assets import make_tiny_model_dir
-from tiny_models import LLAMA, adapted_for_training
 
 VOCAB = 128
 
@@ -40,16 +40,6 @@ def chats(prefix: int = 6, lengths=(9, 14, 11, 7), seed: int = 0) -> list[dict]:
         labels[: prefix + n // 3] = -100
         out.append({"input_ids": ids, "labels": labels})
     return out
-
-
-def hf_loss(model, batch: list[dict]) -> torch.Tensor:
-    """Hugging Face's mean loss over the labeled tokens of the examples, each run alone."""
-    total = count = 0
-    for b in batch:
-        n = int((b["labels"][1:] != -100).sum())
-        total = total + model(input_ids=b["input_ids"][None], labels=b["labels"][None], use_cache=False).loss * n
-        count += n
-    return total / count
 
 
 def grads(model, loss) -> dict[str, torch.Tensor]:
@@ -97,7 +87,7 @@ def test_packed_rows_give_unpacked_loss_and_gradients(kind, share):
         p = shared_prefix_length(batch)
         assert packed["input_ids"].shape[1] == sum(len(b["input_ids"]) for b in batch) - (len(batch) - 1) * p
     ours = causal_lm_loss(model, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
-    assert_same(model, ours, hf_loss(model, batch))
+    assert_same(model, ours, unpacked_loss(model, batch))
 
 
 def test_shared_prefix_under_gradient_checkpointing_and_several_rows():
@@ -106,7 +96,7 @@ def test_shared_prefix_under_gradient_checkpointing_and_several_rows():
     packed = collate_packed(batch, pad_id=0, capacity=36, share_prefix=True)
     assert packed["input_ids"].shape[0] > 1  # several rows, each with its own copy of the prefix, padded
     ours = causal_lm_loss(model, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
-    assert_same(model, ours, hf_loss(model, batch))
+    assert_same(model, ours, unpacked_loss(model, batch))
 
 
 def test_grouped_query_attention():
@@ -116,7 +106,7 @@ def test_grouped_query_attention():
     batch = chats()
     packed = collate_packed(batch, pad_id=0, capacity=80, share_prefix=True)
     ours = causal_lm_loss(model, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"])
-    assert_same(model, ours, hf_loss(model, batch))
+    assert_same(model, ours, unpacked_loss(model, batch))
 
 
 def test_no_example_sees_another_only_the_prefix():
@@ -161,7 +151,7 @@ def test_shared_prefix_refused_without_packed_attention():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     plain = collate_packed(batch, pad_id=0, capacity=80)  # restarting rows still train through transformers' mask
     ours = causal_lm_loss(model, plain["input_ids"], plain["labels"], position_ids=plain["position_ids"])
-    assert_same(model, ours, hf_loss(model, batch))
+    assert_same(model, ours, unpacked_loss(model, batch))
 
 
 def test_other_backends_are_left_alone():

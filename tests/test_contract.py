@@ -24,6 +24,7 @@ from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layer import METHODS, AdapterBranch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import fourierft  # noqa: E402, F401  (the second worked example: a dense additive update, names decide n)
 import ia3_method  # noqa: E402, F401  (a test-only outside method using the wrap/bias/name hooks)
 import loha  # noqa: E402, F401  (an outside method: registers itself)
 
@@ -64,7 +65,7 @@ def adapted(cfg, kind, perturb=True):
 
 
 def test_matrix_covers_every_method_and_kind():
-    assert {type(c.values[0]).method for c in CASES} >= {"LoRA", "DoRA", "VeRA", "LoHa", "IA3"}
+    assert {type(c.values[0]).method for c in CASES} >= {"LoRA", "DoRA", "VeRA", "LoHa", "IA3", "FourierFT"}
     assert {c.values[1].name for c in CASES} == {k.name for k in KINDS if k.example is not None}
 
 
@@ -196,22 +197,27 @@ def test_forward_and_backward_under_autocast(cfg, kind):
 
 
 @pytest.mark.parametrize("cfg, kind", CASES)
-def test_non_additive_branches_give_their_own_reason(cfg, kind):
+def test_branches_that_do_not_factor_give_their_own_reason(cfg, kind):
+    """factors() is the 2-D pair combine folds, or a ValueError in the method's own words, which combine shows (and
+    set_adapter too, for a non-additive branch, which may be neither weighted nor shared)."""
     net, _ = adapted(cfg, kind)
     branch = net.layer.adapters["default"]
-    if branch.additive:
+    try:
         B, A = branch.factors()
-        assert B.dim() == A.dim() == 2
+    except ValueError:
+        reason = not_additive_reason(branch)
+        assert reason and "additive = False" not in reason  # its own sentence, from its factors()
+        with pytest.raises(ValueError, match="cannot be combined") as err:
+            ll.combine(net, {"default": 1.0}, "sum")
+        assert reason in str(err.value)
+    else:
+        assert branch.additive and B.dim() == A.dim() == 2
         return
-    reason = not_additive_reason(branch)
-    assert reason and "additive = False" not in reason  # its own sentence, from its factors()
-    ll.inject(net, dataclasses.replace(cfg, target_modules=["layer"]), "other")
-    with pytest.raises(ValueError, match="cannot be weighted") as err:
-        ll.set_adapter(net, {"default": 0.5})
-    assert reason in str(err.value)
-    with pytest.raises(ValueError, match="cannot be combined") as err:
-        ll.combine(net, {"default": 1.0}, "sum")
-    assert reason in str(err.value)
+    if not branch.additive:
+        ll.inject(net, dataclasses.replace(cfg, target_modules=["layer"]), "other")
+        with pytest.raises(ValueError, match="cannot be weighted") as err:
+            ll.set_adapter(net, {"default": 0.5})
+        assert reason in str(err.value)
 
 
 @pytest.mark.parametrize("method", [ll.LoRA, ll.DoRA])

@@ -176,6 +176,26 @@ def test_fsdp2_checkpoint_holds_full_adapter_and_resumes(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resumed_mid_epoch_equals_uninterrupted_with_dropout_and_shuffling(runs, strategy):
+    """8 steps vs 4 + 4 resumed from the step-4 checkpoint (mid-epoch: 5 steps an epoch), dropout 0.2, the data
+    shuffled by the library's resumable loader: every rank's per-step losses and the adapter are equal bit for bit.
+    Each rank trained on its own batches (their losses differ), and the adapter moved."""
+    import json
+
+    out, _ = runs
+    for rank in (0, 1):
+        full = json.loads((out / f"{strategy}_exact.rank{rank}.json").read_text())["losses"]
+        resumed = json.loads((out / f"{strategy}_exact_resume.rank{rank}.json").read_text())["losses"]
+        assert len(full) == 2 * EXACT_STEPS and resumed == full[EXACT_STEPS:]
+        a, b = _load(out, f"{strategy}_exact", rank), _load(out, f"{strategy}_exact_resume", rank)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ranks = [json.loads((out / f"{strategy}_exact.rank{r}.json").read_text())["losses"] for r in (0, 1)]
+    assert ranks[0] != ranks[1]
+    assert max(v.abs().max().item() for k, v in _load(out, f"{strategy}_exact").items() if k.endswith("lora_B")) > 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not QLORA, reason="lightning_lora.quant.nf4 (NF4) is not available")
 def test_fsdp2_qlora_float_storage_trains_like_one_process_uint8(runs, base, tmp_path):
     """NF4 with quant_storage=float32 shards under FSDP2 (here with gradient checkpointing) and trains exactly like
@@ -332,6 +352,49 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
     print(f"FIT {tag} rank={_rank()} {time.perf_counter() - start:.1f} s", flush=True)
 
 
+EXACT_STEPS = 4  # exact-resume runs: 2 * EXACT_STEPS steps, or EXACT_STEPS resumed from the step-EXACT_STEPS checkpoint
+
+
+def _fit_exact(out: Path, tag: str, base: str, strategy, ckpt_path=None) -> None:
+    """The library's shuffled, resumable loader (20 rows, batch 2 per rank: 5 steps an epoch) and dropout 0.2; the
+    uninterrupted run checkpoints at step EXACT_STEPS. Writes each rank's per-step losses and full adapter."""
+    import json
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_lora import LoRA
+    from lightning_lora.io.files import save_tensors
+    from lightning_lora.train.distributed import full_adapter_state
+    from lightning_lora.train.module import LoRAModule
+    from lightning_lora.train.sampler import EpochSampler, ResumableLoader
+
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()}
+            for r in torch.randint(5, 384, (20, SEQ), generator=torch.Generator().manual_seed(5))]  # fmt: skip
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):  # built inside the fit: the sampler splits over the started ranks
+            return ResumableLoader(rows, batch_size=BATCH, sampler=EpochSampler(len(rows), BATCH, seed=3))
+
+    class Losses(pl.Callback):
+        losses: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    pl.seed_everything(7, verbose=False)
+    module = LoRAModule(base, adapter=LoRA(r=4, alpha=8, dropout=0.2), optimizer=_optimizer)
+    saves = [] if ckpt_path else [pl.callbacks.ModelCheckpoint(dirpath=out / f"{tag}.ckpt", filename="{step}",
+                                                                every_n_train_steps=EXACT_STEPS, save_top_k=-1)]  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2 * EXACT_STEPS, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Losses(), *saves],
+                         enable_checkpointing=not ckpt_path, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
+    state = full_adapter_state(module.model)
+    save_tensors({k: v.contiguous() for k, v in state.items()}, out / f"{tag}.rank{_rank()}.safetensors")
+    (out / f"{tag}.rank{_rank()}.json").write_text(json.dumps({"losses": Losses.losses}))
+
+
 def worker(out: Path, base: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -342,6 +405,9 @@ def worker(out: Path, base: str) -> None:
     _fit(out, "ddp_resume", base, "ddp", "lora", ckpt_path=out / "ddp_lora.ckpt" / "epoch=1-step=2.ckpt")
     _fit(out, "fsdp_lora", base, fsdp(), "lora", checkpoint=True, export=True)
     _fit(out, "fsdp_resume", base, fsdp(), "lora", ckpt_path=out / "fsdp_lora.ckpt" / "epoch=1-step=2.ckpt")
+    for name, make in (("ddp", lambda: "ddp"), ("fsdp", fsdp)):
+        _fit_exact(out, f"{name}_exact", base, make())
+        _fit_exact(out, f"{name}_exact_resume", base, make(), ckpt_path=out / f"{name}_exact.ckpt" / f"step={EXACT_STEPS}.ckpt")
     _fit(out, "ddp_dora", base, "ddp", "dora", callback=True)
     _fit(out, "fsdp_dora", base, fsdp(), "dora", callback=True, export=True)
     # 2 ranks x 2 micro-batches of one row, unequal label counts (rank 0 reads rows 0 and 2, rank 1 rows 1 and 3)

@@ -136,7 +136,8 @@ def test_short_fit_logs_rewards_and_trains_only_the_adapter(tiny_dir, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
     seed_everything(0)
-    module = DPOModule(tiny_dir, beta=0.1, adapter=ll.LoRA(r=4), optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3))
+    module = DPOModule(tiny_dir, beta=0.1, adapter=ll.LoRA(r=4), optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3),
+                       export_dir=str(tmp_path / "export"))
     dm = PreferenceDataModule(path=str(path), batch_size=2, packing=True, val_fraction=0.25, max_length=64)
     trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, val_check_interval=4)
@@ -146,3 +147,5 @@ def test_short_fit_logs_rewards_and_trains_only_the_adapter(tiny_dir, tmp_path):
     metrics = trainer.callback_metrics
     assert {"train_loss", "reward_margin", "reward_accuracy", "val_reward_margin", "val_reward_accuracy"} <= set(metrics)
     assert float(metrics["val_loss"]) < math.log(2)  # the chosen replies gained against the rejected ones
+    card = (tmp_path / "export" / "adapter" / "README.md").read_text()
+    assert "DPO (beta 0.1), final validation: val_loss" in card and "| final validation perplexity | n/a |" in card

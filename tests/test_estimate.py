@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_lora import LoRA, inject
-from lightning_lora.commands.estimate import estimate, main, model_config, nf4_bytes
+from lightning_lora.commands.estimate import main
+from lightning_lora.estimate import estimate, model_config, nf4_bytes
 
 H, M, L, KV, V = 8192, 28672, 80, 1024, 32000  # Llama-2-70B: hidden, MLP, layers, 8 KV heads x 128, vocab
 SHAPES = {"q": (H, H), "k": (H, KV), "v": (H, KV), "o": (H, H), "gate": (H, M), "up": (H, M), "down": (M, H)}
@@ -235,3 +236,40 @@ def test_llama_31_8b_qlora_estimate_with_chunked_loss_and_checkpointing():
                   gradient_checkpointing=True, packing=True, loss_chunk_size=0)
     assert res["logits_bytes_unchunked"] == 2 * 2048 * 128256 * 12
     assert hf["total_bytes"] - res["total_bytes"] > 4 * 2**30  # most of the old estimate was the logits
+
+
+def test_the_method_is_asked_per_layer_and_r_only_where_it_has_one():
+    """Per-layer ranks reach the count and the activations through the branches (rank_pattern), a method without r
+    needs none (and refuses one), and outside methods are found by their registered name."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from ia3_method import IA3  # noqa: F401  (registers the test-only method "IA3")
+
+    kw = dict(batch_size=1, seq_len=64, dtype="bf16")
+    plain = estimate("smollm2-135m", LoRA(r=8, target_modules="all-linear"), **kw)
+    wide_q = estimate("smollm2-135m", LoRA(r=8, target_modules="all-linear", rank_pattern={"q_proj": 32}), **kw)
+    h, layers, tokens = 576, 30, 64
+    assert wide_q["trainable_params"] - plain["trainable_params"] == layers * (32 - 8) * (h + h)
+    assert (wide_q["activation_bytes_no_checkpointing"] - plain["activation_bytes_no_checkpointing"]
+            == tokens * layers * 2 * (32 - 8))  # h = A x is r wide, per token, bf16
+    ia3 = estimate("smollm2-135m", "ia3", target_modules=["k_proj", "v_proj"], **kw)
+    assert ia3["r"] is None and ia3["trainable_params"] == layers * 2 * 192  # one vector per layer, out = 192
+    with pytest.raises(ValueError, match="IA3 has no rank r"):
+        estimate("smollm2-135m", "ia3", 8, ["k_proj"], **kw)
+
+
+def test_any_dtype_name_is_accepted(tmp_path):
+    assert estimate("smollm2-135m", "lora", 8, ["q_proj"], dtype="bfloat16") == estimate(
+        "smollm2-135m", "lora", 8, ["q_proj"], dtype="bf16")
+    config = model_config("smollm2-135m").to_dict() | {"dtype": "float16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    res = estimate(str(tmp_path), "lora", 8, ["q_proj"], dtype="auto")
+    assert res["dtype"] == "float16" and res["weights_bytes"] == 2 * res["base_params"]
+    with pytest.raises(ValueError, match="dtype='int7' is not a dtype"):
+        estimate("smollm2-135m", "lora", 8, ["q_proj"], dtype="int7")
+
+
+def test_cli_finds_an_outside_method_by_its_name(capsys):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples"))
+    main(["estimate", "--model", "smollm2-135m", "--adapter", "loha", "--r", "2", "--target-modules", "q_proj", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["adapter"] == "loha" and res["r"] == 2 and res["trainable_params"] == 30 * 2 * 2 * (576 + 576)

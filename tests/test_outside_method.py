@@ -68,13 +68,14 @@ def test_param_groups_follow_its_roles():
 
 
 def test_estimate_counts_it_by_api_and_cli_class_path(capsys):
-    from lightning_lora.commands import estimate
+    from lightning_lora.commands.estimate import main
+    from lightning_lora.estimate import estimate
 
-    res = estimate.estimate("smollm2-135m", LoHa(r=4, target_modules="all-linear"))
+    res = estimate("smollm2-135m", LoHa(r=4, target_modules="all-linear"))
     h, m, layers, kv = 576, 1536, 30, 192  # SmolLM2-135M: hidden, MLP, layers, k/v width (3 heads x 64)
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
     assert res["trainable_params"] == layers * sum(2 * 4 * (i + o) for i, o in shapes)  # 2 pairs of r (in + out)
-    estimate.main(["--model", "smollm2-135m", "--adapter", "loha.LoHa", "--r", "4", "--json"])
+    main(["--model", "smollm2-135m", "--adapter", "loha.LoHa", "--r", "4", "--json"])
     assert json.loads(capsys.readouterr().out)["trainable_params"] == res["trainable_params"]
 
 

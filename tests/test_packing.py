@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from lightning_lora.train.data import InstructionDataModule
 from lightning_lora.train.loss import causal_lm_loss
-from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, first_fit, padding_share
+from lightning_lora.train.packing import collate_packed, first_fit, padding_share
+from lightning_lora.train.sampler import EpochSampler
 from tiny_assets import make_tiny_model_dir
 from tiny_models import adapted_for_training
 
@@ -110,7 +111,7 @@ def test_first_fit_respects_capacity_and_keeps_overlong_items_alone():
 def test_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(3, 64, (400,), generator=g).tolist()
-    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0)
+    sampler = EpochSampler(len(lengths), batch_size=4, seed=0, lengths=lengths)
     sampler.set_epoch(0)
     first = list(sampler)
     assert sorted(first) == list(range(400)) and first == list(sampler)

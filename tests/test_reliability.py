@@ -180,21 +180,20 @@ def test_adapter_callback_and_lora_module_stop_on_non_finite_loss():
 
 
 KILLABLE_FIT = """
-import functools, os, signal, sys
+import functools, json, os, signal, sys
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 import lightning_lora as ll
+from lightning_lora.train.data import InstructionDataModule
 from lightning_lora.train.module import LoRAModule
+from lightning_lora.train.resume import RunCheckpoint
 
 mode, tiny, root = sys.argv[1:4]
 seed_everything(0)
-gen = torch.Generator().manual_seed(5)
-batches = []
-for _ in range(3):  # 3 batches per epoch, same order every epoch
-    ids = torch.randint(0, 300, (2, 16), generator=gen)
-    batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+data = os.path.join(root, "pairs.jsonl")
+with open(data, "w") as fh:  # 12 training examples of varied lengths: 3 batches an epoch, shuffled, grouped by length
+    for i in range(14):
+        fh.write(json.dumps({"prompt": "word " * (i % 5 + 1), "response": "answer " * (i % 3 + 1) + str(i)}) + "\\n")
 
 
 class KillAt(Callback):
@@ -203,18 +202,19 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-module = LoRAModule(tiny, adapter=ll.LoRA(r=4), optimizer=functools.partial(torch.optim.AdamW, lr=5e-3))
-checkpoint = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), every_n_train_steps=3, save_top_k=-1, save_last=True)
+module = LoRAModule(tiny, adapter=ll.LoRA(r=4, dropout=0.2), optimizer=functools.partial(torch.optim.AdamW, lr=5e-3))
+checkpoint = RunCheckpoint(every_n_steps=3, dirpath=os.path.join(root, "ckpt"))
 trainer = Trainer(max_steps=9, callbacks=[checkpoint] + ([KillAt()] if mode == "kill" else []), logger=False,
-                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
 resume = os.path.join(root, "ckpt", "last.ckpt") if mode == "resume" else None
-trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=resume)
+trainer.fit(module, InstructionDataModule(data, max_length=32, batch_size=4, val_fraction=0.1), ckpt_path=resume)
 ll.save_adapter(module.model, os.path.join(root, "adapter"))
 """
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """Shuffled, length-grouped data and adapter dropout: the resumed run must see the same batches and masks."""
     from tiny_assets import make_tiny_model_dir
 
     tiny = str(make_tiny_model_dir(tmp_path / "tiny"))
@@ -224,6 +224,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     def run(mode, root):
         return subprocess.run([sys.executable, str(script), mode, tiny, str(root)], capture_output=True, timeout=600)
 
+    (tmp_path / "full").mkdir()
+    (tmp_path / "interrupted").mkdir()
     full = run("full", tmp_path / "full")
     assert full.returncode == 0, full.stderr.decode()[-3000:]
     killed = run("kill", tmp_path / "interrupted")
@@ -234,8 +236,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     a = files.load_tensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     b = files.load_tensors(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert all(torch.equal(a[key], b[key]) for key in a)  # bit for bit
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # it really trained
 
 

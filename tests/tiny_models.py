@@ -43,6 +43,17 @@ def adapted_for_training(kind: str):
     return model.train()
 
 
+def unpacked_loss(model: torch.nn.Module, examples: list[dict]) -> torch.Tensor:
+    """Hugging Face's mean loss over the labeled tokens of ``examples`` ({"input_ids", "labels"} 1-D), each run alone:
+    the reference for packed rows."""
+    total = count = 0
+    for b in examples:
+        n = int((b["labels"][1:] != -100).sum())
+        total = total + model(input_ids=b["input_ids"][None], labels=b["labels"][None], use_cache=False).loss * n
+        count += n
+    return total / count
+
+
 def q8_0(w: torch.Tensor) -> torch.Tensor:
     """Q8_0 as ggml defines it: blocks of 32 along a row, d = max|x| / 127 stored as f16, q = round(x / d)."""
     blocks = w.reshape(-1, 32)

@@ -5,9 +5,15 @@
 - ``data:`` takes any LightningDataModule by ``class_path`` (``lightning_lora.train.data.InstructionDataModule``, ...).
 - ``auto_configure_optimizers=False``: LightningCLI's own ``--optimizer`` would build the optimizer from
   ``model.parameters()`` at parse time, before the model exists (REFERENCE section 4); ``model.optimizer`` is used.
-- Runs of any length work: the last step validates (``ValidateAtEnd``), a ``last.ckpt`` is always written
-  (``ModelCheckpoint(save_last=True)`` unless the config has its own), and an integer ``val_check_interval`` counts
+- Runs of any length work: the last step validates (``ValidateAtEnd``), a ``last.ckpt`` is always written, also
+  every ``checkpoint_every_n_steps`` steps and every ``checkpoint_every_minutes`` minutes (top-level keys; a
+  ``RunCheckpoint`` unless the config has its own ``ModelCheckpoint``), and an integer ``val_check_interval`` counts
   steps across epochs (``check_val_every_n_epoch: null``), so it may exceed one epoch of a small data set.
+- Resuming (``--ckpt_path .../version_N/checkpoints/last.ckpt``) logs and checkpoints into that same ``version_N``
+  folder (``train/resume.py``); it resumes exactly, mid-epoch too.
+- Ctrl-C / SIGTERM during ``fit`` write ``last.ckpt`` at the end of the step and print one line with its path and the
+  command that resumes it; exit status 130 / 143 (``train/interrupts.py``). A run that fails before training a
+  step or writing a checkpoint leaves no ``version_N`` folder behind.
 - ``validate_before_fit`` (top level, default true) validates before ``fit`` (the restored adapter when resuming
   with ``--ckpt_path``); the before and after figures end up in the run summary printed at the end of ``fit``.
 - Output: one progress bar in steps (``StepProgressBar``), learning rates logged per group (``LearningRateMonitor``),
@@ -17,16 +23,22 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_lora.commands.errors import run_command
+from lightning_lora.train.interrupts import Interrupted, Interrupts
 from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
 from lightning_lora.train.precision import auto_precision
 from lightning_lora.train.progress import StepProgressBar
+from lightning_lora.train.resume import NOT_EMPTY, RunCheckpoint, discard_empty_run, run_folder
 from lightning_lora.train.summary import RunSummary, ValidateAtEnd
 
 _COMMANDS = ("fit", "validate", "test")
@@ -46,22 +58,37 @@ class LoRACLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         self.summary = RunSummary()
+        self.interrupts = Interrupts()
+        self._new_run_dir: str | None = None  # the version folder this run creates (removed if it fails empty)
         raising = {"exit_on_error": False}  # parse errors raise, so the command can put them on one line
         kwargs.setdefault("parser_kwargs", {**raising, **{c: raising for c in (*_COMMANDS, "predict")}})
+        if kwargs.get("run", True):  # Ctrl-C / SIGTERM end the command through Interrupted (train/interrupts.py)
+            self.interrupts.install()
         try:
             super().__init__(*args, **kwargs)
-        except Exception as exc:  # give commands/errors.py what it needs to name the config key
-            config = getattr(self, "config", None)
+        except BaseException as exc:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and rank_zero_only.rank == 0:
+                discard_empty_run(self._new_run_dir, trained=trainer.global_step > self.summary.start_step)
+            if not isinstance(exc, Exception):
+                raise
+            config = getattr(self, "config", None)  # give commands/errors.py what it needs to name the config key
             sub = config.get("subcommand") if config is not None and hasattr(config, "get") else None
             exc.lightning_lora_config = _flat(config.get(sub) if sub else config) if config is not None else {}
             exc.lightning_lora_parser = getattr(self, "parser", None)
             raise
+        finally:
+            self.interrupts.uninstall()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--validate_before_fit", type=bool, default=True,
             help="fit: validate once before training, so the summary compares perplexity before and after",
         )  # fmt: skip
+        parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
+                            help="fit: also write last.ckpt every this many steps (the configs: 10)")  # fmt: skip
+        parser.add_argument("--checkpoint_every_minutes", type=float | None, default=10.0,
+                            help="fit: also write last.ckpt when this many minutes passed since the last one")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
@@ -74,17 +101,26 @@ class LoRACLI(LightningCLI):
             trainer["check_val_every_n_epoch"] = None  # count steps across epochs: short data sets work too
 
     def instantiate_trainer(self, **kwargs):
-        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})  # run=False: no subcommand level
+        top = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: no subcommand level
+        config = top.get("trainer", {})
         given = list(config.get("callbacks") or [])
-        extra = [ValidateAtEnd(), self.summary]
+        extra = [ValidateAtEnd(), self.summary, self.interrupts]
         checkpointing = config.get("enable_checkpointing", True) is not False
         if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in given):
-            extra.append(ModelCheckpoint(save_last=True))
+            extra.append(RunCheckpoint(every_n_steps=top.get("checkpoint_every_n_steps"),
+                                       every_minutes=top.get("checkpoint_every_minutes")))  # fmt: skip
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(StepProgressBar())
         if config.get("logger", True) is not False and self.subcommand == "fit":
             extra.append(LearningRateMonitor(logging_interval="step"))
-        return super().instantiate_trainer(callbacks=given + extra, **kwargs)
+        resumed = run_folder(top.get("ckpt_path")) if self.subcommand == "fit" else None
+        if resumed is not None and config.get("logger") in (None, True):  # resume into the run's own version folder
+            kwargs.setdefault("logger", _default_logger(resumed))
+            warnings.filterwarnings("ignore", message=NOT_EMPTY)  # any ModelCheckpoint: that folder is the run's
+        trainer = super().instantiate_trainer(callbacks=given + extra, **kwargs)
+        log_dir = trainer.log_dir if self.subcommand == "fit" and rank_zero_only.rank == 0 else None
+        self._new_run_dir = log_dir if log_dir and not os.path.exists(log_dir) else None
+        return trainer
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("validate_before_fit"):
@@ -102,6 +138,47 @@ class LoRACLI(LightningCLI):
         print(("after training: " + after + "\n" if after else "") + "run summary:\n  " + "\n  ".join(lines))
 
 
+def _default_logger(run_dir):
+    """Lightning's default logger (TensorBoard, else CSV), writing into the existing ``run_dir`` (a version folder)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return CSVLogger(save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name)
+    return TensorBoardLogger(save_dir=run_dir.parent.parent, name=run_dir.parent.name, version=run_dir.name)
+
+
+def _shown(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """``python -m lightning_lora <argv>`` with ``--ckpt_path checkpoint`` in place of any earlier one."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    return shlex.join(["python", "-m", "lightning_lora", *args, "--ckpt_path", _shown(checkpoint)])
+
+
+def interrupted_line(stop: Interrupted, argv: list[str]) -> str:
+    """The one line an interrupted command prints: what stopped, where the checkpoint is, how to resume."""
+    if stop.checkpoint is None:
+        given = next((a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv, [*argv[1:], ""])
+                      if a == "--ckpt_path" or a.startswith("--ckpt_path=")), None)  # fmt: skip
+        if given:
+            return f"interrupted ({stop.name}) before training resumed; resume with: {resume_command(argv, given)}"
+        return f"interrupted ({stop.name}) before any checkpoint was written: nothing to resume"
+    when = f"after step {stop.step}" if stop.step is not None else "before training"
+    what = "saved" if stop.saved else "stopped at once; last checkpoint"
+    return (f"interrupted ({stop.name}) {when}: {what} {_shown(stop.checkpoint)}; "
+            f"resume with: {resume_command(argv, stop.checkpoint)}")  # fmt: skip
 def names_model_class(argv: list[str]) -> bool:
     """Whether a ``--config`` file gives ``model:`` a ``class_path`` (``configs/dpo.yaml``: ``DPOModule``), or the
     command line does (``--model.class_path``): then any ``LoRAModule`` subclass is accepted; otherwise the model is
@@ -140,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _COMMANDS:
         sys.exit("usage: python -m lightning_lora {fit,validate,test} --config CONFIG.yaml [--print_config] [overrides]")
-    run_command(make_cli, argv)
+    try:
+        run_command(make_cli, argv)
+    except Interrupted as stop:
+        if rank_zero_only.rank == 0:
+            print(interrupted_line(stop, argv), file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

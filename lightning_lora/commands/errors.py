@@ -13,7 +13,6 @@ The library raises ordinary exceptions (the Python API keeps them); only a comma
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import os
 import re
@@ -55,9 +54,10 @@ def one_line(exc: BaseException) -> str:
     typo = _typo(outer, getattr(exc, "lightning_lora_parser", None))
     exc = _innermost(exc)
     message = _squash(str(exc)) or type(exc).__name__
-    nested = _nested(outer) if typo is None else None
-    if typo is not None:
-        what, key, fix = typo
+    known = typo or _required(outer) or _wrong_type(exc, outer)
+    nested = _nested(outer) if known is None else None
+    if known is not None:
+        what, key, fix = known
     elif nested is not None:
         what, key = nested
         what, fix = split_message(what)
@@ -117,6 +117,43 @@ def _nested(message: str) -> tuple[str, str] | None:
             keys.append("init_args")
     what = re.sub(r"^Problem with given class_path '[^']+': ", "", parts[-1]).strip()
     return what or message, ".".join(keys)
+
+
+_TYPE_FIX = {"float": "give a number, e.g. 0.001 or 1e-3", "int": "give a whole number, e.g. 8",
+             "bool": "give true or false", "str": "give a text value"}  # fmt: skip
+
+
+def _required(message: str) -> tuple[str, str, str] | None:
+    """``(what, key, fix)`` for "the following arguments are required: fit.model.base_model" (no config given)."""
+    m = re.search(r"arguments are required: ([\w., -]+)", message)
+    if not m:
+        return None
+    keys = [k.strip().split(".", 1)[-1] if k.strip().startswith(("fit.", "validate.", "test.")) else k.strip()
+            for k in m.group(1).split(",")]  # fmt: skip
+    return (f"no value for {', '.join(keys)}", keys[0], "pass a config, e.g. --config configs/quickstart.yaml "
+            "(configs/ has one per method), or set it on the command line, e.g. --model.base_model smollm2-135m-instruct")
+
+
+def _wrong_type(exc: BaseException, message: str) -> tuple[str, str, str] | None:
+    """``(what, key, fix)`` for a value of the wrong type deep inside jsonargparse's union report (``lr: 1e-3x``):
+    its innermost cause reads "Expected a <class 'float'>. Got value: 1e-3x"."""
+    seen, deep = set(), exc
+    while deep.__cause__ is not None and id(deep) not in seen:
+        seen.add(id(deep))
+        deep = deep.__cause__
+    m = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)$", _squash(str(deep)))
+    if not m:
+        return None
+    kind, value = m.groups()
+    parts = re.split(r'Parser key "([^"]+)":', message)
+    keys = []
+    for i, (key, rest) in enumerate(zip(parts[1::2], parts[2::2])):
+        keys.append(key)
+        if 2 * i + 3 < len(parts) and ("callable class" in rest or "class_path" in rest):
+            keys.append("init_args")  # a class given by class_path: its own arguments sit under init_args
+    key = ".".join(keys) or None
+    name = keys[-1] if keys else "a value"
+    return f"{name} must be a {kind}, got {value!r}", key, _TYPE_FIX.get(kind, f"give a {kind}")
 
 
 def _generic_fix(exc: BaseException) -> str:
@@ -197,11 +234,12 @@ def _parser_keys(parser) -> set[str]:
 
 
 def _init_args(class_path: str) -> list[str]:
-    module_name, _, name = class_path.rpartition(".")
+    from lightning_lora.core.imports import import_class  # only on an error: this module stays free of torch
+
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = import_class(class_path)
         return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ValueError, TypeError):
         return []
 
 

@@ -1,252 +1,17 @@
-"""``python -m lightning_lora estimate``: will a fine-tune fit? Memory of an adapter fine-tune from architecture numbers.
-
-Parameters are counted exactly: the model is built on the meta device (no memory, no download) from a preset, a
-``config.json`` or a local Hugging Face folder, and our own ``inject`` puts the real branches of any registered method
-(``--adapter lora``, ``dora``, ``vera`` or a ``module.Class`` path) on it, so target matching is the library's.
-Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
-
-- weights: every base parameter at ``--dtype``; with ``--quantize nf4`` the linear layers that ``"all-linear"``
-  selects (not the output head) are NF4, block 64: 4 bits + one absmax per block, fp32 (4.5 bits/param) or, with
-  double quantization (QLoRA, arXiv:2305.14314, section 3), 8-bit absmax + one fp32 per 256 blocks
-  (4 + 8/64 + 32/(64*256) = 4.127 bits/param). Embeddings, norms and lm_head stay at ``--dtype``.
-- adapters, gradients: trainable parameters at ``--adapter-dtype`` (default ``--dtype``, as the QLoRA reference code
-  casts its LoRA modules to bf16); VeRA adds its shared frozen projections (r x max_in + max_out x r).
-- optimizer: torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x adapter bytes per param, plus a
-  4-byte step per tensor); bitsandbytes AdamW8bit 2 bytes + fp32 absmax per 256-block per state; SGD (no momentum) 0.
-- activations, per decoder layer and token, for a Llama block with SDPA/flash attention (no s^2 score matrix; eager
-  attention would add 4 x heads x seq bytes per token), a = activation bytes (``--dtype``), counting the tensors
-  autograd keeps for backward (the approach of Korthikanti et al., arXiv:2205.05198, section 4, redone for HF Llama
-  and checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on CPU):
-
-      8h + 8              two RMSNorms keep their input in fp32 (HF upcasts) and the fp32 1/rms
-    + a (3h + 2 kv)       q/k/v input (norm output), q and k after RoPE, v (kv = kv_heads x head_dim), attention output
-    + 4 heads             SDPA's fp32 logsumexp
-    + a (h + 4m)          gate/up input (norm output); gate, silu(gate), up, product (m = intermediate size)
-    + per adapted linear  the method's own ``activation_bytes`` (the method contract): LoRA: a r; DoRA: a (r + out);
-                          VeRA: a (2r + out); for LoRA/DoRA an adapter dtype other than ``--dtype`` adds the input
-                          cast to it (in x adapter bytes)
-
-  i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
-  checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
-  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
-  term. Hugging Face's loss (``--loss-chunk-size 0``) holds every position's logits: positions x vocab x 12 bytes,
-  the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and of its backward (saved
-  log-softmax + two fp32 gradients). The labeled-only loss of ``LoRAModule`` (``train/loss.py``, the default here)
-  holds one chunk of ``--loss-chunk-size`` rows (512; at most the tokens) at a time, computing its gradient in
-  forward: chunk x vocab x (4 + a) bytes (fp32 logits turned into their gradient in place, plus the ``--dtype``
-  copy the matmul reads; 4 in fp32), plus the gathered labeled hidden states (a h per token, an upper bound: every
-  token labeled), plus their gradient, kept until backward (a h per token). The loss runs after the last layer and
-  before backward recomputes any layer, so with checkpointing the peak is the kept layer inputs and loss gradient +
-  the larger of the two.
-  Packing (``--packing``) lays examples end to end: batch x seq counts real tokens, and transformers' sdpa/eager
-  path adds a block-diagonal boolean mask (batch x seq x seq bytes; none with a varlen flash-attention kernel).
-  Assumed: no dropout (a mask adds 1 byte per adapted input); frozen embeddings (the first layer then keeps a little
-  less: an upper bound).
-- overhead: a fixed 0.5 GB for the CUDA context, cuBLAS workspace and allocator slack (``--overhead-gb``); the
-  context alone is ~0.3-0.5 GB on recent GPUs with lazy module loading. Fragmentation beyond that is not modelled.
-
-It fits when the total is at most ``--gpu-memory`` GB (1e9 bytes; note a "48 GB" card holds 48 GiB = 51.5 GB).
-"""
+"""``python -m lightning_lora estimate``: will a fine-tune fit? Parses the options and prints the table (or JSON);
+the counts and the formulas are the library's (``lightning_lora/estimate/``)."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
-import re
-
-import torch
-from torch import nn
 
 import lightning_lora  # noqa: F401  (the built-in methods and the NF4 kind register on import)
 from lightning_lora.commands import command_args
-from lightning_lora.commands.presets import ALIASES, PRESETS, model_config  # noqa: F401 (model_config: public here too)
-from lightning_lora.core.kinds import in_out_features
-from lightning_lora.core.layer import METHODS, AdapterConfig
-from lightning_lora.core.targets import find_targets
-from lightning_lora.core.verbs import adapter_layers, inject, remove
-from lightning_lora.train.checkpointing import check_mode
+from lightning_lora.estimate.memory import GB, GIB, OPTIMIZERS, adapter_names, estimate
+from lightning_lora.estimate.presets import ALIASES, PRESETS
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
-GB, GIB = 10**9, 2**30
-
-
-@functools.lru_cache(maxsize=2)
-def _meta_model(config_json: str) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = json.loads(config_json)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def adapter_names() -> list[str]:
-    """The registered methods' names, lower case (``--adapter`` choices; a ``module.Class`` path also works)."""
-    return [name.lower() for name in METHODS]
-
-
-def adapter_config(adapter: str | AdapterConfig, r: int, target_modules) -> AdapterConfig:
-    """An adapter config: given, a registered method's name (any case) or a ``module.Class`` path, with ``r``."""
-    if isinstance(adapter, AdapterConfig):
-        return adapter
-    by_name = {name.lower(): cls for name, cls in METHODS.items()}
-    cls = by_name.get(str(adapter).lower())
-    if cls is None and "." in str(adapter):
-        import importlib
-
-        module, _, name = str(adapter).rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import adapter class {adapter!r}: {err}.") from None
-        if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
-            raise ValueError(f"{adapter!r} is not an AdapterConfig subclass.")
-    if cls is None:
-        raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(adapter_names())} or a module.Class path.")
-    return cls(r=r, target_modules=target_modules)
-
-
-def count(config, adapter) -> dict:
-    """Exact counts on a meta-device model with ``adapter`` injected (then removed again)."""
-    model = _meta_model(config.to_json_string(use_diff=False))
-    base = sum(p.numel() for p in model.parameters())
-    linears = find_targets(model, "all-linear", None)
-    quantizable = [model.get_submodule(n).weight.numel() for n in linears]
-    inject(model, adapter)
-    try:
-        layers = adapter_layers(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        tensors = sum(1 for p in model.parameters() if p.requires_grad)
-        shapes = {n: in_out_features(m.base_layer) for n, m in layers.items()}
-        shared = next(iter(layers.values())).adapters["default"].shared
-        frozen = sum(t.numel() for t in adapter.shared_tensors(shared).values())  # VeRA's projections
-    finally:
-        remove(model)
-    return dict(base=base, trainable=trainable, tensors=tensors, quantizable=quantizable, shapes=shapes, frozen=frozen)
-
-
-def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
-    """Bytes bitsandbytes stores for one NF4 tensor: packed 4-bit data, an absmax per block (fp32, or with double
-    quantization uint8 + an fp32 absmax per 256 blocks + an fp32 offset) and the code tables (16 / 256 fp32)."""
-    blocks = math.ceil(numel / blocksize)
-    absmax = blocks + 4 * math.ceil(blocks / 256) + 4 + 1024 if double_quant else 4 * blocks
-    return math.ceil(numel / 2) + absmax + 64
-
-
-def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> int:
-    """The loss's peak (module docstring): every position's logits x 12 bytes (Hugging Face's, ``loss_chunk_size``
-    0), or one chunk's x (4 + a) plus the gathered labeled rows and their kept gradient (``train/loss.py``)."""
-    tokens = batch * seq
-    if loss_chunk_size <= 0:
-        return tokens * 12 * config.vocab_size
-    per_logit = 4 + (a if a != 4 else 0)
-    return min(loss_chunk_size, tokens) * per_logit * config.vocab_size + 2 * tokens * a * config.hidden_size
-
-
-def activation_bytes(config, shapes: dict, adapter: AdapterConfig, batch: int, seq: int, a: int, adapter_b: int,
-                     checkpointing: bool, loss_chunk_size: int = 0, packing: bool = False,
-                     offload: bool = False) -> int:
-    """Peak activation bytes kept for backward on the device (formula in the module docstring)."""
-    h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
-    kv = getattr(config, "head_dim", None) or h // heads
-    kv *= getattr(config, "num_key_value_heads", None) or heads
-    per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
-    mlp = [a * 4 * m] * L  # the MLP's own intermediates (gate, act(gate), up, product), dropped by "mlp" checkpointing
-    for name, (n_in, n_out) in shapes.items():
-        found = re.search(r"\.layers\.(\d+)\.", "." + name)
-        extra = adapter.activation_bytes(n_in, n_out, a, adapter_b)  # the method's own count
-        if found:
-            per_layer[int(found.group(1))] += extra
-            if ".mlp." in "." + name:
-                mlp[int(found.group(1))] += extra
-    tokens = batch * seq
-    loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
-    mask = batch * seq * seq if packing else 0
-    norm_and_mask = tokens * (4 * h + 4) + mask
-    if offload:  # saved tensors live in host memory; one layer's come back (with checkpointing: its input too)
-        return mask + max(tokens * (max(per_layer) + a * h), loss)
-    if checkpointing == "mlp":  # each MLP keeps its input (already counted); backward recomputes one MLP at a time
-        return tokens * (sum(per_layer) - sum(mlp)) + norm_and_mask + max(tokens * max(mlp), loss)
-    if checkpointing:
-        kept_loss_grad = tokens * a * h if loss_chunk_size > 0 else 0  # the rows' gradient, until backward
-        return tokens * L * a * h + norm_and_mask + kept_loss_grad + max(tokens * max(per_layer), loss - kept_loss_grad)
-    return tokens * sum(per_layer) + norm_and_mask + loss
-
-
-def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", r: int = 64, target_modules="all-linear",
-             quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
-             gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
-             adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
-             loss_chunk_size: int = 512, packing: bool = False, offload_activations: bool = False) -> dict:
-    """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r (the rank) must be a positive integer, got {r!r}.")
-    if batch_size <= 0 or seq_len <= 0:
-        raise ValueError(f"batch size and sequence length must be positive, got {batch_size} x {seq_len}.")
-    adapter_dtype = adapter_dtype or dtype
-    for d in (dtype, adapter_dtype):
-        if d not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPE_BYTES)}.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    if quantize not in (None, "none", "nf4"):
-        raise ValueError(f"unknown quantization {quantize!r}; use nf4 (or leave it out).")
-    quantize = None if quantize == "none" else quantize
-    config, cfg = model_config(model), adapter_config(adapter, r, target_modules)
-    r = getattr(cfg, "r", r)
-    c = count(config, cfg)
-    a, ab = DTYPE_BYTES[dtype], DTYPE_BYTES[adapter_dtype]
-    quantized = sum(c["quantizable"]) if quantize else 0
-    weights = (c["base"] - quantized) * a + sum(nf4_bytes(n, double_quant) for n in c["quantizable"] if quantize)
-    adapters = (c["trainable"] + c["frozen"]) * ab
-    states = {"adamw": 2 * c["trainable"] * ab + 4 * c["tensors"],
-              "adamw8bit": 2 * c["trainable"] + 8 * math.ceil(c["trainable"] / 256), "sgd": 0}[optimizer]
-    if loss_chunk_size < 0:
-        raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
-    check_mode(gradient_checkpointing)
-    act = {ckpt: activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, ckpt,
-                                  loss_chunk_size, packing) for ckpt in (False, True, "mlp")}
-    on_device = act[gradient_checkpointing]
-    if offload_activations:
-        on_device = activation_bytes(config, c["shapes"], cfg, batch_size, seq_len, a, ab, gradient_checkpointing,
-                                     loss_chunk_size, packing, offload=True)
-    kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
-                 optimizer_bytes=states, activation_bytes=on_device,
-                 overhead_bytes=int(overhead_gb * GB))
-    total = sum(kinds.values())
-    naive = 2 * config.hidden_size * r * len(c["shapes"])
-    kinds_shapes = {}
-    for name, (n_in, n_out) in c["shapes"].items():
-        kinds_shapes.setdefault(f"{n_in}x{n_out}", []).append(name.rsplit(".", 1)[-1])
-    notes = []
-    pairs = sum(r * (n_in + n_out) for n_in, n_out in c["shapes"].values())  # a rank-r pair per adapted layer
-    if c["trainable"] >= pairs and any(s != (config.hidden_size,) * 2 for s in c["shapes"].values()):
-        shapes = ", ".join(f"{','.join(dict.fromkeys(v))} {k}" for k, v in kinds_shapes.items())
-        notes.append(
-            f"Why not {naive:,}? That popular figure ({len(c['shapes'])} matrices x 2 x {config.hidden_size} x {r}) "
-            f"treats every adapted matrix as {config.hidden_size} x {config.hidden_size}; the real (in x out) shapes "
-            f"are {shapes}, and a rank-r adapter on in x out has r (in + out) parameters: {c['trainable']:,} here."
-        )
-    if gpu_memory is not None and 0 <= gpu_memory * GB - total < 0.05 * gpu_memory * GB:
-        notes.append(f"Tight: under 5% headroom in {gpu_memory:g} GB; allocator fragmentation and backward transients "
-                     "are not modelled (shorter sequences, --optimizer adamw8bit or a smaller r give room).")
-    return dict(
-        model=model, adapter=adapter if isinstance(adapter, str) else cfg.method, r=r, target_modules=target_modules, quantize=quantize,
-        double_quant=bool(quantize) and double_quant, dtype=dtype, adapter_dtype=adapter_dtype, optimizer=optimizer,
-        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-        base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
-        quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
-        activation_bytes_checkpointing=act[True], activation_bytes_mlp_checkpointing=act["mlp"],
-        offload_activations=offload_activations, offloaded_bytes=act[gradient_checkpointing] - on_device,
-        loss_chunk_size=loss_chunk_size, packing=packing,
-        logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
-        logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
-        gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),
-        fits=None if gpu_memory is None else total <= gpu_memory * GB, notes=notes,
-    )
+DTYPES = "bf16, fp16, fp32 (or bfloat16, float16, float32, auto)"
 
 
 def render(res: dict) -> None:
@@ -255,7 +20,8 @@ def render(res: dict) -> None:
 
     quant = "bf16/fp16/fp32" if not res["quantize"] else "NF4 + double quant" if res["double_quant"] else "NF4"
     console = Console(width=max(Console().width, 110))
-    console.print(f"[bold]{res['model']}[/bold]: {res['base_params']:,} base parameters; {res['adapter']} r={res['r']} "
+    rank = "" if res["r"] is None else f" r={res['r']}"
+    console.print(f"[bold]{res['model']}[/bold]: {res['base_params']:,} base parameters; {res['adapter']}{rank} "
                   f"on {res['adapted_layers']} layers: {res['trainable_params']:,} trainable "
                   f"({100 * res['trainable_params'] / res['base_params']:.3f}%)")
     table = Table(title=f"memory, batch {res['batch_size']} x {res['seq_len']} tokens")
@@ -298,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = command_args(argv, "estimate")
     p = argparse.ArgumentParser(prog="python -m lightning_lora estimate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"preset ({', '.join([*PRESETS, *ALIASES])}), config.json or folder")
-    p.add_argument("--adapter", default="lora", help=f"{', '.join(adapter_names())} or a module.Class path")
-    p.add_argument("--r", type=int, default=64, help="rank (> 0)")
+    p.add_argument("--adapter", default="lora",
+                   help=f"{', '.join(adapter_names())}, a module.Class path, or a module defining a method")
+    p.add_argument("--r", type=int, default=None, help="rank (> 0), for a method that has one; default: the method's")
     p.add_argument("--target-modules", nargs="+", default=["all-linear"], help='names, globs, regexes or "all-linear"')
     p.add_argument("--quantize", choices=["none", "nf4"], default="none")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false")
@@ -310,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offload-activations", action="store_true",
                    help="saved activations in host memory (LoRAModule(offload_activations=True))")
     p.add_argument("--gpu-memory", type=float, default=None, help="GPU memory in GB (1e9 bytes)")
-    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="base weights and activations")
-    p.add_argument("--adapter-dtype", choices=list(DTYPE_BYTES), default=None, help="default: --dtype")
+    p.add_argument("--dtype", default="bf16", help=f"base weights and activations: {DTYPES}")
+    p.add_argument("--adapter-dtype", default=None, help="default: --dtype")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--overhead-gb", type=float, default=0.5)
     p.add_argument("--loss-chunk-size", type=int, default=512,
@@ -319,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--packing", action="store_true", help="examples packed end to end (adds sdpa's block mask)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
-    if args.r <= 0:
-        p.error(f"--r must be a positive integer (the LoRA rank), got {args.r}.")
+    if args.r is not None and args.r <= 0:
+        p.error(f"--r must be a positive integer (the rank), got {args.r}.")
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,

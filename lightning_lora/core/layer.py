@@ -170,12 +170,6 @@ class AdapterConfig:
         common = {f.name for f in dataclasses.fields(AdapterConfig)}
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in common}
 
-    # -- estimate -----------------------------------------------------------------------------------------------------
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """Bytes per token that one adapted (n_in -> n_out) layer keeps for backward beyond its base layer
-        (``commands/estimate.py``). Default: one output-wide tensor."""
-        return act_bytes * n_out
-
 
 class AdapterBranch(nn.Module):
     """One adapter on one layer. ``forward`` returns the layer's new output given the base output.
@@ -192,6 +186,7 @@ class AdapterBranch(nn.Module):
         self.config = config
         kind = None if base_layer is None else kind_of(base_layer)
         self.kind_name = None if kind is None else kind.name  # a name, so modules stay picklable
+        self.in_out = None if kind is None else kind.in_out(base_layer)  # (in, out) of the layer it adapts
         self.shared = shared
 
     @property
@@ -245,6 +240,15 @@ class AdapterBranch(nn.Module):
         embedding; batched (E, out, r), (E, r, in) on an MoE expert stack), for ``combine``. A method whose update is no low-rank product raises ValueError with its own
         reason (one sentence, shown by ``combine`` and ``set_adapter``)."""
         raise ValueError(f"a {self.config.method} update is not an additive low-rank product B A.")
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """Bytes per token this branch keeps for backward beyond its base layer, with activations of ``act_bytes``
+        and adapter tensors of ``adapter_bytes`` per element (the estimator asks every branch: it knows its kind,
+        its layer's shape and name, and its own sizes). Default: one output-wide tensor. An older outside method's
+        config-level ``activation_bytes(n_in, n_out, act_bytes, adapter_bytes)`` is still used."""
+        n_in, n_out = self.in_out
+        legacy = getattr(self.config, "activation_bytes", None)
+        return act_bytes * n_out if legacy is None else legacy(n_in, n_out, act_bytes, adapter_bytes)
 
     def param_roles(self) -> dict[str, str]:
         """LoRA+ role of each own parameter (one of ``ROLES``): ``slow`` (lr), ``fast`` (lr * ratio), ``vector``

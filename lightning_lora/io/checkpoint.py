@@ -9,13 +9,13 @@ adapter config as ``class_path``/``init_args``, adapter name, quantization, dtyp
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_lora.core.imports import import_class
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_state_dict
 
@@ -80,10 +80,7 @@ def adapter_from_spec(spec: dict) -> AdapterConfig:
     path = spec.get("class_path", "lightning_lora.LoRA")
     if "." not in path:
         path = f"lightning_lora.{path}"
-    module_name, _, cls_name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)):
-        raise ValueError(f"adapter class_path {path!r} is not a lightning_lora adapter config (a subclass of AdapterConfig).")
+    cls = import_class(path, AdapterConfig, "adapter class_path")
     return cls(**(spec.get("init_args") or {}))
 
 

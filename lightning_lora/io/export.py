@@ -43,10 +43,8 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _cast(model: nn.Module, dtype: str | None) -> nn.Module:
-    if dtype in (None, "auto"):
-        return model
-    dtype = parse_dtype(dtype)
-    return model if dtype == torch.float32 else model.to(dtype)
+    dtype = None if dtype is None else parse_dtype(dtype, auto=True)
+    return model if dtype in (None, "auto", torch.float32) else model.to(dtype)
 
 
 def export(

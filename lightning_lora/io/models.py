@@ -122,7 +122,7 @@ def resolve_model_path(base_model: str | os.PathLike) -> Path | str:
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
-    return dtype if dtype == "auto" else parse_dtype(dtype)
+    return parse_dtype(dtype, auto=True)
 
 
 def load_tokenizer(base_model: str | os.PathLike, trust_remote_code: bool = False):

@@ -76,9 +76,6 @@ class DoRA(LoRA):
             return None
         return cls(**cls._peft_fields(peft_config))
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """LoRA's plus the output y (out wide), which the magnitude's gradient reads."""
-        return super().activation_bytes(n_in, n_out, act_bytes, adapter_bytes) + act_bytes * n_out
 
 
 def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tensor | None = None) -> Tensor:
@@ -253,6 +250,10 @@ class DoRABranch(LoRABranch):
     def peft_tensors(self) -> dict[str, Tensor]:
         shape = self.kind.peft_vector_shape(self.magnitude.shape[0])
         return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude.view(shape)}
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """LoRA's plus the output y (out wide), which the magnitude's gradient reads."""
+        return super().activation_bytes(act_bytes, adapter_bytes) + act_bytes * self.in_out[1]
 
     def param_roles(self) -> dict[str, str]:
         return {**super().param_roles(), "magnitude": "vector"}

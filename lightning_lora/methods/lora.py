@@ -170,9 +170,6 @@ class LoRA(AdapterConfig):
                 config[field] = pattern
         return config
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """h = A x (r wide); an adapter dtype other than the activations' adds the input cast to it."""
-        return act_bytes * self.r + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0)
 
 
 PEFT_PAIRS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
@@ -267,6 +264,10 @@ class LoRABranch(AdapterBranch):
         """Set B (out, r) and A (r, fan_in) as 2-D matrices (conv kinds: reshaped to (out, r, 1, ...), (r, in, *k))."""
         self.lora_B.copy_(B.reshape(self.lora_B.shape))
         self.lora_A.copy_(A.reshape(self.lora_A.shape))
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """h = A x (r wide, this layer's r); an adapter dtype other than the activations' adds the input cast."""
+        return act_bytes * self.r + (adapter_bytes * self.in_out[0] if adapter_bytes != act_bytes else 0)
 
     def param_roles(self) -> dict[str, str]:
         if self.kind.reversed_init:  # embedding adapters: their own learning rate

@@ -156,9 +156,6 @@ class VeRA(AdapterConfig):
         shared.B = tensors.get("vera_B", shared.B).float()
         shared._copies.clear()
 
-    def activation_bytes(self, n_in: int, n_out: int, act_bytes: int, adapter_bytes: int) -> int:
-        """u = A x and lambda_d * u (r wide each) and the output-wide lambda_b product."""
-        return act_bytes * (2 * self.r + n_out)
 
 
 class _VeRALinear(torch.autograd.Function):
@@ -233,6 +230,10 @@ class VeRABranch(AdapterBranch):
     def factors(self) -> tuple[Tensor, Tensor]:
         A, B = self.sliced()
         return self.lambda_b[:, None] * B, self.lambda_d[:, None] * A
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """u = A x and lambda_d * u (r wide each) and the output-wide lambda_b product."""
+        return act_bytes * (2 * self.config.r + self.n_out)
 
     def param_roles(self) -> dict[str, str]:
         return {"lambda_d": "vector", "lambda_b": "vector"}

@@ -136,6 +136,7 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
         raise ValueError("quantize: the model already has adapters; quantize the base first, then inject "
                          "(DoRA magnitudes and merges are taken from the weights at injection time).")
     plan, kept = [], {}
+    already = sum(1 for m in model.modules() if is_quantized(m))  # e.g. quantized layer by layer by LoftQ's init
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module):
             kind = kind_of(module)
@@ -158,9 +159,13 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     quantize_stacks(stacks, nf4, device)
+    how = f"(blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
     experts = f" and {len(stacks)} MoE expert stacks (each expert its own blocks)" if stacks else ""
-    log.info(f"quantize: {len(new)} linear layers{experts} to NF4 (blocksize {nf4.blocksize}, double_quant="
-             f"{nf4.double_quant})" + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
+    if already and not new and not stacks:
+        done = f"the base is NF4: {already} linear layers {how}"
+    else:
+        done = f"{len(new)} linear layers{experts} to NF4 {how}" + (f", {already} were NF4 already" if already else "")
+    log.info(f"quantize: {done}" + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
 
 

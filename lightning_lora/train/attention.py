@@ -20,19 +20,30 @@ is the sum of its copies'. A prefix-sharing row means nothing to transformers' o
 example off its prefix), so ``causal_lm_loss`` refuses such rows unless the model runs ``packed_attention``.
 
 How it plugs in: ``use_packed_attention(model)`` registers ``packed_attention`` with transformers'
-``AttentionInterface`` under ``NAME`` (with sdpa's mask function) and selects it. ``causal_lm_loss`` finds the
+``AttentionInterface`` under ``NAME`` (with sdpa's mask function) and selects it, but only after a one-time probe
+shows that every attention layer of the model calls it and the logits do not move (``probe.py``); a model whose
+attention does not dispatch that way (Falcon) is left as it was. ``causal_lm_loss`` finds the
 segments of packed rows and passes them down the model's forward as the ``packed_segments`` keyword, which
 transformers forwards to every attention call (also when gradient checkpointing recomputes a layer). Without that
-keyword the function *is* sdpa: generation, padded batches and everything else run exactly as before.
+keyword the function *is* sdpa: generation, padded batches and everything else run exactly as before. A model
+left on its own attention trains packed rows only if that attention keeps the examples apart (probed by
+``keeps_examples_apart``; gpt-oss's does not), and never with a shared prefix: ``causal_lm_loss`` refuses both by
+model type.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lora.train.probe import Verdict, cached, differs, frozen_modes, logits, num_layers, probe_ids, verdict
+
 NAME = "lightning_lora_packed"
+KEY = "packed attention"  # the probe's verdict, cached per model (probe.py)
 
 # A row's segments: (start, end, prefix_start, prefix_length) per example; prefix_length 0 means "restarts at 0".
 Segment = tuple[int, int, int, int]
@@ -123,26 +134,126 @@ def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
 
 
 def use_packed_attention(model: nn.Module) -> bool:
-    """Select ``packed_attention`` for ``model`` (a Hugging Face model running sdpa); True when it now does.
+    """Select ``packed_attention`` for ``model`` (a Hugging Face model running sdpa) if a probe proves it changes
+    nothing; True when the model now runs it.
 
-    Models on another backend (eager, flash, flex) or with sliding-window layers are left as they are (False): their
-    packed rows still train correctly through transformers' own block-diagonal mask, without a shared prefix.
+    The probe (once per model, ``probe.py``): on 2 tokens the logits with ``packed_attention`` equal the model's own
+    within 1e-5 and every attention layer called it (one call per decoder layer); on a row of two packed 2-token
+    examples, passing their segments, every layer used them and the logits equal those of each example run alone by
+    the model's own attention. Otherwise the model is left as it was (False, the reason logged): e.g. Falcon, whose
+    attention does not dispatch through ``AttentionInterface``. Models on another backend (eager, flash, flex) or
+    with sliding-window layers are left as they are too. Their packed rows train through transformers' own
+    block-diagonal mask where their attention keeps packed examples apart (``keeps_examples_apart``), without a
+    shared prefix.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current == NAME:
         return True
-    sliding = getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ())
-    if current != "sdpa" or sliding:
+    reason = _not_applicable(config)
+    if reason:
         return False
+    return verdict(model, KEY, _probe_packed_attention).ok
+
+
+def _not_applicable(config) -> str | None:
+    """Why ``packed_attention`` is not even tried for a model with this config (None: try it)."""
+    current = getattr(config, "_attn_implementation", None)
+    if current != "sdpa":
+        return f"it runs {current!r} attention, not sdpa"
+    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
+            getattr(config, "layer_types", None) or ()):
+        return "it has sliding-window layers, which packed attention does not implement"
+    return None
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[list[bool]]:
+    """``NAME`` registered as ``packed_attention`` that records each call (True when it got packed segments)."""
+    from transformers import AttentionInterface
+
+    calls: list[bool] = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("packed_segments") is not None)
+        return packed_attention(*args, **kwargs)
+
+    AttentionInterface.register(NAME, counting)
+    try:
+        yield calls
+    finally:
+        AttentionInterface.register(NAME, packed_attention)
+
+
+def _probe_packed_attention(model: nn.Module) -> Verdict:
+    """The one-time check of ``use_packed_attention`` (its docstring); selects the attention when it passes."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
     AttentionInterface.register(NAME, packed_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    config._attn_implementation = NAME
-    return True
+    config, layers = model.config, num_layers(model)
+    own = config._attn_implementation
+    ids, four = probe_ids(model, 2), probe_ids(model, 4, seed=1)
+    position_ids = torch.tensor([[0, 1, 0, 1]], device=four.device)
+    with frozen_modes(model):
+        reference = logits(model, ids)
+        apart = torch.cat([logits(model, four[:, :2]), logits(model, four[:, 2:])], dim=1)
+        config._attn_implementation = NAME
+        why = None
+        try:
+            with _counted() as calls:
+                plain = logits(model, ids)
+            segments = PackedSegments([[(0, 2, 0, 0), (2, 4, 2, 0)]])
+            with _counted() as packed_calls:
+                packed = logits(model, four, position_ids=position_ids, packed_segments=segments)
+        except Exception as err:  # noqa: BLE001 - any failure means "do not use it"; the reason is reported
+            why = f"its forward failed with it ({type(err).__name__}: {err})"
+        else:
+            if len(calls) != layers or len(packed_calls) != layers or not all(packed_calls):
+                why = (f"{len(calls)} of its {layers} attention layers called it ({sum(packed_calls)} with the "
+                       "packed segments)")
+            elif differs(reference, plain):
+                why = f"the logits changed: {differs(reference, plain)}"
+            elif differs(apart, packed):
+                why = f"packed examples differ from the same examples run alone: {differs(apart, packed)}"
+    if why:
+        config._attn_implementation = own
+        return Verdict(False, why)
+    return Verdict(True)
+
+
+def keeps_examples_apart(model: nn.Module) -> Verdict:
+    """Whether the model's own attention keeps the examples of a packed row apart (``position_ids`` restarting at 0,
+    no attention mask), as transformers' masks do for most families: a row of two 2-token examples gives the logits
+    of each example run alone, within 1e-5. Probed once per model."""
+    return verdict(model, "packing with its own attention", _probe_own_attention)
+
+
+def _probe_own_attention(model: nn.Module) -> Verdict:
+    four = probe_ids(model, 4, seed=1)
+    position_ids = torch.tensor([[0, 1, 0, 1]], device=four.device)
+    with frozen_modes(model):
+        apart = torch.cat([logits(model, four[:, :2]), logits(model, four[:, 2:])], dim=1)
+        try:
+            packed = logits(model, four, position_ids=position_ids)
+        except Exception as err:  # noqa: BLE001
+            return Verdict(False, f"its forward failed on a packed row ({type(err).__name__}: {err})")
+    why = differs(apart, packed)
+    return Verdict(False, f"the second example of a packed row sees the first: {why}") if why else Verdict(True)
+
+
+def packed_attention_status(model: nn.Module) -> Verdict:
+    """Whether ``model`` runs ``packed_attention``, and if not, why (not tried, not applicable, or the probe's
+    finding)."""
+    if runs_packed_attention(model):
+        return Verdict(True)
+    found = cached(model, KEY)
+    if found is not None:
+        return found
+    reason = _not_applicable(getattr(model, "config", None))
+    return Verdict(False, reason or "lightning_lora.train.attention.use_packed_attention(model) was not called "
+                   "after loading it (LoRAModule does)")
 
 
 def runs_packed_attention(model: nn.Module) -> bool:
@@ -150,5 +261,5 @@ def runs_packed_attention(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
 
 
-__all__ = ["NAME", "PackedSegments", "find_segments", "packed_attention", "runs_packed_attention",
-           "use_packed_attention"]
+__all__ = ["NAME", "PackedSegments", "find_segments", "keeps_examples_apart", "packed_attention",
+           "packed_attention_status", "runs_packed_attention", "use_packed_attention"]

@@ -36,7 +36,7 @@ from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.distributed import export_from_rank_zero, hf_source, shard_for
-from lightning_lora.train.guards import check_finite_loss
+from lightning_lora.train.guards import check_finite_adapter, check_finite_loss
 
 _ORIGINAL = "_lightning_lora_original_hooks"
 
@@ -124,6 +124,7 @@ class AdapterCallback(Callback):
 
         def on_save_checkpoint(checkpoint: dict) -> None:
             originals["on_save_checkpoint"](checkpoint)
+            check_finite_adapter(pl_module._trainer, callback.target_module(pl_module))  # never a NaN checkpoint
             keep_adapter_only(checkpoint, pl_module, callback.target_module(pl_module), callback._prefix())
             write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize)
 

@@ -39,7 +39,8 @@ from lightning_lora.train.conversations import (
     read_jsonl,
     read_text,
 )
-from lightning_lora.train.packing import LengthGroupedSampler, collate_packed, log_padding, log_shared_prefix
+from lightning_lora.train.packing import collate_packed, log_padding, log_shared_prefix
+from lightning_lora.train.sampler import EpochSampler, ResumableLoader
 
 __all__ = ["CHATTERBOT_PIP", "IGNORE", "Conversation", "InstructionDataModule", "TextDataModule", "chatterbot_pairs",
            "collate", "pydoc_text", "read_jsonl", "render", "tokenize_conversations"]
@@ -148,22 +149,26 @@ class _TokenizedDataModule(pl.LightningDataModule):
                          "(the run folder's config.yaml).")
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
+        """Training (``shuffle``): a ``ResumableLoader`` over an ``EpochSampler`` (seeded order per epoch, grouped by
+        length unless packing or plain rows; its position is saved in checkpoints, ``train/sampler.py``). Else the
+        examples in order."""
         pad = self.tokenizer.pad_token_id
         pad = (self.tokenizer.eos_token_id if pad is None else pad) or 0
         packing = self.packing
-        if packing is None:
-            return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              collate_fn=functools.partial(collate, pad_id=pad))
+        fn = collate if not packing else functools.partial(collate_packed, capacity=self.pack_length,
+                                                           share_prefix=self.share_prefix)  # fmt: skip
+        collate_fn = functools.partial(fn, pad_id=pad)
+        if not shuffle:
+            return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_fn)
         lengths = [len(x["input_ids"]) for x in data]
-        if shuffle:
+        if packing is not None:
             log_padding(lengths, self.batch_size, self.seed, packing, self.pack_length)
             if self.share_prefix:
                 log_shared_prefix(data, self.batch_size, self.seed)
-        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed) if shuffle and not packing else None
-        fn = functools.partial(collate_packed, capacity=self.pack_length, share_prefix=self.share_prefix) \
-            if packing else collate
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=functools.partial(fn, pad_id=pad))
+        sampler = EpochSampler(len(data), self.batch_size, self.seed, lengths=lengths if packing is False else None)
+        # its own generator: the loader draws nothing from the global RNG (a checkpoint restores that for dropout)
+        return ResumableLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                               collate_fn=collate_fn, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -159,6 +159,17 @@ class DPOModule(LoRAModule):
     def on_test_epoch_end(self) -> None:
         self._figures("test")
 
+    def run_facts(self) -> dict:
+        """The card's facts: the DPO figures in place of a validation loss (a perplexity of it would mean nothing)."""
+        facts = super().run_facts()
+        metrics = self.trainer.callback_metrics
+        figures = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in ("val_loss", "val_reward_accuracy",
+                                                                     "val_reward_margin") if k in metrics)  # fmt: skip
+        facts["data"] = f"{facts.get('data') or 'preference pairs'}; DPO (beta {self.beta:g})" + (
+            f", final validation: {figures}" if figures else "")
+        facts["val_loss"] = None
+        return facts
+
     def configure_callbacks(self) -> list:
         """LoRAModule's guards, without the token-weighted causal-LM loss (DPO's loss is a mean over pairs)."""
         return [c for c in super().configure_callbacks() if not isinstance(c, TokenWeightedLoss)]

@@ -23,8 +23,10 @@ fp32 per chunk and the sum over chunks is fp32, also when the model runs in bf16
 The model runs through its own ``forward`` (so FSDP2's hooks, attention masks, packed-sequence ``position_ids`` and
 gradient checkpointing behave as usual) with its output head swapped, for the duration of the call, for a stand-in
 that takes the last hidden states and returns the loss, applying the real head (``get_output_embeddings()``: a plain
-or adapted ``lm_head``, or tied to the input embeddings) to the labeled rows only. Models whose ``forward`` rescales logits after the head
-(``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``) fall back to Hugging Face's own loss.
+or adapted ``lm_head``, or tied to the input embeddings) to the labeled rows only. That swap is made only after a
+one-time probe per model (``probe.py``) shows that the model calls its head once, on the hidden states the real
+head gets, and returns the head's output untouched; models whose ``forward`` changes the logits after the head
+(Gemma 2's soft-capping, Granite's ``logits_scaling``) fall back to Hugging Face's own loss, with one log line.
 
 Example (an ``AdapterCallback`` user's ``training_step``)::
 
@@ -46,12 +48,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lora.train.attention import find_segments, runs_packed_attention
+from lightning_lora.train.attention import (
+    find_segments,
+    keeps_examples_apart,
+    packed_attention_status,
+    runs_packed_attention,
+)
+from lightning_lora.train.probe import Verdict, differs, frozen_modes, logits, model_type, probe_ids, verdict
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 CHUNK_SIZE = 512
-_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class _LossHead(nn.Module):
@@ -203,8 +210,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
         returns NaN.
     """
     kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
-    config = getattr(model, "config", None)
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING):
+    if not head_swap_verdict(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                     use_cache=False, **kwargs)
         count = labeled_count(labels)
@@ -227,10 +233,9 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
 
 
 def rescales_logits(model: nn.Module) -> bool:
-    """Whether ``model``'s forward changes the logits after the head (softcapping, logit scales): a stand-in head
-    would then skip that."""
-    config = getattr(model, "config", None)
-    return any(getattr(config, key, None) not in (None, 1, 1.0) for key in _RESCALING)
+    """Whether a stand-in head would skip something ``model``'s forward does after its head (softcapping, logit
+    scales): the negative verdict of the one-time probe ``head_swap_verdict``."""
+    return not head_swap_verdict(model)
 
 
 def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -240,7 +245,7 @@ def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask:
     other heads than the loss's, e.g. DPO's per-example log-probabilities (``train/dpo.py``).
 
     Raises:
-        ValueError: the model rescales logits after its head (``rescales_logits``).
+        ValueError: the probe found that the model changes its logits after the head (``rescales_logits``).
     """
     if rescales_logits(model):
         raise ValueError(f"{type(model).__name__} rescales its logits after the head; a stand-in head would skip "
@@ -254,7 +259,8 @@ def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask:
 
 def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                     position_ids: Tensor | None) -> dict:
-    """``{"packed_segments": ...}`` when the rows are packed and the model runs ``train/attention.py``'s attention."""
+    """``{"packed_segments": ...}`` when the rows are packed and the model runs ``train/attention.py``'s attention;
+    {} when they are not packed, or when the model's own attention keeps packed examples apart. Refuses the rest."""
     if position_ids is None or attention_mask is not None:
         return {}
     segments = find_segments(position_ids.expand(input_ids.shape))
@@ -263,12 +269,54 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     if runs_packed_attention(model):
         return {"packed_segments": segments}
     if segments.shares_prefix:
-        raise ValueError("These rows share a prompt prefix between examples (share_prefix=True), which only "
-                         "lightning_lora's packed attention understands: call "
-                         "lightning_lora.train.attention.use_packed_attention(model) once after loading the model "
-                         "(LoRAModule does), or set share_prefix=False.")
+        raise ValueError(f"share_prefix: {model_type(model)} does not run lightning_lora's packed attention "
+                         f"({packed_attention_status(model).reason}), the only attention that lets packed examples "
+                         "share a prompt prefix; set share_prefix=False.")
+    own = keeps_examples_apart(model)
+    if not own:
+        raise ValueError(f"packing: {model_type(model)}'s own attention does not keep packed examples apart "
+                         f"({own.reason}) and lightning_lora's packed attention is not used for it "
+                         f"({packed_attention_status(model).reason}); set packing=False.")
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "rescales_logits",
-           "run_with_head"]
+class _HeadProbe(nn.Module):
+    """Stands in for the head during the probe: records what the real head gives on its input, returns ``marker``."""
+
+    def __init__(self, head: nn.Module, marker: Tensor):
+        super().__init__()
+        self.head, self.marker, self.outputs = head, marker, []
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        self.outputs.append(self.head(hidden))  # inside the model's forward (FSDP2 has gathered the head here)
+        return self.marker.to(hidden.dtype)
+
+
+def head_swap_verdict(model: nn.Module) -> Verdict:
+    """Whether ``causal_lm_loss`` may swap the model's output head for its loss head (probed once per model): on 2
+    tokens the model calls the head exactly once, the real head's output there equals the model's logits within
+    1e-5, and the model returns whatever the head returned (a marker of integers in [-64, 64], exact in every float
+    dtype) untouched, i.e. nothing rescales or caps the logits after the head."""
+    return verdict(model, "the labeled-rows loss head", _probe_head)
+
+
+def _probe_head(model: nn.Module) -> Verdict:
+    ids = probe_ids(model, 2)
+    with frozen_modes(model):
+        reference = logits(model, ids)
+        marker = torch.randint(-64, 65, reference.shape, generator=torch.Generator().manual_seed(0))
+        marker = marker.to(reference.device, torch.float32)
+        with _head_swapped(model, lambda head: _HeadProbe(head, marker)) as probe:
+            out = logits(model, ids)
+    calls = probe.outputs
+    if len(calls) != 1:
+        return Verdict(False, f"its forward called the output head {len(calls)} times, not once")
+    if differs(reference, calls[0]):
+        return Verdict(False, f"the head's own output is not the model's logits ({differs(reference, calls[0])})")
+    if differs(marker, out, tolerance=0.0):
+        return Verdict(False, "its forward changes the logits after the output head (rescaling or soft-capping)")
+    return Verdict(True)
+
+
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "head_swap_verdict", "labeled_count", "labeled_rows",
+           "rescales_logits", "run_with_head"]

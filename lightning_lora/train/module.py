@@ -6,7 +6,8 @@ strategies it is built inside Lightning's init contexts. Training minimises the 
 over the labeled tokens of the whole optimizer step, every accumulated micro-batch and every rank (``step_loss.py``);
 batches may be packed (``position_ids`` restarting per example, no ``attention_mask``); validation reports the
 token-weighted mean loss and perplexity exp(mean loss). Checkpoints hold
-only the trainable tensors (the adapter), not the frozen base, and resume exactly (optimizer state included).
+only the trainable tensors (the adapter), not the frozen base, and resume exactly, mid-epoch too: optimizer state,
+the data loader's position and every rank's RNG states (adapter dropout) are restored (``train/resume.py``).
 
 Example::
 
@@ -39,11 +40,12 @@ from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.eval_report import evaluate_at_end
-from lightning_lora.train.guards import FiniteLossGuard
+from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
+from lightning_lora.train.resume import ExactResume
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -157,9 +159,7 @@ class LoRAModule(LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_activations = offload_activations
         self.export_dir = export_dir
-        self.dtype_name = None if dtype is None or dtype == "auto" else dtype_name(dtype, "LoRAModule dtype")
-        if dtype == "auto":
-            self.dtype_name = "auto"
+        self.dtype_name = dtype_name(dtype, "LoRAModule dtype", auto=True)
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
         self.export_gguf = export_gguf
@@ -216,7 +216,7 @@ class LoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with offloading(self.offload_activations, self.device):
+        with offloading(self.offload_activations, self.device, self.model):
             return self._loss(batch, self._step_loss)  # the sum; train_loss (the step's mean) is logged before the step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -263,11 +263,13 @@ class LoRAModule(LightningModule):
         self.log("test_ppl", torch.exp(mean))
 
     def configure_callbacks(self) -> list:
-        """A NaN/inf loss stops the run before it reaches the adapter, naming the step (``guards.py``); the loss is
-        token-weighted over each optimizer step (``step_loss.py``). Each once (a fit after ``trainer.validate``
-        would otherwise replace the first ones, with a warning)."""
+        """Guards and exact resume, each once (a fit after ``trainer.validate`` would otherwise replace the first
+        ones, with a warning): a NaN/inf loss or validation stops the run naming the step, one fit per
+        ``export_dir`` (``guards.py``), the RNG states saved and restored with checkpoints (``resume.py``); the loss
+        is token-weighted over each optimizer step (``step_loss.py``)."""
         present = self._trainer.callbacks if self._trainer is not None else []
-        wanted = [] if any(isinstance(c, FiniteLossGuard) for c in present) else [FiniteLossGuard()]
+        kinds = {type(c) for c in present}
+        wanted = [c for c in (FiniteLossGuard(), ExactResume(), ExportDirLock(self.export_dir)) if type(c) not in kinds]
         if not any(c is self._step_loss for c in present):
             wanted.append(self._step_loss)
         return wanted
@@ -289,14 +291,20 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the adapter (and any other trainable tensor), plus the run facts an offline export needs."""
+        """Keep only the adapter (and any other trainable tensor, all finite), plus the run facts an offline export
+        needs."""
         if self.model is not None:
+            check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
                     quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
 
+    def run_facts(self) -> dict:
+        """What the model card says of this run (``train/card_facts.py``)."""
+        return run_facts(self.trainer)
+
     def on_train_end(self) -> None:
-        run = run_facts(self.trainer)
+        run = self.run_facts()
         if self.evaluate:
             table = evaluate_at_end(self, self.evaluate, self.export_dir)
             if table:

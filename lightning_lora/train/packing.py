@@ -19,16 +19,15 @@ for other models).
 
 **Grouping by length** (``packing=False``): shuffled indices are cut into mega-batches of 50 batches, each sorted by
 length, cut into batches, and the batches are shuffled, so a batch pads to a length close to its members' (the
-scheme of Hugging Face's ``group_by_length``).
+scheme of Hugging Face's ``group_by_length``). ``train/sampler.py`` turns these batches into a resumable sampler.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.data import Sampler
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -93,37 +92,27 @@ def collate_packed(batch: list[dict[str, torch.Tensor]], pad_id: int, capacity: 
             "num_tokens": torch.tensor(sum(len(b["input_ids"]) for b in batch))}
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled indices in which every run of ``batch_size`` has similar lengths (see the module docstring).
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
 
-    Deterministic per ``seed`` and epoch (Lightning calls ``set_epoch``; without it each pass moves to the next).
-    """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
-        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
-        self._epoch_set = False
+def shuffled_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A seeded permutation of ``range(size)`` for ``epoch``, cut into batches of ``batch_size`` (the last shorter)."""
+    order = torch.randperm(size, generator=_epoch_generator(seed, epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, size, batch_size)]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._epoch_set = epoch, True
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        size = self.batch_size * MEGABATCHES
-        out = []
-        for start in range(0, len(order), size):
-            mega = sorted(order[start : start + size], key=lambda i: -self.lengths[i])
-            out += [mega[j : j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
-        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
-
-    def __iter__(self) -> Iterator[int]:
-        batches = self.batches(self.epoch)
-        if not self._epoch_set:
-            self.epoch += 1
-        return iter([i for b in batches for i in b])
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of ``epoch`` in which every batch has similar lengths (see the module docstring); deterministic per
+    ``seed`` and ``epoch``. Only the last mega-batch can leave a batch shorter than ``batch_size``."""
+    g = _epoch_generator(seed, epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    size = batch_size * MEGABATCHES
+    out = []
+    for start in range(0, len(order), size):
+        mega = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        out += [mega[j : j + batch_size] for j in range(0, len(mega), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
 
 
 def padding_share(lengths: Sequence[int], batches: list[list[int]], capacity: int | None = None) -> float:
@@ -151,7 +140,7 @@ def log_padding(lengths: Sequence[int], batch_size: int, seed: int, packing: boo
         after = padding_share(lengths, random, capacity)
         how = f"packed ({batch_size} examples per batch in rows of up to {capacity} tokens)"
     else:
-        after = padding_share(lengths, LengthGroupedSampler(lengths, batch_size, seed).batches(0))
+        after = padding_share(lengths, length_grouped_batches(lengths, batch_size, seed, 0))
         how = "batches grouped by length"
     log.info(f"padding: {100 * before:.1f}% of positions in random batches padded to the longest; "
              f"{100 * after:.1f}% with {how}.")
@@ -168,5 +157,5 @@ def log_shared_prefix(data: Sequence[dict[str, torch.Tensor]], batch_size: int, 
              "another example of the batch already holds; each row holds it once.")
 
 
-__all__ = ["LengthGroupedSampler", "collate_packed", "first_fit", "log_padding", "log_shared_prefix", "padding_share",
-           "shared_prefix_length"]
+__all__ = ["collate_packed", "first_fit", "length_grouped_batches", "log_padding", "log_shared_prefix", "padding_share",
+           "shared_prefix_length", "shuffled_batches"]
