@@ -48,6 +48,11 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if dispatches(m)}
 
 
+def top_k(experts: nn.Module) -> int:
+    """Experts per token of an experts module (its config's ``num_experts_per_tok``)."""
+    return int(getattr(experts.config, "num_experts_per_tok", None) or 1)
+
+
 def stacks_of(module: nn.Module) -> list[str]:
     """The expert stacks of a dispatching experts module, in the order its ``__init__`` registers them."""
     return [s for s in STACKS if s in module._parameters or s in module._modules]
@@ -79,12 +84,12 @@ def foreign_reason(owner: str) -> str:
 
 class ExpertWeights(nn.Module):
     """A stack of E expert matrices: the experts module's own 3-D parameter, (E, out, in) or, ``transposed``,
-    (E, in, out). ``forward(x, expert)`` = x W_e^T (x W_e when transposed)."""
+    (E, in, out). ``forward(x, expert)`` = x W_e^T (x W_e when transposed). ``top_k``: experts per token."""
 
-    def __init__(self, weight: nn.Parameter, transposed: bool):
+    def __init__(self, weight: nn.Parameter, transposed: bool, top_k: int = 1):
         super().__init__()
         self.weight = weight
-        self.transposed = bool(transposed)
+        self.transposed, self.top_k = bool(transposed), top_k
 
     @property
     def num_experts(self) -> int:
@@ -213,7 +218,7 @@ def stack_at(model: nn.Module, target: str) -> nn.Module:
     owner = model.get_submodule(module_name)
     value = getattr(owner, stack, None)
     if isinstance(value, nn.Parameter) and dispatches(owner) and value.ndim == 3:
-        return ExpertWeights(value, owner.is_transposed)
+        return ExpertWeights(value, owner.is_transposed, top_k(owner))
     return model.get_submodule(target)
 
 
@@ -224,9 +229,37 @@ def is_stack(module: nn.Module) -> bool:
     return kind is not None and kind.experts
 
 
-def _parameter_matches(key: str, names: Iterable[str]) -> bool:
+def parameter_matches(key: str, names: Iterable[str]) -> bool:
     """PEFT's ``target_parameters`` rule: the key equals a name or ends with ``"." + name``."""
     return any(key == n or key.endswith("." + n) for n in names)
+
+
+def select_stacks(model: nn.Module, names: Sequence[str], stacks: Iterable[str], where: str) -> list[str]:
+    """The names of ``stacks`` that ``names`` select under PEFT's rule.
+
+    Raises:
+        ValueError: ``<where>: ...`` for a name that selects no expert stack, saying what it selects instead (a 3-D
+            tensor of experts that do not dispatch, another parameter such as a router's weight, nothing) and
+            listing the stacks.
+    """
+    stacks = list(stacks)
+    chosen = [n for n in stacks if parameter_matches(n, names)]
+    foreign = foreign_expert_tensors(model)
+    for name in names:
+        if any(parameter_matches(n, [name]) for n in chosen):
+            continue
+        hit = next((k for k in foreign if parameter_matches(k, [name])), None)
+        other = next((k for k, _ in model.named_parameters() if parameter_matches(k, [name])), None)
+        if hit:
+            what = f"selects {hit!r}, {foreign_reason(foreign[hit])}"
+        elif other:
+            what = (f"selects {other!r}, which is no MoE expert stack (lightning_lora adapts those; PEFT's "
+                    "all-linear also targets MoE routers through its transformers-v4 conversion)")
+        else:
+            what = "selects no parameter"
+        shown = sorted({".".join(n.split(".")[-2:]) for n in stacks}) or ["none"]
+        raise ValueError(f"{where}: {name!r} {what}. Expert stacks of {type(model).__name__}: {', '.join(shown)}.")
+    return chosen
 
 
 def find_stacks(
@@ -242,32 +275,20 @@ def find_stacks(
     stack by its own name or its experts module's.
 
     Raises:
-        ValueError: a name in ``target_parameters`` selects no expert stack (the message lists them and says what
-            the name did select instead), or ``method`` cannot adapt expert stacks.
+        ValueError: a name in ``target_parameters`` selects no expert stack (``select_stacks``), or ``method``
+            cannot adapt expert stacks.
     """
-    stacks = {n: v for n, v in expert_stacks(model).items() if not excluded(n) and not excluded(n.rpartition(".")[0])}
+    stacks = [n for n in expert_stacks(model) if not excluded(n) and not excluded(n.rpartition(".")[0])]
     names = list(target_parameters or [])
-    chosen = [n for n in stacks if _parameter_matches(n, names)]
+    chosen = select_stacks(model, names, stacks, "target_parameters")
     foreign = foreign_expert_tensors(model)
-    for name in names:
-        if any(_parameter_matches(n, [name]) for n in chosen):
-            continue
-        hit = next((k for k in foreign if _parameter_matches(k, [name])), None)
-        if hit:
-            raise ValueError(f"target_parameters: {name!r} selects {hit!r}, {foreign_reason(foreign[hit])}; "
-                             "lightning_lora adapts the expert stacks of modules that do.")
-        other = next((k for k, _ in model.named_parameters() if _parameter_matches(k, [name])), None)
-        what = (f"it selects {other!r}, which is not an expert stack (lightning_lora adapts 3-D expert parameters "
-                "here; name other layers in target_modules)" if other else "it selects no parameter")
-        shown = sorted({".".join(n.split(".")[-2:]) for n in stacks}) or ["(none: the model has no expert stacks)"]
-        raise ValueError(f"target_parameters: {what}: {name!r}. Expert stacks of {type(model).__name__}: "
-                         f"{', '.join(shown)}.")
     if all_linear:
         chosen = list(dict.fromkeys([*chosen, *stacks]))
     if not chosen:
         if all_linear and foreign:
+            first = next(iter(foreign))
             log.warning(f'target_modules="all-linear" leaves out {len(foreign)} expert tensor(s) of '
-                        f"{type(model).__name__} (e.g. {next(iter(foreign))}): {foreign_reason(next(iter(foreign.values())))}.")
+                        f"{type(model).__name__} (e.g. {first}): {foreign_reason(foreign[first])}.")
         return []
     first = stack_at(model, chosen[0])
     kind = kind_of(first.base_layer if isinstance(first, AdapterLayer) else first)
@@ -280,9 +301,9 @@ def find_stacks(
                     f"{type(model).__name__}: {why}.")
         return []
     if all_linear:
-        experts = {stack_at(model, n).num_experts for n in chosen}
-        log.info(f'target_modules="all-linear" adapts the MoE experts too: {len(chosen)} expert stacks of '
-                 f"{'/'.join(map(str, sorted(experts)))} experts ({', '.join(sorted({n.rpartition('.')[2] for n in chosen}))})"
-                 + (f"; left out: {len(foreign)} expert tensor(s) that do not dispatch ({next(iter(foreign))})" if foreign else "")
-                 + ".")
+        experts = "/".join(map(str, sorted({stack_at(model, n).num_experts for n in chosen})))
+        kinds = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in chosen))
+        left = f"; left out, not dispatching: {len(foreign)} tensor(s) ({next(iter(foreign))})" if foreign else ""
+        log.info(f'target_modules="all-linear" adapts the MoE experts too: {len(chosen)} expert stacks ({kinds}) '
+                 f"of {experts} experts each{left}.")
     return chosen

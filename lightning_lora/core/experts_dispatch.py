@@ -6,7 +6,8 @@ registered there under ``NAME``. It is the families' eager loop, op for op, with
 
     for each expert e the router picked, with its tokens x and routing weights w:
         h = P_up(e, x) (+ b_up,e);   a = gate(h) (the module's ``_apply_gate``) or act(h)
-        y = P_down(e, a) (+ b_down,e);   out[tokens] += w * y          (``index_add_``, as eager)
+        y = P_down(e, a) (+ b_down,e);   out[tokens] += w * y          (``index_add_``, as eager; its backward
+                                                                       keeps only the indices)
 
 where P(e, .) is a bare 3-D parameter's W_e (as eager), an ``ExpertWeights``/NF4 stack (NF4 dequantizes expert e
 only, so only the experts the router picked) or an ``ExpertLayer`` (the stack plus its active adapters).
@@ -57,8 +58,24 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         y = y * top_k_weights[token_idx, top_k_pos, None]
-        out.index_add_(0, token_idx, y.to(out.dtype))
+        out = _AddRows.apply(out, token_idx, y.to(out.dtype))
     return out
+
+
+class _AddRows(torch.autograd.Function):
+    """``out.index_add_(0, index, rows)``, eager's op, whose backward keeps the index only (torch's own keeps
+    ``rows`` as well: one hidden-wide tensor per routed token and layer)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.mark_dirty(out)
+        return out.index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
 
 
 def _project(module: nn.Module, name: str, e: int, x: Tensor, tokens: tuple[Tensor, int]) -> Tensor:
@@ -94,8 +111,8 @@ def use_experts_dispatch(model: nn.Module) -> None:
             module that never called it, or outputs that moved. The model keeps its own implementation.
     """
     experts = experts_modules(model)
-    if not experts or runs_our_experts(model):
-        return
+    if not experts or runs_our_experts(model) or next(model.parameters()).is_meta:
+        return  # nothing to do, done, or shapes only (the estimator's meta model: nothing can run, nothing to prove)
     _register()
     top = next((m for m in model.modules() if _is_hf(m)), None)
     kind = getattr(getattr(top, "config", None), "model_type", None) or type(model).__name__
@@ -110,7 +127,7 @@ def use_experts_dispatch(model: nn.Module) -> None:
             config._experts_implementation_internal = before[key]
         raise ValueError(f"MoE experts of {kind}: lightning_lora's experts forward is not used, so its experts can "
                          f"be neither adapted nor quantized: {why}. Exclude them (exclude_modules=['experts'], NF4 "
-                         "skip_modules=('experts',)).")
+                         "skip_modules=('lm_head', 'experts')).")
 
 
 def _probe(top: nn.Module, experts: dict[str, nn.Module], configs: dict) -> str | None:

@@ -10,6 +10,7 @@ the kind (``kind_of(layer)``) instead of testing layer types, so a new kind is o
 | ``hf_conv1d`` | transformers GPT-2 ``Conv1D`` | weight (in, out) | weight^T (out, in) | (r, in), (out, r); PEFT ``fan_in_fan_out`` |
 | ``embedding`` | ``nn.Embedding`` | (vocab, dim) | weight (vocab, dim) = (in, out), "transposed" | (r, vocab), (dim, r) |
 | ``conv1d/2d/3d`` | ``nn.Conv{1,2,3}d``, groups 1 | (in, out) channels | weight (out, in * prod(k)) | (r, in, *k), (out, r, 1, ...) |
+| ``experts`` | an MoE expert stack (``core/experts.py``) | per expert | (E, out, in) as stored | (r E, in), (out, r E) |
 
 Every kind but the embedding also has a bias that a merge may rewrite (``bias``/``write_bias``).
 

@@ -54,7 +54,8 @@ class AdapterLayer(nn.Module):
             out = branch(x, out, base, weight)
         return out
 
-    def run_per_row(self, x: Tensor, names: list[str | None], call: Callable[[Tensor], Tensor], base: nn.Module) -> Tensor:
+    def run_per_row(self, x: Tensor, names: list[str | None], call: Callable[[Tensor], Tensor],
+                    base: nn.Module) -> Tensor:
         """Mixed batch: row i of ``x`` runs with adapter ``names[i]`` alone (None: the base); one base call."""
         out = call(x)
         for name in dict.fromkeys(n for n in names if n is not None and n in self.adapters):

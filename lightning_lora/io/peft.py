@@ -55,7 +55,7 @@ def save_adapter(
     paths = peft_paths(model, branches)  # an MoE expert stack sits under its experts module (peft_experts.py)
     tensors = {f"{PREFIX}{paths[t]}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    stacks = [t for t, b in branches.items() if b.kind.experts]
+    stacks = {t: b for t, b in branches.items() if b.kind.experts}
     modules = sorted(t for t in branches if t not in stacks)
     file_config = peft_config_of(config, compact_targets(model, modules), branches)
     add_to_config(file_config, model, stacks)

@@ -15,19 +15,16 @@ with ``target_parameters``; the files say 0 (dropout acts in training only: ``me
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from lightning_lora.core.experts import expert_stacks, foreign_expert_tensors, foreign_reason, stacks_of
+from lightning_lora.core.experts import expert_stacks, parameter_matches, select_stacks, stacks_of
 
 log = logging.getLogger(__name__)
 
 NEST = ".base_layer"
-
-
-def _matches(key: str, names: Iterable[str]) -> bool:
-    return any(key == n or key.endswith("." + n) for n in names)  # PEFT's target_parameters rule
 
 
 def peft_paths(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
@@ -55,19 +52,31 @@ def target_parameters(model: nn.Module, stacks: Iterable[str]) -> list[str]:
     keys = set(expert_stacks(model)) | {n for n, _ in model.named_parameters()}
     for depth in (2, 3):
         names = sorted({".".join(s.split(".")[-depth:]) for s in stacks})
-        if {k for k in keys if _matches(k, names)} == set(stacks):
+        if {k for k in keys if parameter_matches(k, names)} == set(stacks):
             return names
     return stacks
 
 
-def add_to_config(file_config: dict, model: nn.Module, stacks: list[str]) -> None:
-    """Write the expert stacks of an adapter into its PEFT config (``target_parameters``; ``lora_dropout`` 0)."""
+def add_to_config(file_config: dict, model: nn.Module, stacks: Mapping[str, object]) -> None:
+    """Write the expert stacks of an adapter (name -> branch) into its PEFT config: ``target_parameters``,
+    ``lora_dropout`` 0, and where PEFT would re-rank them, their own rank and alpha (below)."""
     if not stacks:
         return
     file_config["target_parameters"] = target_parameters(model, stacks)
+    # On Qwen2-MoE-like model types (Qwen3-MoE, DeepSeek-V3, ...) PEFT 0.21 reads target_modules holding both
+    # gate_proj and up_proj as transformers-v4 experts fused into gate_up_proj, and adds rank_pattern/alpha_pattern
+    # keys doubling r and alpha there; a key of ours that matches first (PEFT: the first matching key wins) keeps
+    # the stacks' own.
+    modules = file_config.get("target_modules")
+    leaves = {t.rpartition(".")[2] for t in modules} if isinstance(modules, list) else set()
+    fused = {n: b for n, b in stacks.items() if n.endswith(".gate_up_proj")}
+    if fused and {"gate_proj", "up_proj"} <= leaves:
+        for field, value in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+            pinned = {re.escape(n): getattr(b, value) for n, b in fused.items()}
+            file_config[field] = {**pinned, **(file_config.get(field) or {})}
     if file_config.get("lora_dropout"):
-        log.warning(f"save_adapter: lora_dropout {file_config['lora_dropout']} is written as 0: PEFT refuses dropout on "
-                    "MoE expert parameters (target_parameters) and it acts in training only.")
+        log.warning(f"save_adapter: lora_dropout {file_config['lora_dropout']} is written as 0: PEFT refuses "
+                    "dropout on MoE expert parameters (target_parameters) and it acts in training only.")
         file_config["lora_dropout"] = 0.0
 
 
@@ -75,26 +84,13 @@ def our_targets(model: nn.Module, layers: Mapping[str, dict], peft_config: dict,
     """``layers`` (a file's layer path -> tensors) with each expert stack's path renamed to its target name.
 
     Raises:
-        ValueError: a ``target_parameters`` name selects a parameter that is no expert stack (a router's weight,
+        ValueError: a ``target_parameters`` name selects no expert stack (``select_stacks``: e.g. a router's weight,
             which PEFT's all-linear adds on some MoE types), or the file's nesting does not fit the model.
     """
     names = list(peft_config.get("target_parameters") or [])
     if not names:
         return dict(layers)
-    stacks = expert_stacks(model)
-    chosen = [s for s in stacks if _matches(s, names)]
-    foreign = foreign_expert_tensors(model)
-    for name in names:
-        if any(_matches(s, [name]) for s in chosen):
-            continue
-        hit = next((k for k in foreign if _matches(k, [name])), None)
-        if hit:
-            raise ValueError(f"{source}: target_parameters {name!r} selects {hit!r}, {foreign_reason(foreign[hit])}.")
-        other = next((k for k, p in model.named_parameters() if _matches(k, [name])), None)
-        raise ValueError(f"{source}: target_parameters {name!r} selects "
-                         + (f"{other!r}, a parameter lightning_lora does not adapt (it adapts MoE expert stacks; "
-                            "PEFT's all-linear also adapts MoE routers through its transformers-v4 conversion)"
-                            if other else "no parameter of this model") + ".")
+    chosen = select_stacks(model, names, expert_stacks(model), f"{source}: target_parameters")
     paths = {p: t for t, p in peft_paths(model, chosen).items()}
     out = {}
     for path, tensors in layers.items():

@@ -33,7 +33,7 @@ class ExpertFactors:
                              "its start takes the SVD of one matrix, a stack holds one per expert. Exclude the experts "
                              "(exclude_modules=['experts']) or use init='default'.")
         super().__init__(config, base_layer, name)
-        self.num_experts = base_layer.num_experts
+        self.num_experts, self.top_k = base_layer.num_experts, base_layer.top_k
 
     def pair(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(B, A) per expert: (E, out, r), (E, r, in), optionally cast."""
@@ -56,6 +56,12 @@ class ExpertFactors:
     def factors(self) -> tuple[Tensor, Tensor]:
         B, A = self.pair()
         return B * self.scale, A
+
+    def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
+        """Per token, for each of its k experts: the expert's input, which the frozen stack does not keep (measured,
+        ``estimate/moe.py``), and h = A_e x (r wide); an adapter dtype other than the activations' adds the cast."""
+        n_in = self.in_out[0]
+        return self.top_k * (act_bytes * (n_in + self.r) + (adapter_bytes * n_in if adapter_bytes != act_bytes else 0))
 
     @torch.no_grad()
     def load_factors(self, B: Tensor, A: Tensor) -> None:

@@ -26,6 +26,7 @@ from lightning_lora.core.experts import (
     foreign_reason,
     place,
     stack_kind,
+    top_k,
 )
 from lightning_lora.core.kinds import register_kind
 from lightning_lora.quant.nf4_layer import rounding_error_sq, warn_merge_without_originals
@@ -35,12 +36,13 @@ class NF4ExpertWeights(nn.Module):
     """An expert stack in NF4: ``experts[e]`` is expert e's ``Params4bit`` of shape (a, b) as stored in the original
     (E, a, b) stack. ``forward(x, expert)`` = x W_e^T (x W_e when transposed), W_e dequantized for this call only."""
 
-    def __init__(self, weight: Tensor, transposed: bool, nf4, device: torch.device | str | None = None):
+    def __init__(self, weight: Tensor, transposed: bool, nf4, device: torch.device | str | None = None,
+                 top_k: int = 1):
         import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
 
         super().__init__()
         device = torch.device(device) if device is not None else weight.device
-        self.transposed = bool(transposed)
+        self.transposed, self.top_k = bool(transposed), top_k
         self.shape = tuple(weight.shape)
         self.blocksize = nf4.blocksize
         self.compute_dtype = parse_dtype(nf4.compute_dtype) if nf4.compute_dtype else None
@@ -168,4 +170,4 @@ def plan_stacks(model: nn.Module, nf4) -> tuple[list[tuple[str, nn.Module, str]]
 def quantize_stacks(plan: list[tuple[str, nn.Module, str]], nf4, device: torch.device | str | None) -> None:
     """Replace each planned stack by its NF4 stack, one at a time (memory: one stack above the model)."""
     for _, owner, stack in plan:
-        place(owner, stack, NF4ExpertWeights(getattr(owner, stack), owner.is_transposed, nf4, device))
+        place(owner, stack, NF4ExpertWeights(getattr(owner, stack), owner.is_transposed, nf4, device, top_k(owner)))
