@@ -26,7 +26,8 @@ from lightning_lora.core.verbs import adapter_layers
 from lightning_lora.io.export import export
 from lightning_lora.io.peft_experts import peft_paths
 from lightning_lora.train.attention import runs_packed_attention, use_packed_attention
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import collate_packed
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "phi3", "olmo2",
@@ -216,26 +217,26 @@ def test_each_export_format_works(arch, adapted, tmp_path):
     files = gguf_files(adapted)
     if not files:
         with pytest.raises(ValueError, match=arch.name):
-            export(adapted, tmp_path / "refused", gguf=["adapter"])
+            export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
         assert not (tmp_path / "refused").exists()
     if "adapter" in files and any(".experts." in n for n in adapter_layers(adapted)):
         # llama.cpp's convert_lora_to_gguf.py has no form for PEFT's target_parameters (expert stacks): refused
-        with pytest.raises(ValueError, match="merge first"):
-            export(adapted, tmp_path / "refused", gguf=["adapter"])
+        with pytest.raises(ValueError, match="Linear layers only"):
+            export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
         assert not (tmp_path / "refused").exists()
         files = tuple(f for f in files if f != "adapter")
-    paths = export(adapted, tmp_path / "out", gguf=["adapter"] if "adapter" in files else None)
+    paths = export(adapted, tmp_path / "out", exports=["peft", "merged", *(["gguf"] if "adapter" in files else [])])
     kwargs = {"attn_implementation": arch.attn} if arch.attn else {}
     merged = AutoModelForCausalLM.from_pretrained(paths["merged"], **kwargs).eval()
     torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapted, IDS), atol=TOL, rtol=1e-4)
     if "adapter" in files:
-        names = [t.name for t in gguf.GGUFReader(paths["adapter_gguf"]).tensors]
+        names = [t.name for t in gguf.GGUFReader(paths["gguf"]).tensors]
         assert len(names) == 2 * len(adapter_layers(adapted)) and all(n.endswith((".lora_a", ".lora_b")) for n in names)
     if "merged" in files:  # a byte-level BPE tokenizer needs >= 256 tokens: a model with the tokenizer's vocabulary
         from tiny_assets import VOCAB_SIZE, make_tiny_tokenizer
 
         model = ll.inject(arch.build(vocab_size=VOCAB_SIZE), ll.LoRA(r=4))
-        path = export(model, tmp_path / "gguf", gguf=["f16"], tokenizer=make_tiny_tokenizer())["gguf_f16"]
+        path = export(model, tmp_path / "gguf", exports=["gguf-merged:f16"], tokenizer=make_tiny_tokenizer())["gguf-merged:f16"]
         stored = {t.name: int(t.n_elements) for t in gguf.GGUFReader(path).tensors}
         assert stored.get("token_embd.weight") == VOCAB_SIZE * TINY["hidden_size"] and len(stored) > 4
 

@@ -116,3 +116,19 @@ def test_alias_folder_card_says_weights_are_the_gguf_ones(base_dir, tmp_path, mo
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
     text = (out / "README.md").read_text()
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and "not the hub repository's" in text
+    # the card names the base portably (the alias's hub repository), never by a path into this machine's cache
+    assert "\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in text and str(folder) not in text
+    assert "| base model | `HuggingFaceTB/SmolLM2-135M-Instruct` (built-in alias `smollm2-135m-instruct`) |" in text
+
+
+def test_card_of_a_quantized_base_says_qlora_and_a_local_base_is_no_hub_id(base_dir, tmp_path):
+    from lightning_lora.io.export import export
+
+    model, _ = load_causal_lm(str(base_dir))
+    ll.quantize(model, ll.NF4(quant_storage="float32"))
+    ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj"]))
+    export(model, tmp_path / "exp", exports=["peft"])
+    text = (tmp_path / "exp" / "adapter" / "README.md").read_text()
+    assert "| method | QLoRA (LoRA over an NF4 base) |" in text and "tags: [lightning_lora, qlora]" in text
+    assert "base_model:" not in text.split("---")[1]  # a local folder is no hub id: the header leaves it out
+    assert f"| base model | the local folder `{base_dir.resolve()}` |" in text

@@ -41,7 +41,7 @@ def test_fit_then_offline_export_in_subprocesses(tmp_path):
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert "before training: val_loss" in out and "after training: val_loss" in out
-    assert f"merged model written to {tmp_path / 'export' / 'merged'}" in out
+    assert f"merged model (Hugging Face format) written to {tmp_path / 'export' / 'merged'}" in out
     config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 16  # the command-line override reached the adapter
     ckpts = sorted((tmp_path / "run").rglob("last.ckpt"))
@@ -49,7 +49,10 @@ def test_fit_then_offline_export_in_subprocesses(tmp_path):
     state = torch.load(ckpts[0], weights_only=True)["state_dict"]
     assert state and all(".adapters.default.lora_" in k for k in state)
 
-    _python("export", "--ckpt_path", str(ckpts[0]), "--export_dir", str(tmp_path / "offline"), cwd=tmp_path)
+    proc = _python("export", "--ckpt_path", str(ckpts[0]), "--export_dir", str(tmp_path / "offline"), cwd=tmp_path)
+    written = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "written to" in ln]
+    assert written == [f"lightning_lora: adapter (PEFT format) written to {tmp_path / 'offline' / 'adapter'}",
+                       f"lightning_lora: merged model (Hugging Face format) written to {tmp_path / 'offline' / 'merged'}"]
     from lightning_lora.io.files import load_tensors
 
     a = load_tensors(tmp_path / "export" / "adapter" / "adapter_model.safetensors")

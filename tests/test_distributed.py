@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,16 +179,20 @@ def test_fsdp2_checkpoint_holds_full_adapter_and_resumes(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_resumed_mid_epoch_equals_uninterrupted_with_dropout_and_shuffling(runs, strategy):
-    """8 steps vs 4 + 4 resumed from the step-4 checkpoint (mid-epoch: 5 steps an epoch), dropout 0.2, the data
-    shuffled by the library's resumable loader: every rank's per-step losses and the adapter are equal bit for bit.
-    Each rank trained on its own batches (their losses differ), and the adapter moved."""
+    """8 steps vs 4 + 4: SIGTERM reached rank 0 alone during step 4; every rank stopped after it with one last.ckpt
+    (mid-epoch: 5 steps an epoch), and the resumed run (dropout 0.2, the data shuffled by the library's resumable
+    loader) gives every rank's per-step losses and the adapter bit for bit. Each rank trained on its own batches
+    (their losses differ), and the adapter moved."""
     import json
 
     out, _ = runs
     for rank in (0, 1):
         full = json.loads((out / f"{strategy}_exact.rank{rank}.json").read_text())["losses"]
+        cut = json.loads((out / f"{strategy}_exact_cut.rank{rank}.json").read_text())
         resumed = json.loads((out / f"{strategy}_exact_resume.rank{rank}.json").read_text())["losses"]
-        assert len(full) == 2 * EXACT_STEPS and resumed == full[EXACT_STEPS:]
+        assert cut["stopped"] == {"signum": 15, "step": EXACT_STEPS,
+                                  "checkpoint": str(out / f"{strategy}_exact_cut.ckpt" / "last.ckpt")}  # fmt: skip
+        assert len(full) == 2 * EXACT_STEPS and cut["losses"] == full[:EXACT_STEPS] and resumed == full[EXACT_STEPS:]
         a, b = _load(out, f"{strategy}_exact", rank), _load(out, f"{strategy}_exact_resume", rank)
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     ranks = [json.loads((out / f"{strategy}_exact.rank{r}.json").read_text())["losses"] for r in (0, 1)]
@@ -355,9 +360,10 @@ def _fit(out: Path, tag: str, base: str, strategy, adapter: str, *, callback=Fal
 EXACT_STEPS = 4  # exact-resume runs: 2 * EXACT_STEPS steps, or EXACT_STEPS resumed from the step-EXACT_STEPS checkpoint
 
 
-def _fit_exact(out: Path, tag: str, base: str, strategy, ckpt_path=None) -> None:
-    """The library's shuffled, resumable loader (20 rows, batch 2 per rank: 5 steps an epoch) and dropout 0.2; the
-    uninterrupted run checkpoints at step EXACT_STEPS. Writes each rank's per-step losses and full adapter."""
+def _fit_exact(out: Path, tag: str, base: str, strategy, ckpt_path=None, cut=False) -> None:
+    """The library's shuffled, resumable loader (20 rows, batch 2 per rank: 5 steps an epoch) and dropout 0.2. With
+    ``cut``, rank 0 alone gets SIGTERM during step EXACT_STEPS: ``Interrupts`` stops every rank after that step
+    with a last.ckpt. Writes each rank's per-step losses (and how it stopped) and full adapter."""
     import json
 
     import lightning.pytorch as pl
@@ -366,7 +372,9 @@ def _fit_exact(out: Path, tag: str, base: str, strategy, ckpt_path=None) -> None
     from lightning_lora import LoRA
     from lightning_lora.io.files import save_tensors
     from lightning_lora.train.distributed import full_adapter_state
+    from lightning_lora.train.interrupts import Interrupted, Interrupts
     from lightning_lora.train.module import LoRAModule
+    from lightning_lora.train.resume import RunCheckpoint
     from lightning_lora.train.sampler import EpochSampler, ResumableLoader
 
     rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()}
@@ -379,20 +387,27 @@ def _fit_exact(out: Path, tag: str, base: str, strategy, ckpt_path=None) -> None
     class Losses(pl.Callback):
         losses: list = []
 
+        def on_train_batch_start(self, trainer, *args):
+            if cut and trainer.global_rank == 0 and trainer.global_step == EXACT_STEPS - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(float(outputs["loss"]))
 
     pl.seed_everything(7, verbose=False)
     module = LoRAModule(base, adapter=LoRA(r=4, alpha=8, dropout=0.2), optimizer=_optimizer)
-    saves = [] if ckpt_path else [pl.callbacks.ModelCheckpoint(dirpath=out / f"{tag}.ckpt", filename="{step}",
-                                                                every_n_train_steps=EXACT_STEPS, save_top_k=-1)]  # fmt: skip
+    extra = [Interrupts(), RunCheckpoint(dirpath=out / f"{tag}.ckpt")] if cut else []
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2 * EXACT_STEPS, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Losses(), *saves],
-                         enable_checkpointing=not ckpt_path, num_sanity_val_steps=0)  # fmt: skip
-    trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Losses(), *extra],
+                         enable_checkpointing=cut, num_sanity_val_steps=0)  # fmt: skip
+    stopped = None
+    try:
+        trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
+    except Interrupted as stop:
+        stopped = {"signum": stop.signum, "step": stop.step, "checkpoint": stop.checkpoint}
     state = full_adapter_state(module.model)
     save_tensors({k: v.contiguous() for k, v in state.items()}, out / f"{tag}.rank{_rank()}.safetensors")
-    (out / f"{tag}.rank{_rank()}.json").write_text(json.dumps({"losses": Losses.losses}))
+    (out / f"{tag}.rank{_rank()}.json").write_text(json.dumps({"losses": Losses.losses, "stopped": stopped}))
 
 
 def worker(out: Path, base: str) -> None:
@@ -407,7 +422,8 @@ def worker(out: Path, base: str) -> None:
     _fit(out, "fsdp_resume", base, fsdp(), "lora", ckpt_path=out / "fsdp_lora.ckpt" / "epoch=1-step=2.ckpt")
     for name, make in (("ddp", lambda: "ddp"), ("fsdp", fsdp)):
         _fit_exact(out, f"{name}_exact", base, make())
-        _fit_exact(out, f"{name}_exact_resume", base, make(), ckpt_path=out / f"{name}_exact.ckpt" / f"step={EXACT_STEPS}.ckpt")
+        _fit_exact(out, f"{name}_exact_cut", base, make(), cut=True)
+        _fit_exact(out, f"{name}_exact_resume", base, make(), ckpt_path=out / f"{name}_exact_cut.ckpt" / "last.ckpt")
     _fit(out, "ddp_dora", base, "ddp", "dora", callback=True)
     _fit(out, "fsdp_dora", base, fsdp(), "dora", callback=True, export=True)
     # 2 ranks x 2 micro-batches of one row, unequal label counts (rank 0 reads rows 0 and 2, rank 1 rows 1 and 3)

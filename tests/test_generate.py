@@ -86,6 +86,45 @@ def test_merge_to_writes_a_loadable_folder(assets, tmp_path, ids):
     assert (out / "lightning_lora_merge.json").exists()
 
 
+def test_generate_reads_the_base_the_adapters_record(assets, tmp_path):
+    """Before: --base_model was required although every adapter folder records its base."""
+    import json
+    import shutil
+
+    base, a0, a1 = assets
+    for folder in (a0, a1):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    given = main(["generate", "--base_model", str(base), "--adapter", str(a0), "--prompt", PROMPT, "--max_new_tokens", "4"])
+    recorded = main(["generate", "--adapter", str(a0), "--prompt", PROMPT, "--max_new_tokens", "4"])
+    assert recorded == given
+    other = tmp_path / "other"
+    shutil.copytree(a1, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/another-base"}))
+    with pytest.raises(ValueError, match="record different base models.*pass --base_model"):
+        main(["generate", "--adapter", str(a0), "--adapter", str(other), "--prompt", PROMPT])
+
+
+def test_readme_generate_example_uses_folders_the_readme_configs_write():
+    """Before: the README's literal `--adapter other:0.3` named a folder nothing writes."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    line = next(ln for ln in (root / "README.md").read_text().splitlines() if "lightning_lora generate" in ln)
+    folders = [parse_adapter(spec)[0] for spec in re.findall(r"--adapter (\S+)", line)]
+    written = {}
+    for config in (root / "configs").glob("*.yaml"):
+        model = yaml.safe_load(config.read_text())["model"]
+        model = model.get("init_args", model)
+        if model.get("export_dir") and "peft" in model.get("exports", ["peft"]):
+            written[f"{model['export_dir']}/adapter"] = config.name
+    assert len(folders) == 2 and all(f in written for f in folders), (folders, written)
+    assert "--base_model" not in line  # the adapters record it
+
+
 def test_generate_errors(assets, tmp_path):
     base, a0, _ = assets
     with pytest.raises(SystemExit, match="does not exist"):

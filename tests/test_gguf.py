@@ -64,10 +64,10 @@ def test_adapter_gguf_metadata_names_shapes_values(tmp_path, rslora):
 def test_adapter_gguf_refuses_dora_vera(tmp_path, adapter):
     model = tiny_llama()
     ll.inject(model, adapter)
-    with pytest.raises(ValueError, match="merge first: --merged"):
+    with pytest.raises(ValueError, match="merge first: export gguf-merged"):
         write_adapter_gguf(model, tmp_path / "a.gguf")
-    with pytest.raises(ValueError, match="merge first: --merged"):
-        export(model, tmp_path / "out", gguf=["adapter"])
+    with pytest.raises(ValueError, match="merge first: export gguf-merged"):
+        export(model, tmp_path / "out", exports=["gguf"])
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -85,8 +85,10 @@ REFUSED = [
     ("gemma2", dict(query_pre_attn_scalar=128), "query_pre_attn_scalar 128, but llama.cpp scales by 1/sqrt\\(256\\)"),
     ("gemma3_text", dict(layer_types=["full_attention"] * 2), "every 6th layer full attention"),
     ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob is False"),
+    ("qwen2_moe", dict(norm_topk_prob=True), "norm_topk_prob is True, but llama.cpp's graph does not renormalize"),
     ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
     ("llama", dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "RoPE type 'dynamic'"),
+    ("smollm3", dict(no_rope_layers=[0, 1], pad_token_id=0), "skips RoPE in every 4th layer"),
 ]  # fmt: skip
 
 
@@ -200,8 +202,8 @@ def test_merged_gguf_refuses_unmerged_and_bad_type(tmp_path):
     ll.inject(model, ll.LoRA(r=2))
     with pytest.raises(ValueError, match="merge them first"):
         write_model_gguf(model, object(), tmp_path / "m.gguf")
-    with pytest.raises(ValueError, match="gguf=\\['q4_k'\\]"):
-        export(model, tmp_path / "out", gguf=["q4_k"])
+    with pytest.raises(ValueError, match="'gguf-merged:q4_k' has no option 'q4_k'"):
+        export(model, tmp_path / "out", exports=["gguf-merged:q4_k"])
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "out").exists()
 
 
@@ -219,12 +221,14 @@ def test_export_writes_gguf_files_and_card(tmp_path):
     folder = make_tiny_model_dir(tmp_path / "base")
     model, tokenizer = load_causal_lm(str(folder))
     ll.inject(model, ll.LoRA(r=2, target_modules=["q_proj", "v_proj"]))
-    paths = export(model, tmp_path / "out", tokenizer=tokenizer, gguf=["adapter", "q8_0"], run={"steps": 3})
-    assert paths["adapter_gguf"] == tmp_path / "out" / "adapter.gguf"
-    assert paths["gguf_q8_0"] == tmp_path / "out" / "merged-q8_0.gguf"
-    meta, tensors = _fields(paths["adapter_gguf"])
+    paths = export(model, tmp_path / "out", exports=["peft", "gguf", "gguf-merged:q8_0"], tokenizer=tokenizer,
+                   run={"steps": 3})
+    assert paths["gguf"] == tmp_path / "out" / "adapter.gguf"
+    assert paths["gguf-merged:q8_0"] == tmp_path / "out" / "merged-q8_0.gguf"
+    meta, tensors = _fields(paths["gguf"])
     assert sorted(tensors) == sorted(f"blk.{b}.attn_{k}.weight.lora_{ab}" for b in (0, 1) for k in "qv" for ab in "ab")
-    assert "| steps | 3 |" in (paths["adapter"] / "README.md").read_text()
+    assert "| steps | 3 |" in (paths["peft"] / "README.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter", "adapter.gguf", "merged-q8_0.gguf"]
 
 
 def _batches(vocab: int, n: int = 4):
@@ -242,7 +246,7 @@ def test_lora_module_and_cli_write_gguf(tmp_path):
 
     folder = make_tiny_model_dir(tmp_path / "base")
     module = LoRAModule(str(folder), adapter=ll.LoRA(r=2, alpha=4), export_dir=str(tmp_path / "run"),
-                        export_gguf=["adapter", "f16"])  # fmt: skip
+                        exports=["peft", "merged", "gguf", "gguf-merged:f16"])  # fmt: skip
     trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       accelerator="cpu", callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
     trainer.fit(module, torch.utils.data.DataLoader(_batches(384), batch_size=None))
@@ -250,8 +254,8 @@ def test_lora_module_and_cli_write_gguf(tmp_path):
     assert "| steps | 2 |" in (tmp_path / "run" / "adapter" / "README.md").read_text()
 
     export_main(["export", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--export_dir", str(tmp_path / "off"),
-                 "--format", "gguf", "--merged", "--outtype", "q8_0"])  # fmt: skip
-    assert (tmp_path / "off" / "merged-q8_0.gguf").is_file() and not (tmp_path / "off" / "adapter.gguf").exists()
+                 "--exports", "gguf-merged:q8_0"])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["merged-q8_0.gguf"]  # only what was asked
     _, a = _fields(tmp_path / "run" / "merged-f16.gguf")
     _, b = _fields(tmp_path / "off" / "merged-q8_0.gguf")
     assert sorted(a) == sorted(b)  # the same model, from the checkpoint

@@ -2,12 +2,13 @@
 
 One tiny Hugging Face folder per family (``tiny_assets.FAMILIES``, norms and biases perturbed so that offsets and
 biases show), plus variants (``VARIANTS``, merged model only): RoPE kinds that add metadata or tensors,
-SentencePiece tokenizers (llama.cpp's ``llama`` vocabulary, converted by llama.cpp unpatched) and added tokens. From
-each folder we write the merged-model GGUF (f16) and the adapter GGUF of a perturbed LoRA on all linear layers;
-llama.cpp's ``convert_hf_to_gguf.py`` converts the same folder and ``convert_lora_to_gguf.py`` our PEFT folder (all
-conversions in one subprocess, ``llamacpp_scripts.py``). The files must hold the same tensors (names, types, shapes,
-bytes) and the same metadata. Then transformers' GGUF reader loads our merged file and must give the logits of the
-model with f16-rounded weights and the same tokens, for the families that reader supports.
+SentencePiece tokenizers (llama.cpp's ``llama`` vocabulary, converted by llama.cpp unpatched), added tokens, and the
+q8_0 and bf16 file types. From each folder we write the merged-model GGUF (f16 unless the variant says) and the
+adapter GGUF of a perturbed LoRA on all linear layers; llama.cpp's ``convert_hf_to_gguf.py`` converts the same folder
+and ``convert_lora_to_gguf.py`` our PEFT folder (all conversions in one subprocess, ``llamacpp_scripts.py``). The
+files must hold the same tensors (names, types, shapes, bytes) and the same metadata. Then transformers' GGUF reader
+loads our merged file and must give the logits of the model with f16-rounded weights and the same tokens, for the
+families that reader supports.
 """
 
 import copy
@@ -42,6 +43,9 @@ VARIANTS = {  # name -> (family, make_tiny_model_dir arguments): RoPE kinds and 
     "phi3-sentencepiece": ("phi3", dict(tokenizer="sentencepiece")),
     # added tokens not marked special: one that llama.cpp deems a control token anyway, one user-defined with "▁"
     "qwen2-added-tokens": ("qwen2", dict(added_tokens=["<|tool|>", "\u2581x<think>"])),
+    # file types beyond f16: q8_0 blocks (3-D experts, the router kept f32) and bf16
+    "qwen3_moe-q8_0": ("qwen3_moe", dict(outtype="q8_0")),
+    "mixtral-bf16": ("mixtral", dict(outtype="bf16")),
 }  # fmt: skip
 # Descriptive metadata llama.cpp derives from folder names and model cards; not part of what a file computes.
 DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "general.finetune", "general.tags",
@@ -51,7 +55,9 @@ DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "genera
 # Hugging Face tokenizer does) and the unknown token of the tokenizer object as loaded.
 NOT_COMPARED = ("tokenizer.ggml.pre",)
 OURS_ONLY = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.unknown_token_id")
-# general.architecture of the reader's supported families; Mixtral is "llama" with experts, which it does not read.
+# The families transformers' GGUF reader reads back whole. Not: Mixtral ("llama" with experts, unread), Mistral
+# (named "mistral", it asks gguf for an architecture of that name), Qwen2-MoE (shared-expert sizes unread), and the
+# families it lacks (smollm3, granite, olmo2).
 TRANSFORMERS_READS = {"llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3"}
 
 
@@ -77,6 +83,7 @@ def built(root, tmp_path_factory):
     jobs, bases = [], {}
     for name, (kind, overrides) in [(kind, (kind, {})) for kind in TYPES] + copy.deepcopy(list(VARIANTS.items())):
         added = overrides.pop("added_tokens", [])
+        outtype = overrides.pop("outtype", "f16")
         folder = make_tiny_model_dir(out / name, arch=kind, **overrides)
         if added:
             from transformers import AddedToken, AutoTokenizer
@@ -91,9 +98,9 @@ def built(root, tmp_path_factory):
                 if p.dim() == 1:  # norms start at 1 (Gemma: 0), biases at 0: make offsets and biases visible
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
         model.save_pretrained(folder)
-        write_model_gguf(model, tokenizer, out / f"{name}-ours-model.gguf", "f16")
+        write_model_gguf(model, tokenizer, out / f"{name}-ours-model.gguf", outtype)
         jobs.append(dict(script="convert_hf_to_gguf.py", out=f"{name}-model.gguf",
-                         args=[str(folder), "--outtype", "f16", "--outfile", f"{name}-model.gguf"]))  # fmt: skip
+                         args=[str(folder), "--outtype", outtype, "--outfile", f"{name}-model.gguf"]))  # fmt: skip
         bases[name] = (copy.deepcopy(model), tokenizer)
         if name in VARIANTS:
             continue

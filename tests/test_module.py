@@ -152,7 +152,7 @@ def test_export_loads_in_peft_and_merged_reloads(tiny_dir, tmp_path):
     module = LoRAModule(tiny_dir, adapter=LoRA(r=4, alpha=8), export_dir=str(tmp_path / "export"),
                         optimizer=functools.partial(torch.optim.AdamW, lr=2e-2))  # fmt: skip
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    Trainer(max_steps=3, callbacks=[ckpt], **QUIET).fit(module, loader(batches()))
+    Trainer(max_steps=3, callbacks=[ckpt], **QUIET).fit(module, loader(batches()), loader(batches(1, seed=5)))
     ids = batches(1, seed=9)[0]["input_ids"]
     trained = module.model.eval()
     with torch.no_grad():
@@ -170,6 +170,9 @@ def test_export_loads_in_peft_and_merged_reloads(tiny_dir, tmp_path):
     with torch.no_grad():
         offline = AutoModelForCausalLM.from_pretrained(tmp_path / "offline" / "merged").eval()(input_ids=ids).logits
     torch.testing.assert_close(offline, oracle, rtol=0, atol=1e-5)
+    card = (tmp_path / "offline" / "adapter" / "README.md").read_text()  # the run's facts came with the checkpoint
+    assert "| steps | 3 |" in card and "| final validation loss | n/a |" not in card
+    assert card == (tmp_path / "export" / "adapter" / "README.md").read_text()  # as the end-of-fit export says
 
 
 @pytest.mark.slow

@@ -263,20 +263,3 @@ def test_bad_yaml_is_reported_with_the_offending_key(tmp_path, capsys, yaml_text
         make_cli(["--config", str(config)], run=False)  # parse and instantiate, as `fit` does before training
     line = one_line(err.value)  # what the command prints
     assert expected in line and "\n" not in line, line
-
-
-class _Payload:
-    """Unpickling this would run code (``__reduce__``); weights_only loading must refuse it."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from lightning_lora.commands.export import export_checkpoint
-
-    ckpt = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "lightning_lora": _Payload()}, ckpt)
-    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
-        export_checkpoint(ckpt, tmp_path / "out", base_model="unused")
-    assert not (tmp_path / "out").exists()

@@ -203,6 +203,11 @@ def test_run_checkpoint_every_n_steps_skips_validated_steps_and_saves_the_end(ti
     # 2 and 6 by count; 4 validates (ModelCheckpoint saves after it only with top-k), 7 is the end
     assert Saves.steps == [2, 6, 7] and os.listdir(tmp_path) == ["last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
+    Saves.steps = []  # by time: every step is late after 1e-9 minutes; the last one is saved at the end
+    trainer = Trainer(max_steps=3, limit_val_batches=0, callbacks=[Saves(), RunCheckpoint(every_minutes=1e-9,
+                      dirpath=tmp_path / "t", save_top_k=0)], **QUIET)  # fmt: skip
+    trainer.fit(LoRAModule(tiny_dir, adapter=LoRA(r=4)), InstructionDataModule(str(pairs), max_length=32, batch_size=4))
+    assert Saves.steps == [1, 2, 3]
 
 
 def test_non_finite_final_validation_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_dir, pairs, tmp_path):
@@ -360,6 +365,18 @@ def test_exploding_last_step_fails_on_one_line_naming_it(tiny_dir, pairs, tmp_pa
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "validation loss became nan after global step 1" in errors[0], text
     assert "none saved yet" in errors[0] and not (tmp_path / "export").exists()
+    assert not lock_path(tmp_path / "export").exists()  # the lock went with the run
+
+
+def test_second_fit_command_refuses_before_loading_and_names_the_holder(tiny_dir, pairs, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["lightning_lora"])
+    holder = {"pid": os.getppid(), "host": os.uname().nodename, "started": "2026-12-03 07:00:00 +0000"}
+    lock_path(tmp_path / "export").write_text(json.dumps(holder))
+    code, text = _main(_tiny_fit(tiny_dir, pairs, tmp_path), capsys)
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and f"in use by another run: pid {os.getppid()}" in errors[0], text
+    assert "before training" not in text and not list(tmp_path.rglob("version_*"))  # refused before validating
 
 
 def test_failed_run_leaves_no_empty_version_folder(tiny_dir, pairs, tmp_path, capsys, monkeypatch):

@@ -86,3 +86,14 @@ def test_memory_table_total_has_no_mixed_bits_and_points_at_the_rss(caplog):
     assert "reference model" in caplog.text and "MiB (RSS)" in caplog.text
     assert report["unquantized base"]["source"].startswith("largest: model.embed_tokens.weight")
     assert torch.is_tensor(next(model.parameters()))
+
+
+def test_probe_tolerance_follows_the_logits_scale():
+    """The quickstart's SmolLM2 over NF4 (logits up to ~20) moved by 6.1e-5 between packed and alone: rounding."""
+    from lightning_lora.train.probe import differs
+
+    logits = torch.linspace(-20, 20, 100)
+    assert differs(logits, logits + 6.1e-5) is None
+    assert differs(logits, logits + 1e-3) is not None
+    small = torch.linspace(-0.5, 0.5, 100)  # below 1 the tolerance stays absolute
+    assert differs(small, small + 2e-5) is not None and differs(small, small + 5e-6) is None

@@ -136,8 +136,8 @@ def test_export_carries_every_adapter_by_name(tmp_path, ids):
     perturb_adapters(model)
     expected = model(ids).logits
     paths = export(model, tmp_path, name="task")
-    assert (paths["adapter"] / "adapter_config.json").exists() and (paths["adapter"] / "task" / "adapter_config.json").exists()
+    assert (paths["peft"] / "adapter_config.json").exists() and (paths["peft"] / "task" / "adapter_config.json").exists()
     fresh = tiny_llama()
-    assert ll.load_adapters(fresh, paths["adapter"]) == ["default", "task"]
+    assert ll.load_adapters(fresh, paths["peft"]) == ["default", "task"]
     merged = type(fresh).from_pretrained(paths["merged"]).eval()
     assert (merged(ids).logits - expected).abs().max() < 1e-5

@@ -19,14 +19,18 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Olmo2Config,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    SmolLM3Config,
 )
 
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -44,6 +48,8 @@ FAMILIES = {
     "mistral": (MistralConfig, {}, 0),
     "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2), 0),
     "qwen2": (Qwen2Config, dict(tie_word_embeddings=True), 8),
+    "qwen2_moe": (Qwen2MoeConfig, dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+                                       num_experts_per_tok=2), 8),
     "qwen3": (Qwen3Config, dict(head_dim=128), 8),
     "qwen3_moe": (Qwen3MoeConfig, dict(head_dim=128, moe_intermediate_size=768, num_experts=4, num_experts_per_tok=2,
                                        norm_topk_prob=True),
@@ -51,6 +57,10 @@ FAMILIES = {
     "gemma2": (Gemma2Config, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
     "gemma3_text": (Gemma3TextConfig, dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=32), 0),
     "phi3": (Phi3Config, {}, 0),
+    "smollm3": (SmolLM3Config, {}, 0),
+    "granite": (GraniteConfig, dict(attention_multiplier=0.25, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                    logits_scaling=4.0), 0),
+    "olmo2": (Olmo2Config, {}, 0),
 }
 # Each turn: "<|role|>\n" + content + "<|end|>\n"; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (

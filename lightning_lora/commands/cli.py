@@ -34,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_lora.commands.errors import run_command
+from lightning_lora.io.lock import FolderLock
 from lightning_lora.train.interrupts import Interrupted, Interrupts
 from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
 from lightning_lora.train.precision import auto_precision
@@ -60,6 +61,7 @@ class LoRACLI(LightningCLI):
         self.summary = RunSummary()
         self.interrupts = Interrupts()
         self._new_run_dir: str | None = None  # the version folder this run creates (removed if it fails empty)
+        self._lock: FolderLock | None = None  # fit: the export_dir's lock, from before the first validation
         raising = {"exit_on_error": False}  # parse errors raise, so the command can put them on one line
         kwargs.setdefault("parser_kwargs", {**raising, **{c: raising for c in (*_COMMANDS, "predict")}})
         if kwargs.get("run", True):  # Ctrl-C / SIGTERM end the command through Interrupted (train/interrupts.py)
@@ -79,6 +81,8 @@ class LoRACLI(LightningCLI):
             raise
         finally:
             self.interrupts.uninstall()
+            if self._lock is not None:
+                self._lock.release()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -123,6 +127,9 @@ class LoRACLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        export_dir = getattr(self.model, "export_dir", None)
+        if export_dir and rank_zero_only.rank == 0:  # a second fit into it refuses now, not after loading the model
+            self._lock = FolderLock(export_dir).acquire()
         if self.config[self.subcommand].get("validate_before_fit"):
             ckpt_path = self.config[self.subcommand].get("ckpt_path")  # resuming: the restored adapter's figures
             results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)

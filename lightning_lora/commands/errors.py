@@ -5,7 +5,9 @@ The library raises ordinary exceptions (the Python API keeps them); only a comma
 - our own messages read "<what>. <how to fix>" (or "<what>; <how to fix>"): they are split at the first sentence;
 - jsonargparse's errors (a key typo, a value of the wrong type) become the same line, and a typo gets the nearest
   valid key ("did you mean 'adapter'?", from ``difflib``) instead of the usage;
-- the config key is the one whose name or value the message mentions (``model.adapter.init_args.r``).
+- the config key is the one whose name or value the message mentions (``model.adapter.init_args.r``);
+- a renamed key gets its new form (``export_gguf`` -> ``exports``), and a checkpoint PyTorch refused to unpickle
+  (``weights_only``) gets our one line (``io/checkpoint.pickle_refusal``), pinned to ``ckpt_path``.
 
 ``LIGHTNING_LORA_TRACEBACK=1`` in the environment, or ``--traceback`` on the command line, shows the full traceback.
 """
@@ -15,15 +17,19 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import pickle
 import re
 import sys
 from collections.abc import Callable, Iterable
+
+from lightning_lora.io.checkpoint import pickle_refusal
 
 TRACEBACK_ENV = "LIGHTNING_LORA_TRACEBACK"
 TRACEBACK_FLAG = "--traceback"
 EXIT_CODE = 2
 _FIX_VERBS = ("use", "pass", "set", "add", "install", "lower", "check", "narrow", "load", "call", "run", "give",
               "rename", "remove", "convert", "delete", "pick", "put")  # fmt: skip
+RENAMED_KEYS = {"export_gguf": ("exports", "use exports: [peft, merged, gguf, gguf-merged:q8_0] (any of them)")}
 
 
 def wants_traceback(argv: Iterable[str]) -> bool:
@@ -50,6 +56,11 @@ def run_command(main: Callable[[list[str]], object], argv: list[str]) -> None:
 def one_line(exc: BaseException) -> str:
     """``error: <what> (<config key>): <how to fix>`` for ``exc`` (its cause when a wrapper only repeats it)."""
     config = getattr(exc, "lightning_lora_config", None) or {}
+    refused = _pickle_refusal(exc)
+    if refused is not None:  # PyTorch's message is long and advises weights_only=False: never
+        path = config.get("ckpt_path")
+        what, fix = split_message(pickle_refusal(path, refused))
+        return f"error: {what}{' (ckpt_path)' if path else ''}: {fix[:1].lower() + fix[1:]} (traceback: {TRACEBACK_ENV}=1)"
     outer = _squash(str(exc))
     typo = _typo(outer, getattr(exc, "lightning_lora_parser", None))
     exc = _innermost(exc)
@@ -74,6 +85,17 @@ def one_line(exc: BaseException) -> str:
     where = f" ({key})" if key else ""
     fix = fix[:1].lower() + fix[1:] if fix[1:2].islower() else fix
     return f"error: {what}{where}: {fix} (traceback: {TRACEBACK_ENV}=1)"
+
+
+def _pickle_refusal(exc: BaseException) -> BaseException | None:
+    """The ``pickle.UnpicklingError`` of a ``weights_only`` load in ``exc``'s chain, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, pickle.UnpicklingError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -208,6 +230,8 @@ def _suggest(wrong: str, valid: list[str]) -> tuple[str, str, str]:
         if part in level:
             continue
         key = ".".join(parts[: depth + 1])
+        if part in RENAMED_KEYS and RENAMED_KEYS[part][0] in level:
+            return f"'{part}' was replaced by '{RENAMED_KEYS[part][0]}'", key, RENAMED_KEYS[part][1]
         close = difflib.get_close_matches(part, level, n=3, cutoff=0.6)
         if close:
             others = f" (or {', '.join(repr(c) for c in close[1:])})" if close[1:] else ""

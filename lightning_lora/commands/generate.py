@@ -1,13 +1,15 @@
 """``python -m lightning_lora generate``: one frozen base, one or more adapters, generate from a prompt.
 
-    python -m lightning_lora generate --base_model smollm2-135m-instruct \\
-        --adapter runs/chat/adapter:0.7 --adapter runs/docs/adapter:0.3 --prompt "What is a list?" [--compare]
+    python -m lightning_lora generate --adapter runs/chat/adapter:0.7 --adapter runs/docs/adapter:0.3 \\
+        --prompt "What is a list?" [--compare] [--base_model smollm2-135m-instruct]
 
-Each ``--adapter`` is a PEFT-format folder, optionally followed by ``:weight`` (default 1). Without ``--compare`` the
+Each ``--adapter`` is a PEFT-format folder, optionally followed by ``:weight`` (default 1). The base is the one the
+adapters record (``base_model_name_or_path``) unless ``--base_model`` names another. Without ``--compare`` the
 weighted combination base + sum_i w_i dW_i generates once. With ``--compare`` the base and every adapter alone run as
 one batch (``per_sample_adapters``: one row per adapter), then the combination, and the outputs are printed side by
 side. Decoding is greedy, so runs are reproducible. ``--merge_to DIR`` instead writes the combination merged into the
-base as a Hugging Face folder (``export_combination``), loadable with ``AutoModelForCausalLM.from_pretrained(DIR)``.
+base as a Hugging Face folder (``export_combination``, with the merged writer of ``io/export.py``: probed, written
+as one transaction), loadable with ``AutoModelForCausalLM.from_pretrained(DIR)``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from torch import nn
 
 from lightning_lora.commands import command_args
 from lightning_lora.compose import per_sample_adapters
-from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.core.verbs import merge, set_adapter
+from lightning_lora.io.card import recorded_base
+from lightning_lora.io.export import save_merged
 from lightning_lora.io.files import atomic_dir, write_json
+from lightning_lora.io.finite import probe
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter
 
@@ -106,17 +110,16 @@ def generate_variants(
 def export_combination(
     base_model: str | os.PathLike, adapters: Mapping[str, float], out_dir: str | os.PathLike, dtype: str | None = None
 ) -> Path:
-    """Merge ``{adapter folder: weight}`` into a fresh fp32 copy of ``base_model``, W' = W + sum_i w_i dW_i, and write
-    a Hugging Face folder (model, tokenizer, ``lightning_lora_merge.json``) to ``out_dir`` atomically."""
+    """Merge ``{adapter folder: weight}`` into a fresh fp32 copy of ``base_model``, W' = W + sum_i w_i dW_i, probe it
+    (finite outputs) and write a Hugging Face folder (model, tokenizer, ``lightning_lora_merge.json``) to ``out_dir``
+    in one step, with ``io/export.py``'s merged writer."""
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
     weights = load_adapters_weighted(model, adapters)
     set_adapter(model, weights)
     merge(model)
-    if dtype is not None:
-        model = model.to(parse_dtype(dtype))
+    probe(model, what="the merged combination")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_merged(model, tokenizer, tmp, dtype)
         record = {"base_model": str(base_model), "adapters": {str(p): float(w) for p, w in adapters.items()}}
         write_json(record, tmp / MERGE_RECORD)
     return Path(out_dir)
@@ -140,7 +143,8 @@ def _print_side_by_side(prompt: str, texts: Mapping[str, str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_lora generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_model", required=True, help="alias (smollm2-135m-instruct), HF folder or cached hub id")
+    parser.add_argument("--base_model", help="alias (smollm2-135m-instruct), HF folder or cached hub id; default: the "
+                                             "base the adapters record")  # fmt: skip
     parser.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]",
                         help="PEFT adapter folder, optional weight (default 1); repeat for several")  # fmt: skip
     parser.add_argument("--prompt", help="text to continue (the chat template is applied when the tokenizer has one)")
@@ -159,15 +163,16 @@ def main(argv: list[str] | None = None) -> dict[str, str] | Path:
         if not Path(path).is_dir():
             raise SystemExit(f"generate: adapter folder {path!r} does not exist (from --adapter {spec!r}).")
         adapters[path] = adapters.get(path, 0.0) + weight
+    base_model = args.base_model or recorded_base(list(adapters))
     if args.merge_to:
-        out = export_combination(args.base_model, adapters, args.merge_to)
+        out = export_combination(base_model, adapters, args.merge_to)
         print(f"lightning_lora: merged model written to {out}")
         return out
     if not args.prompt:
         raise SystemExit("generate: give --prompt (or --merge_to DIR to export the combination).")
     if args.max_new_tokens <= 0:
         raise SystemExit(f"generate: --max_new_tokens must be positive, got {args.max_new_tokens}.")
-    model, tokenizer = load_causal_lm(args.base_model)
+    model, tokenizer = load_causal_lm(base_model)
     weights = load_adapters_weighted(model, adapters)
     texts = generate_variants(model, tokenizer, args.prompt, weights, args.compare, args.max_new_tokens, not args.no_chat)
     _print_side_by_side(args.prompt, texts)

@@ -3,13 +3,15 @@
 ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` needs ``task_type: "CAUSAL_LM"`` and a loadable
 ``base_model_name_or_path``: the hub id when the base came from the local hub cache, else the folder (absolute), and
 for a built-in alias its converted folder. The card (a Markdown file with the YAML header PEFT writes) gives the
-base, the method, rank, alpha, targets, the run's data, steps and final validation loss/perplexity, and how to load
-the adapter with PEFT, transformers and llama.cpp.
+base by a portable id where one is known (the hub id, or the hub repository a built-in alias was made from; never a
+path into this machine's cache), the method (QLoRA when the base was quantized), rank, alpha, targets, the run's
+data, steps and final validation loss/perplexity, and how to load the adapter with PEFT, transformers and llama.cpp.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from torch import nn
@@ -46,6 +48,45 @@ def base_source(model: nn.Module | None = None, base_model: str | None = None) -
     return _from_path(str(path)) if path else None
 
 
+def _alias_of(source: str | None) -> str | None:
+    """The built-in alias whose converted folder ``source`` is (its marker names the alias's GGUF file), else None."""
+    marker = Path(source) / MARKER if source else None
+    if marker is None or not marker.is_file():
+        return None
+    origin = read_json(marker).get("file")
+    return next((name for name, alias in ALIASES.items() if alias.file == origin), None)
+
+
+def portable_base(source: str | None) -> str | None:
+    """How a card names the base on any machine: a hub id as it is, a built-in alias's folder as the hub repository
+    it was made from; None for a local folder (only this machine knows it)."""
+    if not source:
+        return None
+    alias = _alias_of(source)
+    if alias is not None:
+        return ALIASES[alias].hub_id
+    return None if Path(source).expanduser().exists() else source
+
+
+def recorded_base(folders: list[str | os.PathLike]) -> str:
+    """The base model adapter folders record (``base_model_name_or_path`` of their ``adapter_config.json``, at the
+    root or in a subfolder of a multi-adapter folder); ``ValueError`` when none records one or they differ."""
+    found: dict[str, str] = {}
+    for folder in map(Path, folders):
+        configs = [folder / "adapter_config.json"] if (folder / "adapter_config.json").is_file() else sorted(
+            folder.glob("*/adapter_config.json"))  # fmt: skip
+        base = next((b for c in configs if (b := read_json(c).get("base_model_name_or_path"))), None)
+        if base:
+            found[str(folder)] = base
+    bases = set(found.values())
+    if len(bases) == 1:
+        return bases.pop()
+    if not bases:
+        raise ValueError(f"the adapter folders {[str(f) for f in folders]} do not record their base model "
+                         "(base_model_name_or_path); pass --base_model.")  # fmt: skip
+    raise ValueError(f"the adapter folders record different base models ({found}); pass --base_model to choose one.")
+
+
 def base_note(source: str | None) -> str:
     """A sentence for the card when the base folder was converted from a GGUF file (a built-in alias)."""
     marker = Path(source) / MARKER if source else None
@@ -64,17 +105,26 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
                facts: dict[str, str] | None = None) -> str:
     """The ``README.md`` text for a PEFT folder with ``peft_config`` (``adapter_config.json``'s content).
 
-    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)), and
-    ``evaluation`` (a Markdown table, ``train/eval_report.py``: shown under "Evaluation"); ``facts`` are the method's
-    own rows (``AdapterConfig.card_facts``: rank, alpha and scale, ...).
+    ``run`` may hold ``data`` (a description), ``steps``, ``val_loss`` (its perplexity is exp(val_loss)),
+    ``quantize`` (the base's quantization, e.g. ``"NF4"``: the method reads QLoRA) and ``evaluation`` (a Markdown
+    table, ``train/eval_report.py``: shown under "Evaluation"); ``facts`` are the method's own rows
+    (``AdapterConfig.card_facts``: rank, alpha and scale, ...).
     """
     run = dict(run or {})
-    base = peft_config.get("base_model_name_or_path") or "(unknown: pass base_model_name_or_path)"
+    source = peft_config.get("base_model_name_or_path")
+    portable = portable_base(source)
+    alias = _alias_of(source)
+    base = portable or (Path(source).name if source else "(unknown: pass base_model_name_or_path)")
+    shown = f"`{portable}` (built-in alias `{alias}`)" if alias else f"`{portable}`" if portable else (
+        f"the local folder `{source}`" if source else base)
+    if run.get("quantize"):
+        method = (f"QLoRA ({method} over an {run['quantize']} base)" if method.startswith("LoRA")
+                  else f"{method} over an {run['quantize']} base")
     targets = peft_config.get("target_modules") or []
     val_loss = run.get("val_loss")
     ppl = math.exp(val_loss) if isinstance(val_loss, float) and val_loss < 700 else None
     rows = [
-        ("base model", f"`{base}`"),
+        ("base model", shown),
         ("method", method),
         *(facts or {}).items(),
         ("target modules", ", ".join(f"`{t}`" for t in targets)),
@@ -86,14 +136,15 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
     note = base_note(peft_config.get("base_model_name_or_path"))
     gguf_files = gguf_files or {}
     adapter_gguf = gguf_files.get("adapter", "adapter.gguf")
+    tags = list(dict.fromkeys(["lightning_lora", method.split()[0].lower(), *(["qlora"] if run.get("quantize") else [])]))
     lines = [
         "---",
-        f"base_model: {base}",
+        *([f"base_model: {portable}"] if portable else []),
         "library_name: peft",
-        "tags: [lightning_lora, " + method.split()[0].lower() + "]",
+        "tags: [" + ", ".join(tags) + "]",
         "---",
         "",
-        f"# {method} adapter for `{Path(base).name or base}`",
+        f"# {method} adapter for `{base}`",
         "",
         "Trained with lightning_lora. " + note,
         "",
@@ -119,7 +170,7 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
         "# or: import lightning_lora as ll; ll.load_adapter(base_model, \"path/to/this/folder\")",
         "```",
         "",
-        "llama.cpp (adapter GGUF: `python -m lightning_lora export ... --format gguf`; merged model: add `--merged`):",
+        "llama.cpp (adapter GGUF: `python -m lightning_lora export ... --exports gguf`; merged model: `--exports gguf-merged`):",
         "",
         "```bash",
         f"llama-cli -m base.gguf --lora {adapter_gguf}",

@@ -1,7 +1,8 @@
 """Safe file handling: atomic writes (temporary name, then rename) and safetensors-only reading.
 
 An interrupted write never leaves a half-written file or folder where a complete one was: the new content goes to
-a temporary sibling and replaces the old one with ``os.replace`` only once it is complete.
+a temporary sibling and replaces the old one in one rename only once it is complete (``transaction.py``). Tensors
+with NaN/inf values are never written (``finite.py``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,43 +17,41 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lightning_lora.io.finite import check_finite
+from lightning_lora.io.transaction import apply_umask, check_folder_target, naming, private_name, remove_stale, staged
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``path`` (an old folder there is removed after)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def atomic_dir(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield an empty staging folder beside ``path``; on success it replaces ``path`` in one step (``transaction.py``:
+    umask modes, errors naming the path and the cause, leftovers of killed writes removed)."""
+    return staged(path)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path next to ``path``; on success it is renamed onto ``path``."""
+    """Yield a temporary file path next to ``path`` (created empty); on success it gets mode 0o666 minus the umask
+    and is renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    check_folder_target(path.parent)
+    with naming(path, path=path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)
+        tmp = private_name(path, "tmp")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with naming(path, path=path):
+            yield tmp
+            apply_umask(tmp)
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write ``tensors`` as safetensors (contiguous CPU copies), atomically."""
+    """Write ``tensors`` as safetensors (contiguous CPU copies), atomically; a NaN/inf value is refused, naming its
+    tensor (``finite.py``), and nothing is written."""
+    check_finite(tensors, str(path))
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
         save_file(data, str(tmp), metadata=metadata or {"format": "pt"})

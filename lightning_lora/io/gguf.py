@@ -7,6 +7,11 @@ LoRA (arXiv:2106.09685, s = alpha/r) writes alpha, and rsLoRA (arXiv:2312.03732,
 alpha * sqrt(r). Names and row orders come from the family's tensor plan (``io/gguf_arch.py``): a row operation P of
 the base (llama-family q/k) is P W = (P B) A, so it is applied to B. DoRA and VeRA have no llama.cpp form: merge
 first.
+
+MoE experts are written in the merged model. Expert adapters are not written yet; llama.cpp applies them per expert
+(``build_lora_mm_id``) from ``<ffn_*_exps>.lora_a`` (E, r, in) and ``.lora_b`` (E, out, r), so adding them means
+giving ``write_adapter_gguf`` those stacked factors under the parameter's name (``...mlp.experts.gate_up_proj``):
+the tensor plan already splits gate and up rows of B as it splits the base (tested in tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple
     """``{target: (A, B)}`` of adapter ``name`` and the alpha llama.cpp needs (scale * r), after every check.
 
     Raises:
-        ValueError: no such adapter; DoRA, VeRA or anything but plain LoRA/rsLoRA ("merge first: --merged");
+        ValueError: no such adapter; DoRA, VeRA or anything but plain LoRA/rsLoRA ("merge first: export gguf-merged");
             adapted layers that are not Linear (embeddings, convolutions); an adapted head tied to the embeddings.
     """
     layers = {t: layer for t, layer in adapter_layers(model).items() if name in layer.adapters}
@@ -58,17 +63,17 @@ def lora_pairs(model: nn.Module, name: str = "default") -> tuple[dict[str, tuple
     if type(config) is not LoRA:
         raise ValueError(
             f"GGUF export: llama.cpp adapters are plain LoRA; {type(config).__name__} cannot be expressed there. "
-            "merge first: --merged (export the merged model as GGUF instead)."
+            "merge first: export gguf-merged (export the merged model as GGUF instead)."
         )
     not_linear = [t for t, layer in layers.items() if not isinstance(layer.base_layer, nn.Linear)]
     if not_linear:
         raise ValueError(f"GGUF export: llama.cpp adapters cover Linear layers only, not {not_linear[:3]}; "
-                         "merge first: --merged, or target only Linear layers.")  # fmt: skip
+                         "merge first: export gguf-merged, or target only Linear layers.")  # fmt: skip
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and any(
         t == "lm_head" or t.endswith(".lm_head") for t in layers
     ):
         raise ValueError("GGUF export: the adapted lm_head is tied to the embeddings, which llama.cpp's base has as "
-                         "one tensor; merge first: --merged.")  # fmt: skip
+                         "one tensor; merge first: export gguf-merged.")  # fmt: skip
     pairs, alpha = {}, None
     for target, layer in layers.items():
         branch = layer.adapters[name]
@@ -103,7 +108,7 @@ def write_adapter_gguf(
         pieces = plan(target + ".weight")
         if not pieces:
             raise ValueError(f"GGUF export: {target!r} is adapted, but llama.cpp's {arch_of(config).arch} base has "
-                             "no such tensor (its output is the embedding); merge first: --merged.")  # fmt: skip
+                             "no such tensor (its output is the embedding); merge first: export gguf-merged.")  # fmt: skip
         for base, rows in pieces:
             tensors[base + ".lora_a"] = A.float().cpu().numpy().astype(np_dtype)
             tensors[base + ".lora_b"] = apply_rows(rows, B.float().cpu()).numpy().astype(np_dtype)
@@ -119,5 +124,5 @@ def write_adapter_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    log.info("adapter GGUF (%d tensors, alpha %.6g) written to %s", len(tensors), alpha, path)
+    log.debug("adapter GGUF (%d tensors, alpha %.6g) written to %s", len(tensors), alpha, path)
     return Path(path)

@@ -47,12 +47,27 @@ def _gemma_check(pattern: int, layers_27b: int) -> Callable[[dict], str | None]:
     return check
 
 
-def _qwen_check(hp: dict) -> str | None:
-    if hp.get("use_sliding_window"):
-        return "use_sliding_window is set, but llama.cpp's Qwen graphs attend over the whole context"
-    if "norm_topk_prob" in hp and not hp["norm_topk_prob"]:
-        return "norm_topk_prob is False, but llama.cpp's Qwen3-MoE graph renormalizes the top-k router weights"
-    return None
+def _qwen_check(norm_topk: bool | None = None) -> Callable[[dict], str | None]:
+    """Qwen graphs attend over the whole context; llama.cpp's Qwen3-MoE renormalizes the top-k router weights and its
+    Qwen2-MoE does not (``norm_w`` of ``build_moe_ffn``): ``norm_topk_prob`` must say the same."""
+
+    def check(hp: dict) -> str | None:
+        if hp.get("use_sliding_window"):
+            return "use_sliding_window is set, but llama.cpp's Qwen graphs attend over the whole context"
+        if norm_topk is not None and bool(hp.get("norm_topk_prob")) != norm_topk:
+            return (f"norm_topk_prob is {hp.get('norm_topk_prob')}, but llama.cpp's graph "
+                    f"{'renormalizes' if norm_topk else 'does not renormalize'} the top-k router weights")  # fmt: skip
+        return None
+
+    return check
+
+
+def _smollm3_check(hp: dict) -> str | None:
+    """llama.cpp's SmolLM3 graph skips RoPE in every 4th layer (``n_no_rope_layer_step``)."""
+    wanted = [int((i + 1) % 4 != 0) for i in range(hp["num_hidden_layers"])]
+    if hp.get("no_rope_layers") is not None and list(hp["no_rope_layers"]) != wanted:
+        return f"no_rope_layers {hp['no_rope_layers']}, but llama.cpp skips RoPE in every 4th layer exactly"
+    return _llama_check(hp)
 
 
 def _llama_check(hp: dict) -> str | None:
@@ -76,19 +91,24 @@ class GGUFArch:
     check: Callable[[dict], str | None] = field(default=lambda hp: None)  # why llama.cpp would compute otherwise
 
 
-_LLAMA = GGUFArch("llama", hparams.llama, rope_types=("default", "linear", "yarn", "llama3"), rope_rows=True,
-                  extra_tensors=hparams.llama3_rope_freqs, check=_llama_check)  # fmt: skip
+_LLAMA_ROPES = dict(rope_types=("default", "linear", "yarn", "llama3"), rope_rows=True,
+                    extra_tensors=hparams.llama3_rope_freqs)  # the converter's LlamaModel and its subclasses
+_LLAMA = GGUFArch("llama", hparams.llama, check=_llama_check, **_LLAMA_ROPES)
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # convert_hf_to_gguf.py writes Mistral and Mixtral as llama.cpp's "llama"
     "mixtral": _LLAMA,
-    "qwen2": GGUFArch("qwen2", hparams.text, check=_qwen_check),
-    "qwen3": GGUFArch("qwen3", hparams.text, check=_qwen_check),
-    "qwen3_moe": GGUFArch("qwen3moe", hparams.qwen_moe, check=_qwen_check),
+    "qwen2": GGUFArch("qwen2", hparams.text, check=_qwen_check()),
+    "qwen3": GGUFArch("qwen3", hparams.text, check=_qwen_check()),
+    "qwen2_moe": GGUFArch("qwen2moe", hparams.qwen_moe, check=_qwen_check(norm_topk=False)),
+    "qwen3_moe": GGUFArch("qwen3moe", hparams.qwen_moe, check=_qwen_check(norm_topk=True)),
     "gemma2": GGUFArch("gemma2", hparams.gemma2, rope_types=("default",), norm_offset=1.0, drop_lm_head=True,
                        check=_gemma_check(2, layers_27b=46)),
     "gemma3_text": GGUFArch("gemma3", hparams.gemma3, rope_types=("default", "linear"), norm_offset=1.0,
                             drop_lm_head=True, check=_gemma_check(6, layers_27b=62)),
+    "smollm3": GGUFArch("smollm3", hparams.llama, check=_smollm3_check, **_LLAMA_ROPES),
+    "granite": GGUFArch("granite", hparams.granite, check=_llama_check, **_LLAMA_ROPES),
+    "olmo2": GGUFArch("olmo2", hparams.olmo2),
     "phi3": GGUFArch("phi3", hparams.phi3, rope_types=("default", "longrope"), extra_tensors=hparams.phi3_rope_factors),
 }
 

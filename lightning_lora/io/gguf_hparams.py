@@ -94,6 +94,29 @@ def llama(hp: dict) -> dict:
     return text(hp) | {"add_vocab_size": hp["vocab_size"], "add_rope_dimension_count": rope_dim}
 
 
+def granite(hp: dict) -> dict:
+    """Llama's metadata without head_dim (the converter drops it), plus Granite's four multipliers."""
+    hp = {k: v for k, v in hp.items() if k != "head_dim"}
+    out = llama(hp)
+    multipliers = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
+                   "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
+    for method, key in multipliers.items():
+        if hp.get(key):
+            out[method] = hp[key]
+    return out
+
+
+def olmo2(hp: dict) -> dict:
+    out = text(hp)
+    if "sliding_window" in hp:
+        n = hp["num_hidden_layers"]
+        types = hp.get("layer_types")
+        out["add_sliding_window"] = hp["sliding_window"]
+        out["add_sliding_window_pattern"] = ([t == "sliding_attention" for t in types] if types is not None
+                                             else [(i + 1) % 4 != 0 for i in range(n)])  # fmt: skip
+    return out
+
+
 def qwen_moe(hp: dict) -> dict:
     out = text(hp)
     if hp.get("moe_intermediate_size") is not None:

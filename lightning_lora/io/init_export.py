@@ -37,7 +37,7 @@ def merge_exact(model: nn.Module, name: str, target: nn.Module | None = None, dt
     architecture, e.g. the base re-loaded) gets each adapted layer's base + adapter and each NF4 layer dequantized,
     written one layer at a time. Without ``target`` a copy of ``model`` is used."""
     if target is None:
-        target = remove(copy.deepcopy(model, {id(getattr(model, "_trainer", None)): None}))
+        target = remove(copy.deepcopy(model))
     with torch.no_grad():
         for layer_name, module in list(model.named_modules()):
             bias = None

@@ -93,7 +93,10 @@ class FolderLock:
                 continue
             pid, host = record.get("pid"), record.get("host")
             mine = host == socket.gethostname()
-            if isinstance(pid, int) and (not mine or pid_alive(pid)) and pid != os.getpid():
+            if mine and pid == os.getpid():  # this process holds it already (another FolderLock of the folder)
+                self.held = True
+                return self
+            if isinstance(pid, int) and (not mine or pid_alive(pid)):
                 raise FolderInUseError(
                     f"{self.folder} is in use by another run: pid {pid} on {host}, started {record.get('started')} "
                     f"(lock file {self.path}). Wait for it to finish, choose another export_dir, or delete the lock "

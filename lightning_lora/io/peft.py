@@ -22,6 +22,7 @@ from lightning_lora.core.targets import compact_targets
 from lightning_lora.core.verbs import adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lightning_lora.io.finite import check_finite
 from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
@@ -123,7 +124,7 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
         unsupported["bias"] = peft_config["bias"]
     if unsupported:
         raise ValueError(f"{source}: PEFT options not supported by lightning_lora: {unsupported}.")
-    claims = {name: cfg for name, cls in METHODS.items() if (cfg := cls.from_peft(peft_config)) is not None}
+    claims = {name: cfg for name, cls in METHODS.items() if (cfg := _from_peft(cls, peft_config, source)) is not None}
     if len(claims) > 1:
         raise ValueError(f"{source}: methods {sorted(claims)} all claim this file; make their from_peft disjoint.")
     if not claims:
@@ -137,6 +138,20 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     if ignored:  # per-layer options the claiming method did not take would be dropped silently
         raise ValueError(f"{source}: {config.method} does not read {ignored} (per-layer options); they would be lost.")
     return config
+
+
+def _from_peft(cls: type[AdapterConfig], peft_config: dict, source: str) -> AdapterConfig | None:
+    """``cls.from_peft(peft_config)`` with a missing key or a value of the wrong type named, with the file."""
+    try:
+        return cls.from_peft(peft_config)
+    except KeyError as err:
+        raise ValueError(f"{source}: the key {err.args[0]!r} is missing ({cls.__name__} needs it); is the file "
+                         "complete? Add it (PEFT writes it).") from None  # fmt: skip
+    except (TypeError, ValueError) as err:
+        keys = [k for k, v in peft_config.items() if isinstance(v, (str, list, dict)) and repr(v) in str(err)]
+        key = f"the value {keys[0]}={peft_config[keys[0]]!r}" if keys else "a value"
+        raise ValueError(f"{source}: {key} is not what {cls.__name__} expects ({err}). Give it as PEFT writes it "
+                         "(e.g. a number for r and lora_alpha).") from None  # fmt: skip
 
 
 def _is_shared(key: str) -> bool:
@@ -176,6 +191,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     file_config = read_json(path / CONFIG_FILE)
     config = config_from_peft(file_config, str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
+    check_finite(tensors, str(weights_path), "The adapter is not loaded; it comes from a run that diverged: use an "
+                 "earlier export or checkpoint of it.")  # fmt: skip
     shared = {k[len(SHARED_PREFIX) :]: tensors.pop(k) for k in list(tensors) if _is_shared(k)}
     _drop_saved_embeddings(model, tensors, weights_path)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}

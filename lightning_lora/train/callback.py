@@ -19,7 +19,8 @@ What it does, in Lightning's hook order (REFERENCE section 4):
 - Checkpoints hold only the adapter (and any other parameter that requires grad). The filter is installed on the
   module's ``on_save_checkpoint``, because ``Callback.on_save_checkpoint`` is skipped with
   ``ModelCheckpoint(save_weights_only=True)``; ``strict_loading`` is set to False so such checkpoints load and resume.
-- ``on_train_end``: with ``export_dir``, writes ``<dir>/adapter`` (PEFT format) and ``<dir>/merged`` (rank 0 only).
+- ``on_train_end``: with ``export_dir``, writes the ``exports`` (default ``<dir>/adapter`` in PEFT format and
+  ``<dir>/merged``) as one transaction (rank 0 only).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
+from lightning_lora.io.export import check_export_dir
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
@@ -49,10 +51,12 @@ class AdapterCallback(Callback):
         quantize: ``NF4(...)`` to quantize the target's linear layers first (QLoRA), or None.
         target: attribute of the LightningModule that holds the model (e.g. ``"model"``, dotted paths allowed);
             None adapts the whole LightningModule.
-        export_dir: when set, export ``<dir>/adapter`` and ``<dir>/merged`` at the end of training.
+        export_dir: when set, the ``exports`` are written there at the end of training, as one transaction.
         name: the adapter's name.
-        export_gguf: llama.cpp GGUF files to write to ``export_dir`` too (``"adapter"`` and/or ``"f16"``, ``"bf16"``,
-            ``"q8_0"`` for the merged model; llama-family Hugging Face models only).
+        exports: the formats (``io/export.py``): ``peft``, ``merged``, ``gguf``, ``gguf-merged[:f16|bf16|q8_0]``;
+            default ``[peft, merged]``. Before writing, the merged model runs a probe batch: a Hugging Face
+            language model's own, else the LightningModule's ``example_input_array`` when the adapter covers it
+            (``target=None``); without either, only the tensors are checked for NaN/inf.
 
     Raises:
         TypeError: ``adapter`` is not an adapter config.
@@ -66,7 +70,7 @@ class AdapterCallback(Callback):
         target: str | None = None,
         export_dir: str | None = None,
         name: str = "default",
-        export_gguf: list[str] | None = None,
+        exports: list[str] | None = None,
     ):
         adapter = LoRA() if adapter is None else adapter
         check_start(adapter, quantize)
@@ -75,9 +79,12 @@ class AdapterCallback(Callback):
         self.adapter = adapter
         self.quantize = quantize
         self.target = target
+        if export_dir is not None:
+            check_export_dir(export_dir, exports)
         self.export_dir = export_dir
         self.name = name
-        self.export_gguf = export_gguf
+        self.exports = exports
+        self.exported: dict = {}  # {format: path} written at the end of training
 
     # ------------------------------------------------------------------ helpers
     def target_module(self, pl_module: LightningModule) -> nn.Module:
@@ -126,7 +133,8 @@ class AdapterCallback(Callback):
             originals["on_save_checkpoint"](checkpoint)
             check_finite_adapter(pl_module._trainer, callback.target_module(pl_module))  # never a NaN checkpoint
             keep_adapter_only(checkpoint, pl_module, callback.target_module(pl_module), callback._prefix())
-            write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize)
+            write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize,
+                        run=run_facts(trainer))  # fmt: skip
 
         object.__setattr__(pl_module, "configure_model", configure_model)
         object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
@@ -147,8 +155,9 @@ class AdapterCallback(Callback):
             return
         model = self.target_module(pl_module)
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
-        export_from_rank_zero(model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name,
-                              base_model=hf_source(model) if self.quantize else None,
-                              tokenizer=getattr(pl_module, "tokenizer", None), gguf=self.export_gguf,
-                              run=run_facts(trainer))  # fmt: skip
+        example = getattr(pl_module, "example_input_array", None) if self.target is None else None
+        self.exported = export_from_rank_zero(
+            model, self.export_dir, is_global_zero=trainer.is_global_zero, name=self.name, exports=self.exports,
+            base_model=hf_source(model) if self.quantize else None, tokenizer=getattr(pl_module, "tokenizer", None),
+            run=run_facts(trainer), share=(trainer,), probe_input=example)
 

@@ -17,7 +17,10 @@ def describe_data(datamodule: Any) -> str | None:
 
 
 def run_facts(trainer: Any) -> dict:
-    """``{"data", "steps", "val_loss"}`` from a Trainer at the end of fit (``val_loss`` None if never validated)."""
+    """``{"data", "steps", "val_loss"}`` from a Trainer (at the end of fit, or when it saves a checkpoint, which
+    keeps them for an offline export's card); ``val_loss`` None if never validated, ``{}`` without a Trainer."""
+    if trainer is None:
+        return {}
     val = trainer.callback_metrics.get("val_loss")
     return {"data": describe_data(getattr(trainer, "datamodule", None)), "steps": trainer.global_step,
             "val_loss": None if val is None else float(val)}  # fmt: skip

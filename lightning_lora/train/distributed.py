@@ -170,8 +170,9 @@ def hf_source(model: nn.Module) -> str | None:
 
 
 def export_from_rank_zero(model: nn.Module, export_dir, *, is_global_zero: bool, base_model: str | None = None,
-                          **kwargs) -> None:  # fmt: skip
-    """``export.export(model, export_dir, base_model=..., **kwargs)`` written once, by rank 0, with full adapters.
+                          **kwargs) -> dict:  # fmt: skip
+    """``export.export(model, export_dir, base_model=..., **kwargs)`` written once, by rank 0, with full adapters;
+    returns its paths on rank 0 (``{}`` elsewhere).
 
     Every rank must call it (under FSDP2 the adapter is gathered from all ranks first). A sharded model cannot be
     copied to merge, so under FSDP2 the merge uses the base's source folder (``base_model``, else the folder the
@@ -187,9 +188,11 @@ def export_from_rank_zero(model: nn.Module, export_dir, *, is_global_zero: bool,
                 "export under FSDP2: the merged model is rebuilt from the base's source, but this model does not say "
                 "where it was loaded from; load it with from_pretrained(<folder>) or export offline from a checkpoint."
             )
+    sharded = is_sharded(model)
     with gathered(model):
-        if is_global_zero:
-            export(model, export_dir, base_model=base_model, **kwargs)
+        if is_global_zero:  # a sharded model cannot run its probe batch alone: the merged copy runs it
+            return export(model, export_dir, base_model=base_model, runs_alone=not sharded, **kwargs)
+    return {}
 
 
 __all__ = ["data_parallel_mesh", "decoder_layers", "export_from_rank_zero", "full_adapter_state", "full_tensor",

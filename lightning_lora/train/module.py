@@ -31,6 +31,7 @@ from torchmetrics.aggregation import MeanMetric
 from lightning_lora.core.dtypes import dtype_name
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
+from lightning_lora.io.export import check_export_dir
 from lightning_lora.io.models import load_causal_lm, load_tokenizer
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.nf4 import NF4
@@ -43,9 +44,9 @@ from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
-from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.train.resume import ExactResume
+from lightning_lora.train.step_loss import TokenWeightedLoss
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -112,10 +113,9 @@ class LoRAModule(LightningModule):
             about a sixth more time (``train/checkpointing.py``).
         offload_activations: on an accelerator, keep the tensors autograd saves for backward in pinned host memory
             during training steps (with checkpointing: the layer inputs); nothing on CPU.
-        export_dir: when set, ``<export_dir>/adapter`` (PEFT format) and ``<export_dir>/merged`` are written at the
-            end of training.
-        export_gguf: llama.cpp GGUF files to write there too: ``"adapter"`` and/or a merged type (``"f16"``,
-            ``"bf16"``, ``"q8_0"``); see ``io/export.py``.
+        export_dir: when set, the ``exports`` are written there at the end of training, as one transaction.
+        exports: the formats (``io/export.py``): ``peft`` (``adapter/``), ``merged`` (``merged/``), ``gguf``
+            (``adapter.gguf``), ``gguf-merged[:f16|bf16|q8_0]`` (``merged-<type>.gguf``); default ``[peft, merged]``.
         dtype: dtype to load the base in (``"float32"`` default, ``"bfloat16"``, ``"auto"``).
         trust_remote_code: allow code shipped with the model (off by default).
         adapter_name: the adapter's name on the model.
@@ -141,7 +141,7 @@ class LoRAModule(LightningModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         adapter_name: str = "default",
-        export_gguf: list[str] | None = None,
+        exports: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
         evaluate: bool | int = False,
     ):
@@ -158,11 +158,14 @@ class LoRAModule(LightningModule):
         check_mode(gradient_checkpointing)  # now, not after loading the model
         self.gradient_checkpointing = gradient_checkpointing
         self.offload_activations = offload_activations
+        if export_dir is not None:
+            check_export_dir(export_dir, exports)  # a file there, or a format typo: now, not after training
         self.export_dir = export_dir
+        self.exports = exports
+        self.exported: dict = {}  # {format: path} written at the end of training
         self.dtype_name = dtype_name(dtype, "LoRAModule dtype", auto=True)
         self.trust_remote_code = trust_remote_code
         self.adapter_name = adapter_name
-        self.export_gguf = export_gguf
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
@@ -297,7 +300,7 @@ class LoRAModule(LightningModule):
             check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
-                    quantize=self.quantize, dtype=self.dtype_name)  # fmt: skip
+                    quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer))  # fmt: skip
 
     def run_facts(self) -> dict:
         """What the model card says of this run (``train/card_facts.py``)."""
@@ -312,10 +315,10 @@ class LoRAModule(LightningModule):
         if self.export_dir is None:
             return
         # Every rank calls it (FSDP2 gathers the adapter's shards); only rank 0 writes.
-        export_from_rank_zero(self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero,
-                              name=self.adapter_name, base_model=self.base_model, tokenizer=self._tokenizer,
-                              dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
-                              gguf=self.export_gguf, run=run)  # fmt: skip
+        self.exported = export_from_rank_zero(
+            self.model, self.export_dir, is_global_zero=self.trainer.is_global_zero, name=self.adapter_name,
+            exports=self.exports, base_model=self.base_model, tokenizer=self._tokenizer, dtype=self.dtype_name,
+            trust_remote_code=self.trust_remote_code, run=run)
 
 
 

@@ -112,8 +112,11 @@ class RunSummary(Callback):
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
             trainer.checkpoint_callback, "best_model_path", "")
         lines.append(f"checkpoint  {ckpt}" if ckpt else "checkpoint  (none written)")
-        if export_dir:
-            lines.append(f"exports     {Path(export_dir) / 'adapter'} (PEFT), {Path(export_dir) / 'merged'}")
+        exported = getattr(trainer.lightning_module, "exported", None) if trainer.lightning_module else None
+        if exported:  # what the export wrote, e.g. {"peft": out/adapter, "gguf": out/adapter.gguf}
+            lines.append("exports     " + ", ".join(f"{path} ({spec})" for spec, path in exported.items()))
+        elif export_dir:
+            lines.append(f"exports     {Path(export_dir)} (none written)")
         log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
         if log_dir:
             lines.append(f"logs        {log_dir}")
