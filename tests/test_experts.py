@@ -14,7 +14,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import perturb_adapters
+from tiny_models import perturb_adapters, saved_bytes
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 import lightning_lora as ll
@@ -161,7 +161,8 @@ def test_nf4_stacks_dequantize_only_the_routed_experts(arch, monkeypatch):
     torch.testing.assert_close(logits(model), logits(reference), atol=TOL, rtol=0)
     seen = []
     expert = NF4ExpertWeights.expert
-    monkeypatch.setattr(NF4ExpertWeights, "expert", lambda self, e, dtype=None: seen.append(e) or expert(self, e, dtype))
+    monkeypatch.setattr(NF4ExpertWeights, "expert",
+                        lambda self, e, dtype=None: seen.append(e) or expert(self, e, dtype))
     logits(model, IDS[:1, :1])
     assert len(seen) == len(stacks) * 2  # k = 2 experts per stack for the one token
 
@@ -322,21 +323,6 @@ def test_estimate_counts_total_and_active_parameters(preset, total, active):
     assert res["quantized_params"] > 0.97 * res["base_params"]  # every expert is NF4, not only the attention
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward of HF's loss on ``ids`` (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_estimate_matches_nf4_bytes_and_saved_activations(arch, tmp_path):
     """NF4 weights: the estimate equals what bitsandbytes stores for the quantized tiny MoE, byte for byte (every
@@ -359,7 +345,9 @@ def test_estimate_matches_nf4_bytes_and_saved_activations(arch, tmp_path):
     assert estimate(str(tmp_path), "lora", 8, quantize="nf4", dtype="fp32")["weights_bytes"] == stored
     model = build(arch)
     ll.inject(model, ll.LoRA(r=8))
-    measured = _saved_bytes(model.train(), IDS) - 4 * IDS.numel() * 128  # HF's saved fp32 log-softmax
+    model.train()
+    measured = sum(saved_bytes(model, lambda: model(input_ids=IDS, labels=IDS)).values())
+    measured -= 4 * IDS.numel() * 128  # HF's saved fp32 log-softmax
     res = estimate(str(tmp_path), "lora", 8, batch_size=2, seq_len=9, dtype="fp32", loss_chunk_size=0)
     estimated = res["activation_bytes_no_checkpointing"] - 12 * IDS.numel() * 128
     if arch == "gpt_oss":  # eager attention's (heads x seq) fp32 scores and probabilities per token and layer
@@ -406,7 +394,8 @@ def test_lora_module_trains_nf4_experts_and_exports_the_exact_merge(tmp_path):
     assert isinstance(layer, ExpertLayer) and isinstance(layer.base_layer, NF4ExpertWeights)
     assert layer.adapters["default"].lora_B.abs().sum() > 0  # trained
     assert any(".experts.gate_up_proj.adapters.default." in k for k in module.state_dict())
-    merged = AutoModelForCausalLM.from_pretrained(export(module.model, tmp_path / "out", base_model=str(base))["merged"])
+    paths = export(module.model, tmp_path / "out", base_model=str(base))
+    merged = AutoModelForCausalLM.from_pretrained(paths["merged"])
     branch = layer.adapters["default"]
     A, B = expert_factors(branch.lora_A.detach(), branch.lora_B.detach(), 4)
     original = AutoModelForCausalLM.from_pretrained(base).model.layers[1].mlp.experts.gate_up_proj

@@ -237,8 +237,9 @@ class AdapterBranch(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """2-D (B', A') with ``B' @ A'`` = dW in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
-        embedding; batched (E, out, r), (E, r, in) on an MoE expert stack), for ``combine``. A method whose update is no low-rank product raises ValueError with its own
-        reason (one sentence, shown by ``combine`` and ``set_adapter``)."""
+        embedding; batched (E, out, r), (E, r, in) on an MoE expert stack), for ``combine``. A method whose update
+        is no low-rank product raises ValueError with its own reason (one sentence, shown by ``combine`` and
+        ``set_adapter``)."""
         raise ValueError(f"a {self.config.method} update is not an additive low-rank product B A.")
 
     def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:
