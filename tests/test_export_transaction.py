@@ -143,6 +143,32 @@ def test_immutable_export_folder_keeps_the_previous_set(previous, ckpts):
     assert snapshot(out) == before and siblings(out) == []
 
 
+def test_an_immutable_old_folder_does_not_block_exports(previous, ckpts, caplog):
+    """Before: the new adapter went in, then renaming the immutable merged/ failed: a mixed export. Now the new set
+    goes in whole; the old one, which cannot be deleted, is left beside it (said) and later exports go on."""
+    out, before = previous
+    if subprocess.run(["chattr", "+i", str(out / "merged")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system that supports it")
+    try:
+        with caplog.at_level(logging.WARNING, logger="lightning_lora"):
+            export_checkpoint(ckpts[1], out)
+            export_checkpoint(ckpts[0], out, exports=["peft"])
+        assert snapshot(out)["adapter/adapter_model.safetensors"] == before["adapter/adapter_model.safetensors"]
+        assert snapshot(out)["merged/model.safetensors"] != before["merged/model.safetensors"]
+        (left,) = siblings(out)
+        assert caplog.text.count(f"could not remove {out.parent / left}") == 1, caplog.text
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stale = out.parent / f".exp.staging-{dead.pid}-0a1b2c3d"  # as a later process sees it: its writer is gone
+        (out.parent / left).rename(stale)
+        with caplog.at_level(logging.WARNING, logger="lightning_lora"):
+            export_checkpoint(ckpts[1], out, exports=["peft"])
+        assert f"could not remove {stale}, left by an interrupted write" in caplog.text and stale.exists()
+    finally:
+        for path in out.parent.glob(".exp.*/merged"):
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 @pytest.mark.slow
 def test_file_size_limit_in_a_subprocess_keeps_the_previous_export(killed_runs):
     proc, out, before = killed_runs["fsize"]

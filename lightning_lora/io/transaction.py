@@ -69,7 +69,11 @@ def remove_stale(target: Path) -> list[Path]:
             os.rename(path, target)
             log.warning("restored %s from %s, left by an interrupted write", target, path.name)
             continue
-        _remove(path)
+        try:
+            _remove(path)
+        except OSError as err:  # e.g. an immutable file in it: it stays, and the write goes on
+            log.warning("could not remove %s, left by an interrupted write (%s)", path, err)
+            continue
         removed.append(path)
         log.warning("removed %s, left by an interrupted write (its process no longer runs)", path)
     return removed
