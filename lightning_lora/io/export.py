@@ -159,7 +159,8 @@ def parse_exports(exports: Iterable[str] | str | None) -> list[tuple[str, str | 
         fmt = FORMATS.get(key)
         if fmt is None:
             hint = f" ('{item}' is now '{_RENAMED[item]}')" if item in _RENAMED else ""
-            raise ValueError(f"exports: unknown format {item!r}{hint}; choose from {', '.join(_spellings())}.")
+            spellings = [k + (f"[:{'|'.join(f.options)}]" if f.options else "") for k, f in FORMATS.items()]
+            raise ValueError(f"exports: unknown format {item!r}{hint}; choose from {', '.join(spellings)}.")
         if option and option not in fmt.options:
             choices = ", ".join(f"{key}:{o}" for o in fmt.options) or key
             raise ValueError(f"exports: {item!r} has no option {option!r}; choose from {choices}.")
@@ -167,10 +168,6 @@ def parse_exports(exports: Iterable[str] | str | None) -> list[tuple[str, str | 
         if entry not in plan:
             plan.append(entry)
     return plan
-
-
-def _spellings() -> list[str]:
-    return [key + (f"[:{'|'.join(f.options)}]" if f.options else "") for key, f in FORMATS.items()]
 
 
 def relative_path(key: str, option: str | None) -> str:
@@ -185,7 +182,7 @@ def label(key: str, option: str | None) -> str:
 
 def check_export_dir(export_dir: str | os.PathLike, exports: Iterable[str] | str | None = None) -> None:
     """Everything about ``export_dir``/``exports`` that can be checked before a run: a folder, known formats."""
-    check_folder_target(Path(export_dir))
+    check_folder_target(Path(export_dir), swapped=True)
     parse_exports(exports)
 
 
@@ -218,8 +215,7 @@ def export(
         tokenizer: saved with the merged model and read by ``gguf-merged`` (default: the source's, if any).
         dtype: dtype of the merged Hugging Face folder (default float32).
         run: facts for the adapter's model card (``data``, ``steps``, ``val_loss``, ``quantize``).
-        share: objects ``model`` refers to that its copy must not duplicate (e.g. the training loop driving it): the copy
-            holds None there.
+        share: objects ``model`` refers to that its copy must hold as None (e.g. the training loop driving it).
         probe_input: the probe batch for a model that is not a Hugging Face language model (none: no probe).
         runs_alone: False when ``model`` cannot run a forward on its own (sharded): the probe then runs on the merged
             model, built from ``base_model`` even when no merged format is asked for.
@@ -231,7 +227,7 @@ def export(
     """
     export_dir = Path(export_dir)
     plan = parse_exports(exports)
-    check_folder_target(export_dir)
+    check_folder_target(export_dir, swapped=True)
     run = dict(run or {})
     if any(is_quantized(m) for m in model.modules()):
         run.setdefault("quantize", "NF4")
@@ -266,8 +262,10 @@ def export(
             job.merged = _merged_model(job, base_model, peft_dir, trust_remote_code, in_place, share)
             if (stage / ".scratch").exists():
                 shutil.rmtree(stage / ".scratch")
-        probe(job.merged if job.merged is not None else model, probe_input,
-              "the merged model" if job.merged is not None else f"the model with adapter {name!r}")  # fmt: skip
+        probed = job.merged if job.merged is not None else model
+        if not probe(probed, probe_input, "the merged model" if job.merged is not None else f"the model with adapter {name!r}"):
+            log.info("export: no probe batch for %s (give probe_input, e.g. example_input_array): only its tensors "
+                     "were checked for NaN/inf", type(probed).__name__)  # fmt: skip
         for key, option in sorted(plan, key=lambda e: e[0] == "merged"):  # the HF folder last: it may cast
             if FORMATS[key].merged:
                 write(key, option)

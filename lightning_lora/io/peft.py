@@ -139,8 +139,8 @@ def _from_peft(cls: type[AdapterConfig], peft_config: dict, source: str) -> Adap
     try:
         return cls.from_peft(peft_config)
     except KeyError as err:
-        raise ValueError(f"{source}: the key {err.args[0]!r} is missing ({cls.__name__} needs it); is the file "
-                         "complete? Add it (PEFT writes it).") from None  # fmt: skip
+        raise ValueError(f"{source}: the key {err.args[0]!r} is missing ({cls.__name__} needs it). Add it as PEFT "
+                         "writes it (is the file complete?).") from None  # fmt: skip
     except (TypeError, ValueError) as err:
         keys = [k for k, v in peft_config.items() if isinstance(v, (str, list, dict)) and repr(v) in str(err)]
         key = f"the value {keys[0]}={peft_config[keys[0]]!r}" if keys else "a value"

@@ -85,11 +85,13 @@ def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tens
     """
     W, A, B = weight.float(), A.float(), B.float()
     base_sq = W.pow(2).sum(1) if weight_sq is None else weight_sq
-    squared = base_sq + (2.0 * scale) * ((W @ A.t()) * B).sum(1)
-    squared += (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
-    # Where the update nearly cancels a row (n^2 << ||W||^2) the expansion loses digits: recompute those rows
-    # directly. Rare in practice (the update is small next to W), so this costs nothing on the usual path.
-    cancelled = squared < 1e-3 * base_sq
+    cross = (2.0 * scale) * ((W @ A.t()) * B).sum(1)
+    update_sq = (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
+    squared = base_sq + cross + update_sq
+    # The expansion's rounding error is a few ulps of its terms' magnitude ||W||^2 + |cross| + ||s B A||^2, so a row
+    # the update largely cancels (n^2 below a tenth of that) loses digits: recompute those rows directly (relative
+    # error then stays ~1e-6). Rare in practice (the update is small next to W), so the usual path costs nothing.
+    cancelled = squared < 0.1 * (base_sq + cross.abs() + update_sq)
     if not squared.is_meta and cancelled.any():  # meta: shapes only (the estimator builds models there)
         rows = cancelled.nonzero().squeeze(1)
         squared[rows] = (W[rows] + scale * (B[rows] @ A)).pow(2).sum(1)
