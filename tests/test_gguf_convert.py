@@ -104,7 +104,8 @@ def built(root, tmp_path_factory):
         bases[name] = (copy.deepcopy(model), tokenizer)
         if name in VARIANTS:
             continue
-        ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear"))
+        # linear layers only: llama.cpp's convert_lora_to_gguf.py cannot read PEFT's target_parameters (MoE experts)
+        ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear", exclude_modules=["experts"]))
         perturb_adapters(model)
         ll.save_adapter(model, out / f"{kind}-peft")
         write_adapter_gguf(model, out / f"{kind}-ours-lora.gguf")

@@ -61,9 +61,10 @@ class AdapterConfig:
     nothing from a method.
     """
 
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] | None = "all-linear"
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
+    target_parameters: list[str] | None = None  # MoE expert stacks by name, as PEFT's (core/experts.py)
     # trained besides the method's branches, as PEFT names them (core/trained.py): whole modules, token rows, biases
     modules_to_save: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -86,8 +87,13 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.method}: dropout must be in [0, 1), got {self.dropout}.")
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
-            raise ValueError(f"{self.method}: target_modules is empty; give layer names, a pattern or 'all-linear'.")
+        params = self.target_parameters
+        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) and p for p in params)):
+            raise ValueError(f"{self.method}: target_parameters must be a list of parameter names (e.g. "
+                             f"['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']), got {params!r}.")
+        if not self.target_modules and not params:
+            raise ValueError(f"{self.method}: target_modules is empty; give layer names, a pattern or 'all-linear' "
+                             "(or only target_parameters).")
         check_fields(self)
 
     def _check_rank(self, r: int) -> None:
@@ -241,8 +247,9 @@ class AdapterBranch(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """2-D (B', A') with ``B' @ A'`` = dW in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
-        embedding), for ``combine``. A method whose update is no low-rank product raises ValueError with its own
-        reason (one sentence, shown by ``combine`` and ``set_adapter``)."""
+        embedding; batched (E, out, r), (E, r, in) on an MoE expert stack), for ``combine``. A method whose update
+        is no low-rank product raises ValueError with its own reason (one sentence, shown by ``combine`` and
+        ``set_adapter``)."""
         raise ValueError(f"a {self.config.method} update is not an additive low-rank product B A.")
 
     def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core import merging, trained
+from lightning_lora.core.experts import place, stack_at
+from lightning_lora.core.experts_dispatch import use_experts_dispatch
 from lightning_lora.core.kinds import kind_of, merged_base_layer
 from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer, build_branch
 from lightning_lora.core.start import start_layers
@@ -78,9 +80,12 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[t
         raise ValueError(
             f"an adapter named {name!r} is already on the model; choose another name or delete_adapter(model, {name!r})."
         )
-    targets = find_targets(model, config.target_modules, config.exclude_modules, config.supports, config.method)
-    modules = dict(model.named_modules())
-    bases = [modules[t].base_layer if isinstance(modules[t], AdapterLayer) else modules[t] for t in targets]
+    targets = find_targets(model, config.target_modules, config.exclude_modules, config.supports, config.method,
+                           config.target_parameters)
+    layers = [stack_at(model, t) for t in targets]  # a module, or a bare MoE expert stack (core/experts.py)
+    bases = [layer.base_layer if isinstance(layer, AdapterLayer) else layer for layer in layers]
+    if any(kind_of(base).experts for base in bases):
+        use_experts_dispatch(model)  # the experts' forward that runs adapted stacks, once proved (raises if not)
     check_trained(model, config, targets)  # modules_to_save, token rows, biases: checked now, built by attach
     shared = config.shared_state(bases)
     return [(t, build_branch(config, base, shared, t)) for t, base in zip(targets, bases)]
@@ -88,7 +93,7 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[t
 
 def layer_map(model: nn.Module, name: str) -> dict[str, AdapterBranch]:
     """The per-layer map of adapter ``name``: full target name -> its branch, in model order. A target is a layer
-    today (its module name); a parameter of a module would be ``<module name>.<parameter>``."""
+    (its module name) or an MoE expert stack (``<experts module>.<parameter>``)."""
     return {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
 
 
@@ -123,9 +128,9 @@ def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str,
     active = active_adapters(model) if adapter_names(model) else None  # read before new layers are attached
     model.requires_grad_(False)
     for target, branch in plan:
-        layer = model.get_submodule(target)
+        layer = stack_at(model, target)
         if not isinstance(layer, AdapterLayer):
-            layer = AdapterLayer(layer).train(layer.training)
+            layer = (kind_of(layer).wrap or AdapterLayer)(layer).train(layer.training)
             _set_submodule(model, target, layer)
         layer.adapters[name] = branch.train(layer.training)  # an eval-mode model stays in eval mode (no dropout)
     for target, state in trained_layers.items():
@@ -347,7 +352,9 @@ def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
     _structure_version += 1
     model.__dict__.pop(_LAYER_CACHE, None)  # do not keep replaced layers alive
     parent_name, _, child = target.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    kind = kind_of(module)
+    value = kind.restore(module) if kind is not None and kind.restore is not None else module  # an expert stack's
+    place(model.get_submodule(parent_name) if parent_name else model, child, value)  # parameter goes back as such
 
 
 def _restore_requires_grad(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_lora.core.experts import expert_stacks
 from lightning_lora.core.kinds import is_quantized
 from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config_of
 from lightning_lora.core.targets import compact_targets
@@ -24,6 +25,7 @@ from lightning_lora.core.verbs import (adapter_names, attach, check_known, delet
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
+from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
 from lightning_lora.io.peft_trained import (drop_saved_base, from_peft_config, keep_matching, take_trained,
                                             to_peft_config, trained_tensors)
 
@@ -55,10 +57,14 @@ def save_adapter(
     branches = {t: b.for_original_base(bases[t]) for t, b in trained.items()}
     first = next(iter(branches.values()))
     config = first.config
-    tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
+    paths = peft_paths(model, branches)  # an MoE expert stack sits under its experts module (peft_experts.py)
+    tensors = {f"{PREFIX}{paths[t]}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
     tensors.update(trained_tensors(trained_map(model, name), set(branches), PREFIX))  # modules_to_save, tokens, bias
-    file_config = peft_config_of(config, compact_targets(model, sorted(branches)), branches)
+    stacks = {t: b for t, b in branches.items() if b.kind.experts}
+    modules = sorted(t for t in branches if t not in stacks)
+    file_config = peft_config_of(config, compact_targets(model, modules), branches)
+    add_to_config(file_config, model, stacks)
     to_peft_config(file_config, config)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
@@ -185,7 +191,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             f"{path} holds only pickle-based weights; lightning_lora never unpickles files (they can run code). "
             f"Convert them to {WEIGHTS_FILE} with a tool you trust."
         )
-    config = config_from_peft(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
+    file_config = read_json(path / CONFIG_FILE)
+    config = config_from_peft(file_config, str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
     check_finite(tensors, str(weights_path), "The adapter is not loaded; it comes from a run that diverged: use an "
                  "earlier export or checkpoint of it.")  # fmt: skip
@@ -196,14 +203,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             by_layer.setdefault(split[0], {})[split[1]] = tensors.pop(key)
     if not by_layer:
         raise ValueError(f"{weights_path} holds no adapter tensors.")
-    modules = dict(model.named_modules())
-    missing = [layer for layer in by_layer if layer not in modules]
+    by_layer = our_targets(model, by_layer, file_config, str(path / CONFIG_FILE))  # MoE expert stacks by name
+    modules, stacks = dict(model.named_modules()), expert_stacks(model)
+    missing = [layer for layer in by_layer if layer not in modules and layer not in stacks]
     if missing:
         raise ValueError(
             f"{path}: the adapter is for layers this {type(model).__name__} does not have, e.g. {missing[:3]}; "
             "is it for another architecture, or was it saved from a wrapper of this model?"
         )
-    config.target_modules = sorted(by_layer)
+    config.target_modules = sorted(t for t in by_layer if t not in stacks)
+    config.target_parameters = sorted(t for t in by_layer if t in stacks) or None
     keep_matching(model, config)  # PEFT ignores modules_to_save entries that select nothing
     try:
         plan = plan_injection(model, config, name)

@@ -43,7 +43,8 @@ from lightning_lora.methods.lora_fused import pack_bits, unpack_bits
 @dataclasses.dataclass
 class DoRA(LoRA):
     """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4) and
-    ``nn.Conv1d/2d/3d`` (magnitude per output channel, norm over (in, *kernel)), not embeddings.
+    ``nn.Conv1d/2d/3d`` (magnitude per output channel, norm over (in, *kernel)), not embeddings, not MoE expert stacks
+    (PEFT's ``target_parameters`` format holds plain LoRA only: such an adapter could be saved nowhere).
 
     Example::
 
@@ -56,7 +57,7 @@ class DoRA(LoRA):
 
     @classmethod
     def supports(cls, kind: LayerKind) -> bool:
-        return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
+        return not kind.transposed and not kind.experts  # (out, fan_in) weights: not embeddings, not expert stacks
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
         return DoRABranch(self, base_layer, name)
