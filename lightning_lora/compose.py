@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, AdapterLayer, build_branch
-from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set
+from lightning_lora.core.verbs import adapter_layers, adapter_names, attach, check_known, layers_set, refuse_trained
 from lightning_lora.methods.lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,11 @@ def combine(
         raise ValueError(f"combine: weights must be finite numbers, got {bad}.")
     if method not in ("cat", "svd"):
         raise ValueError(f"combine: method must be 'cat' (exact) or 'svd' (truncated), got {method!r}.")
+    refuse_trained(model, weights, "combine")
 
     layers = {t: layer for t, layer in adapter_layers(model).items() if any(a in layer.adapters for a in weights)}
     first = {a: next(layer.adapters[a] for layer in layers.values() if a in layer.adapters) for a in weights}
-    ranks = {a: factors(branch)[1].shape[0] for a, branch in first.items()}  # raises for DoRA
+    ranks = {a: factors(branch)[1].shape[-2] for a, branch in first.items()}  # raises for DoRA
     total = sum(ranks.values())
     if method == "cat" and rank is not None and rank != total:
         raise ValueError(f"combine: 'cat' gives rank {total} (the sum of {ranks}); leave rank=None or use method='svd'.")
@@ -118,20 +119,22 @@ def combine(
 
 
 def _concatenated(layer: AdapterLayer, weights: Mapping[str, float], ranks: Mapping[str, int]) -> tuple[Tensor, Tensor]:
-    """B_cat, A_cat of one layer; an input adapter missing on this layer contributes zero blocks (exact)."""
-    n_out, n_in = None, None
+    """B_cat, A_cat of one layer; an input adapter missing on this layer contributes zero blocks (exact). Batched
+    factors (an MoE expert stack: (E, out, r), (E, r, in)) concatenate expert by expert."""
+    lead, n_out, n_in = (), None, None
     parts = {}
     for a in weights:
         if a in layer.adapters:
             B, A = factors(layer.adapters[a])
             parts[a] = (B.float() * float(weights[a]), A.float())
-            n_out, n_in = B.shape[0], A.shape[1]
+            lead, n_out, n_in = B.shape[:-2], B.shape[-2], A.shape[-1]
     Bs, As = [], []
+    device = _device(layer)
     for a, r in ranks.items():
-        B, A = parts.get(a, (torch.zeros(n_out, r, device=_device(layer)), torch.zeros(r, n_in, device=_device(layer))))
-        Bs.append(B.to(_device(layer)))
-        As.append(A.to(_device(layer)))
-    return torch.cat(Bs, 1), torch.cat(As, 0)
+        B, A = parts.get(a, (torch.zeros(*lead, n_out, r, device=device), torch.zeros(*lead, r, n_in, device=device)))
+        Bs.append(B.to(device))
+        As.append(A.to(device))
+    return torch.cat(Bs, -1), torch.cat(As, -2)
 
 
 def _device(layer: AdapterLayer) -> torch.device:
@@ -140,17 +143,18 @@ def _device(layer: AdapterLayer) -> torch.device:
 
 def _truncate(B: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, float, float]:
     """Best rank-k factors of B A (Eckart-Young) via QR(B), QR(A^T) and an SVD of the small core; returns
-    (B_k, A_k, squared Frobenius norm lost, kept). Singular values are split evenly: B_k = U sqrt(S), A_k = sqrt(S) V^T."""
+    (B_k, A_k, squared Frobenius norm lost, kept). Singular values are split evenly: B_k = U sqrt(S), A_k = sqrt(S) V^T.
+    Batched factors (an expert stack) are truncated expert by expert."""
     Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().t())
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())
-    k_eff = min(k, S.shape[0])
-    root = S[:k_eff].sqrt()
-    B_k = torch.zeros(B.shape[0], k, dtype=torch.float64, device=B.device)
-    A_k = torch.zeros(k, A.shape[1], dtype=torch.float64, device=A.device)
-    B_k[:, :k_eff] = (Qb @ U[:, :k_eff]) * root
-    A_k[:k_eff] = root[:, None] * (Vh[:k_eff] @ Qa.t())
-    return B_k.float(), A_k.float(), float(S[k_eff:].pow(2).sum()), float(S[:k_eff].pow(2).sum())
+    Qa, Ra = torch.linalg.qr(A.double().transpose(-2, -1))
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.transpose(-2, -1))
+    k_eff = min(k, S.shape[-1])
+    root = S[..., :k_eff].sqrt()
+    B_k = torch.zeros(*B.shape[:-1], k, dtype=torch.float64, device=B.device)
+    A_k = torch.zeros(*A.shape[:-2], k, A.shape[-1], dtype=torch.float64, device=A.device)
+    B_k[..., :k_eff] = (Qb @ U[..., :k_eff]) * root[..., None, :]
+    A_k[..., :k_eff, :] = root[..., :, None] * (Vh[..., :k_eff, :] @ Qa.transpose(-2, -1))
+    return B_k.float(), A_k.float(), float(S[..., k_eff:].pow(2).sum()), float(S[..., :k_eff].pow(2).sum())
 
 
 @contextlib.contextmanager
@@ -172,5 +176,6 @@ def per_sample_adapters(model: nn.Module, names: list[str | None]) -> Iterator[n
         )
     names = list(names)
     check_known(model, names, "per_sample_adapters (None: the base)")
+    refuse_trained(model, names, "per_sample_adapters")
     with layers_set(model, "sample_adapters", names):
         yield model

@@ -12,8 +12,9 @@ where the family differs, and the matrix fails when a statement stops being true
 - ``peft_drops``: layer names (e.g. ``down_proj``) that PEFT 0.21, when it loads an adapter for this model type,
   re-maps to the fused expert parameters (its transformers v4 -> v5 conversion), so our adapters on dense layers of
   those names are lost in PEFT.
-- ``expert_gap``: MoE experts (3-D parameters) are neither adapted by ``all-linear`` nor quantized by NF4 yet (issue
-  #21.3). The "moe" stream flips it to False when it closes the gap; a test fails while the flag is stale.
+- ``expert_gap``: MoE experts (3-D parameters) are neither adapted by ``all-linear`` nor quantized by NF4 (a family
+  whose experts module does not dispatch through transformers' ``ExpertsInterface``, e.g. Llama-4). The families here
+  dispatch: their experts are adapted and quantized (``core/experts.py``); a test fails while a flag is stale.
 
 Columns other streams add read the library, not this file: GGUF support comes from ``io/gguf.py`` (``gguf_files``).
 """
@@ -76,25 +77,24 @@ def _available(arch: Arch) -> bool:
 
 GPT2_FIELDS = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
 NEOX_FIELDS = dict(num_key_value_heads=None, head_dim=None)
-MOE_GAP = "MoE experts are 3-D parameters: not adapted by all-linear, not quantized (issue #21.3)"
 
 ARCHS = [a for a in (
     Arch("llama", "LlamaConfig"),
     Arch("mistral", "MistralConfig", packing="own mask", why="sliding-window attention"),
     Arch("qwen2", "Qwen2Config"),
     Arch("qwen3", "Qwen3Config"),
-    Arch("qwen3_moe", "Qwen3MoeConfig", dict(num_experts=4, norm_topk_prob=True, **MOE), expert_gap=True, why=MOE_GAP),
-    Arch("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), expert_gap=True, why=MOE_GAP),
+    Arch("qwen3_moe", "Qwen3MoeConfig", dict(num_experts=4, norm_topk_prob=True, **MOE)),
+    Arch("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     Arch("gpt_oss", "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8), attn="eager",
-         packing="refused", expert_gap=True,
+         packing="refused",
          why="eager attention with sinks; its masks ignore position_ids, so packed examples would see each other"),
     Arch("deepseek_v3", "DeepseekV3Config", dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
                                                  n_group=1, topk_group=1, q_lora_rank=64, kv_lora_rank=64,
                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
-                                                 num_key_value_heads=4, **MOE), expert_gap=True,
+                                                 num_key_value_heads=4, **MOE),
          peft_drops=("gate_proj", "up_proj", "down_proj"),
-         why=MOE_GAP + "; PEFT 0.21 re-maps gate/up/down_proj to the experts (its v4 -> v5 conversion), so it "
-             "drops our adapters on the dense and shared-expert MLPs"),
+         why="PEFT 0.21 re-maps gate/up/down_proj to the experts (its v4 -> v5 conversion), so it drops our adapters "
+             "on the dense and shared-expert MLPs"),
     Arch("gemma2", "Gemma2Config", dict(query_pre_attn_scalar=16), attn="eager", packing="own mask", loss_head=False,
          why="eager attention with soft-capping; logits soft-capped after the head"),
     Arch("gemma3_text", "Gemma3TextConfig", dict(query_pre_attn_scalar=16), packing="own mask", why="sliding-window layers"),

@@ -24,8 +24,10 @@ from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layer import AdapterBranch
 from lightning_lora.core.verbs import adapter_layers
 from lightning_lora.io.export import export
+from lightning_lora.io.peft_experts import peft_paths
 from lightning_lora.train.attention import runs_packed_attention, use_packed_attention
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.packing import collate_packed
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "phi3", "olmo2",
@@ -156,8 +158,9 @@ def peft_targets(peft_model) -> set[str]:
 
 
 def peft_dropped(arch, names) -> set[str]:
-    """Those of ``names`` that PEFT 0.21 re-maps to expert parameters on this model type (``Arch.peft_drops``)."""
-    return {n for n in names if n.rpartition(".")[2] in arch.peft_drops}
+    """Those of ``names`` that PEFT 0.21 re-maps to expert parameters on this model type (``Arch.peft_drops``): layers,
+    not the expert stacks themselves."""
+    return {n for n in names if n.rpartition(".")[2] in arch.peft_drops and ".experts." not in n}
 
 
 def test_peft_loads_ours(arch, adapted, tmp_path):
@@ -166,10 +169,11 @@ def test_peft_loads_ours(arch, adapted, tmp_path):
     peft = pytest.importorskip("peft")
     ll.save_adapter(adapted, tmp_path)
     ours = set(adapter_layers(adapted))
+    paths = peft_paths(adapted, ours)  # an expert stack sits under its experts module, nested (io/peft_experts.py)
     theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path).eval()
     experts = {e.rpartition(".")[0] for e in expert_tensors(arch.build())}
-    assert ours - peft_targets(theirs) == peft_dropped(arch, ours)
-    assert {n.removesuffix(".base_layer") for n in peft_targets(theirs) - ours} <= experts
+    assert {paths[n] for n in ours} - peft_targets(theirs) == {paths[n] for n in peft_dropped(arch, ours)}
+    assert {n.removesuffix(".base_layer") for n in peft_targets(theirs) - set(paths.values())} <= experts
     if not arch.peft_drops:
         torch.testing.assert_close(logits_of(theirs, IDS), logits_of(adapted, IDS), atol=TOL, rtol=1e-4)
 
@@ -179,13 +183,15 @@ def test_we_load_pefts(arch, adapted, tmp_path):
     and router parameters); a PEFT adapter on our layers loads into ours with PEFT's logits."""
     peft = pytest.importorskip("peft")
     ours = set(adapter_layers(adapted))
-    if expert_tensors(arch.build()):
+    if expert_tensors(arch.build()):  # our layers, the expert stacks named as PEFT's target_parameters
         targets = sorted(ours - peft_dropped(arch, ours))
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+        stacks = [t for t in targets if ".experts." in t]
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[t for t in targets if t not in stacks],
+                                 target_parameters=stacks)
     else:
         targets, config = sorted(ours), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     theirs = peft.get_peft_model(arch.build(), config)
-    assert peft_targets(theirs) == set(targets)
+    assert peft_targets(theirs) == set(peft_paths(adapted, targets).values())
     perturb_adapters(theirs, std=0.1, seed=3)
     theirs.eval().save_pretrained(tmp_path)
     loaded = ll.load_adapter(arch.build(), tmp_path)
@@ -213,6 +219,12 @@ def test_each_export_format_works(arch, adapted, tmp_path):
         with pytest.raises(ValueError, match=arch.name):
             export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
         assert not (tmp_path / "refused").exists()
+    if "adapter" in files and any(".experts." in n for n in adapter_layers(adapted)):
+        # llama.cpp's convert_lora_to_gguf.py has no form for PEFT's target_parameters (expert stacks): refused
+        with pytest.raises(ValueError, match="Linear layers only"):
+            export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
+        assert not (tmp_path / "refused").exists()
+        files = tuple(f for f in files if f != "adapter")
     paths = export(adapted, tmp_path / "out", exports=["peft", "merged", *(["gguf"] if "adapter" in files else [])])
     kwargs = {"attn_implementation": arch.attn} if arch.attn else {}
     merged = AutoModelForCausalLM.from_pretrained(paths["merged"], **kwargs).eval()
@@ -278,8 +290,8 @@ def test_estimate_counts_the_built_model(arch, tmp_path):
     assert res["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert res["adapted_layers"] == len(adapter_layers(model))
     report = nf4_report(arch.name)
-    quantized = sum(model.get_submodule(n).base_layer.weight.numel() if isinstance(model.get_submodule(n), ll.AdapterLayer)
-                    else model.get_submodule(n).weight.numel() for n in report["quantized"])
+    layers = [model.get_submodule(n) for n in report["quantized"]]  # adapted by all-linear, expert stacks too
+    quantized = sum((m.base_layer if isinstance(m, ll.AdapterLayer) else m).weight.numel() for m in layers)
     assert res["quantized_params"] == quantized
 
 

@@ -12,7 +12,8 @@ from tiny_models import LLAMA, MODELS, perturb_adapters
 
 from lightning_lora import LoRA, inject
 from lightning_lora.train.checkpointing import checkpoint_mlps, enable_checkpointing
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.module import LoRAModule
 
 VOCAB = 128

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tiny_models import saved_bytes
 from transformers import AutoModelForCausalLM
 
 from lightning_lora import LoRA, inject
@@ -120,18 +121,8 @@ def _saved_bytes(tmp_path, dtype: str, loss) -> dict[int, int]:
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch_dtype)
     inject(model, LoRA(r=8, target_modules="all-linear"))
     model.to(torch_dtype).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     ids = torch.randint(0, 49152, (2, 32))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss(model, ids)
-    return saved
+    return saved_bytes(model, lambda: loss(model, ids))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -63,3 +63,38 @@ def test_io_knows_nothing_of_lightning():
     for path in sorted((ROOT / "lightning_lora" / "io").glob("*.py")):
         text = path.read_text()
         assert not re.search(r"_trainer|\bTrainer\b|LightningModule|(import|from) lightning(\.pytorch|\.fabric|\s)", text), path.name
+
+
+def test_adapter_callback_writes_what_it_is_asked_and_probes_with_the_example_input(tmp_path):
+    """A plain LightningModule (no Hugging Face model): the merged copy is made without the Trainer it points to, and
+    the probe batch is the module's ``example_input_array``; finite weights whose output overflows are refused."""
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_lora.core.verbs import adapter_layers
+
+    class Net(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.example_input_array = torch.ones(1, 32)
+
+    class BlowUp(Callback):  # finite adapter, W' x overflows: 32 x (2 x 1e18 x 1e19)
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                for layer in adapter_layers(pl_module).values():
+                    layer.adapters["default"].lora_A.fill_(1e18)
+                    layer.adapters["default"].lora_B.fill_(1e19)
+
+    def fit(out, *extra):
+        callback = ll.AdapterCallback(ll.LoRA(r=2, alpha=2, target_modules=["layer"]), export_dir=str(out),
+                                      exports=["merged"])  # fmt: skip
+        Trainer(max_steps=2, callbacks=[*extra, callback], logger=False, enable_progress_bar=False,
+                enable_checkpointing=False, enable_model_summary=False).fit(Net())  # fmt: skip
+        return callback
+
+    callback = fit(tmp_path / "ok")
+    assert [p.name for p in (tmp_path / "ok").iterdir()] == ["merged"] and list(callback.exported) == ["merged"]
+    assert (tmp_path / "ok" / "merged" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"first layer whose output is non-finite is 'layer'"):
+        fit(tmp_path / "blown", BlowUp())
+    assert not (tmp_path / "blown").exists()

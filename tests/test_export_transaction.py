@@ -143,6 +143,32 @@ def test_immutable_export_folder_keeps_the_previous_set(previous, ckpts):
     assert snapshot(out) == before and siblings(out) == []
 
 
+def test_an_immutable_old_folder_does_not_block_exports(previous, ckpts, caplog):
+    """Before: the new adapter went in, then renaming the immutable merged/ failed: a mixed export. Now the new set
+    goes in whole; the old one, which cannot be deleted, is left beside it (said) and later exports go on."""
+    out, before = previous
+    if subprocess.run(["chattr", "+i", str(out / "merged")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system that supports it")
+    try:
+        with caplog.at_level(logging.WARNING, logger="lightning_lora"):
+            export_checkpoint(ckpts[1], out)
+            export_checkpoint(ckpts[0], out, exports=["peft"])
+        assert snapshot(out)["adapter/adapter_model.safetensors"] == before["adapter/adapter_model.safetensors"]
+        assert snapshot(out)["merged/model.safetensors"] != before["merged/model.safetensors"]
+        (left,) = siblings(out)
+        assert caplog.text.count(f"could not remove {out.parent / left}") == 1, caplog.text
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stale = out.parent / f".exp.staging-{dead.pid}-0a1b2c3d"  # as a later process sees it: its writer is gone
+        (out.parent / left).rename(stale)
+        with caplog.at_level(logging.WARNING, logger="lightning_lora"):
+            export_checkpoint(ckpts[1], out, exports=["peft"])
+        assert f"could not remove {stale}, left by an interrupted write" in caplog.text and stale.exists()
+    finally:
+        for path in out.parent.glob(".exp.*/merged"):
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 @pytest.mark.slow
 def test_file_size_limit_in_a_subprocess_keeps_the_previous_export(killed_runs):
     proc, out, before = killed_runs["fsize"]
@@ -212,3 +238,34 @@ def test_leftover_of_an_older_release_is_removed_and_said(previous, ckpts, caplo
     with caplog.at_level(logging.WARNING, logger="lightning_lora"):
         export_checkpoint(ckpts[1], out, exports=["peft"])
     assert not (out / ".merged.tmp-k2x9q1w_").exists() and "merged.tmp-k2x9q1w_, left by an interrupted" in caplog.text
+
+
+def test_the_current_folder_is_refused_as_export_dir(ckpts, tmp_path, monkeypatch):
+    """Swapping the folder the process runs in would leave it in the deleted old one."""
+    (tmp_path / "exp").mkdir()
+    monkeypatch.chdir(tmp_path / "exp")
+    for where in (".", str(tmp_path)):
+        with pytest.raises(ValueError, match="is the current folder or holds it"):
+            export_checkpoint(ckpts[0], where, exports=["peft"])
+    assert list((tmp_path / "exp").iterdir()) == []
+
+
+def test_without_an_atomic_exchange_a_swap_cut_in_half_is_repaired(tmp_path, monkeypatch, caplog):
+    """Where renameat2(RENAME_EXCHANGE) is missing the swap is two renames; a kill between them leaves the old folder
+    aside, and the next write puts it back before it starts."""
+    from lightning_lora.io import transaction
+
+    monkeypatch.setattr(transaction, "_exchange", lambda a, b: False)
+    out = tmp_path / "exp"
+    for text in ("one", "two"):
+        with transaction.staged(out, carry=True) as stage:
+            (stage / f"{text}.txt").write_text(text)
+    assert sorted(p.name for p in out.iterdir()) == ["one.txt", "two.txt"] and siblings(out) == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out.rename(tmp_path / f".exp.old-{dead.pid}-0a1b2c3d")  # killed after the first rename
+    with caplog.at_level(logging.WARNING, logger="lightning_lora"), pytest.raises(RuntimeError):
+        with transaction.staged(out, carry=True):
+            raise RuntimeError("a writer fails")
+    assert sorted(p.name for p in out.iterdir()) == ["one.txt", "two.txt"] and siblings(out) == []
+    assert f"restored {out} from .exp.old-{dead.pid}-0a1b2c3d" in caplog.text

@@ -85,6 +85,7 @@ REFUSED = [
     ("gemma2", dict(query_pre_attn_scalar=128), "query_pre_attn_scalar 128, but llama.cpp scales by 1/sqrt\\(256\\)"),
     ("gemma3_text", dict(layer_types=["full_attention"] * 2), "every 6th layer full attention"),
     ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob is False"),
+    ("qwen2_moe", dict(norm_topk_prob=True), "norm_topk_prob is True, but llama.cpp's graph does not renormalize"),
     ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
     ("llama", dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "RoPE type 'dynamic'"),
     ("smollm3", dict(no_rope_layers=[0, 1], pad_token_id=0), "skips RoPE in every 4th layer"),

@@ -55,7 +55,9 @@ DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "genera
 # Hugging Face tokenizer does) and the unknown token of the tokenizer object as loaded.
 NOT_COMPARED = ("tokenizer.ggml.pre",)
 OURS_ONLY = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.unknown_token_id")
-# general.architecture of the reader's supported families; Mixtral is "llama" with experts, which it does not read.
+# The families transformers' GGUF reader reads back whole. Not: Mixtral ("llama" with experts, unread), Mistral
+# (named "mistral", it asks gguf for an architecture of that name), Qwen2-MoE (shared-expert sizes unread), and the
+# families it lacks (smollm3, granite, olmo2).
 TRANSFORMERS_READS = {"llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3"}
 
 
@@ -102,7 +104,8 @@ def built(root, tmp_path_factory):
         bases[name] = (copy.deepcopy(model), tokenizer)
         if name in VARIANTS:
             continue
-        ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear"))
+        # linear layers only: llama.cpp's convert_lora_to_gguf.py cannot read PEFT's target_parameters (MoE experts)
+        ll.inject(model, ll.LoRA(r=4, alpha=8, target_modules="all-linear", exclude_modules=["experts"]))
         perturb_adapters(model)
         ll.save_adapter(model, out / f"{kind}-peft")
         write_adapter_gguf(model, out / f"{kind}-ours-lora.gguf")

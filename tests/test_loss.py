@@ -8,7 +8,8 @@ import torch
 from tiny_models import MODELS, perturb_adapters
 
 from lightning_lora import LoRA, inject
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 
 VOCAB = 128
 

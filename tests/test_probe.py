@@ -15,7 +15,8 @@ from torch import nn
 from lightning_lora import LoRA, inject
 from lightning_lora.train import probe
 from lightning_lora.train.checkpointing import _probe_offload, enable_checkpointing, offloading
-from lightning_lora.train.loss import causal_lm_loss, head_swap_verdict
+from lightning_lora.train.head import head_swap_verdict
+from lightning_lora.train.loss import causal_lm_loss
 
 
 class Drifting(nn.Module):

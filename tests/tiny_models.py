@@ -21,6 +21,22 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
+def saved_bytes(model: torch.nn.Module, run) -> dict[int, int]:
+    """Bytes autograd keeps for backward while ``run()`` runs ``model``: storage -> bytes, unique storages,
+    parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
+
+
 def perturb_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
     """Give every trainable tensor a random value, so an adapter's effect is visible (its init is the identity)."""
     gen = torch.Generator().manual_seed(seed)

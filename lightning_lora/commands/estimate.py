@@ -24,6 +24,8 @@ def render(res: dict) -> None:
     console.print(f"[bold]{res['model']}[/bold]: {res['base_params']:,} base parameters; {res['adapter']}{rank} "
                   f"on {res['adapted_layers']} layers: {res['trainable_params']:,} trainable "
                   f"({100 * res['trainable_params'] / res['base_params']:.3f}%)")
+    if res.get("expert_params"):  # MoE: what a token uses
+        console.print(f"MoE: {res['expert_params']:,} parameters in experts; {res['active_params']:,} active per token")
     table = Table(title=f"memory, batch {res['batch_size']} x {res['seq_len']} tokens")
     for col in ("kind", "bytes", "GB (1e9)", "GiB (2^30)", "note"):
         table.add_column(col, justify="left" if col in ("kind", "note") else "right")
@@ -32,7 +34,8 @@ def render(res: dict) -> None:
              "mlp": ("MLP checkpointing", "activation_bytes_mlp_checkpointing"),
              True: ("layer checkpointing", "activation_bytes_checkpointing")}
     others = ", ".join(f"{name}: {res[key] / GB:.2f} GB" for mode, (name, key) in modes.items() if mode != ckpt)
-    linear = f"linears {quant}, rest {res['dtype']}" if res["quantize"] else res["dtype"]
+    linear = f"linears{' and experts' if res.get('expert_params') else ''} {quant}, rest {res['dtype']}" \
+        if res["quantize"] else res["dtype"]
     rows = [
         ("base weights", res["weights_bytes"], linear),
         ("adapters", res["adapter_bytes"], res["adapter_dtype"]),

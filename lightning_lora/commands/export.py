@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lightning_lora.commands import command_args
 from lightning_lora.io.checkpoint import load_for_export
-from lightning_lora.io.export import DEFAULT_EXPORTS, FORMATS, export, label, parse_exports
+from lightning_lora.io.export import DEFAULT_EXPORTS, FORMATS, check_export_dir, export, label
 
 _OLD_FLAGS = ("--format", "--merged", "--outtype")
 
@@ -26,7 +26,7 @@ _OLD_FLAGS = ("--format", "--merged", "--outtype")
 def export_checkpoint(ckpt_path: str | os.PathLike, export_dir: str | os.PathLike, config: str | None = None,
                       base_model: str | None = None, exports=None) -> dict[str, Path]:  # fmt: skip
     """Rebuild the trained model from the checkpoint (``io/checkpoint.py``) and ``export`` it (``io/export.py``)."""
-    parse_exports(exports)  # a typo fails before the model loads
+    check_export_dir(export_dir, exports)  # a format typo, a file there: before the model loads
     model, tokenizer, facts = load_for_export(ckpt_path, config, base_model)
     return export(model, export_dir, name=facts.get("adapter_name") or "default", exports=exports,
                   tokenizer=tokenizer, dtype=facts.get("dtype"), in_place=True, run=facts.get("run"))  # fmt: skip

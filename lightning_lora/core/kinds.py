@@ -10,6 +10,7 @@ the kind (``kind_of(layer)``) instead of testing layer types, so a new kind is o
 | ``hf_conv1d`` | transformers GPT-2 ``Conv1D`` | weight (in, out) | weight^T (out, in) | (r, in), (out, r); PEFT ``fan_in_fan_out`` |
 | ``embedding`` | ``nn.Embedding`` | (vocab, dim) | weight (vocab, dim) = (in, out), "transposed" | (r, vocab), (dim, r) |
 | ``conv1d/2d/3d`` | ``nn.Conv{1,2,3}d``, groups 1 | (in, out) channels | weight (out, in * prod(k)) | (r, in, *k), (out, r, 1, ...) |
+| ``experts`` | an MoE expert stack (``core/experts.py``) | per expert | (E, out, in) as stored | (r E, in), (out, r E) |
 
 Every kind but the embedding also has a bias that a merge may rewrite (``bias``/``write_bias``).
 
@@ -62,6 +63,12 @@ class LayerKind:
             method's tensors by it (e.g. LoRA's on embeddings), so methods key their PEFT names on it.
         example: a tiny seeded layer of this kind and an input for it; the contract tests (tests/test_contract.py)
             run every method that supports the kind on it, so a new kind is tested with no new test code.
+        experts: a stack of E per-expert matrices of an MoE experts module (``core/experts.py``): ``"all-linear"``
+            and ``target_parameters`` select it, the experts' forward calls it one expert at a time, and its
+            ``dense_weight`` is (E, out, in).
+        wrap: ``wrap(layer)`` -> the ``AdapterLayer`` that holds this kind's adapters (default: ``AdapterLayer``).
+        restore: ``restore(layer)`` -> what its parent holds once no adapter wraps it (default: the layer itself; an
+            expert stack gives back the parameter it holds).
     """
 
     name: str
@@ -85,6 +92,9 @@ class LayerKind:
     peft_vector_shape: Callable[[int], tuple[int, ...]] = lambda n: (n,)
     peft_layer: str = "linear"
     example: Callable[[], tuple[nn.Module, Tensor]] | None = None
+    experts: bool = False
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    restore: Callable[[nn.Module], object] | None = None
 
 
 KINDS: list[LayerKind] = []  # registration order; kind_of checks the newest first (a 4-bit linear is an nn.Linear)

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from lightning_lora.core.trained import check_fields
 from lightning_lora.core.wrapper import AdapterLayer, in_own_precision, own_precision  # noqa: F401  (re-exported)
 from lightning_lora.core.kinds import (  # noqa: F401  (re-exported: the layer helpers live with the kinds)
     LayerKind,
@@ -54,11 +55,20 @@ class AdapterConfig:
     estimator, ``LoRAModule``, ``AdapterCallback`` and the CLI (``class_path``). It implements ``build`` and, for PEFT
     files, ``to_peft``/``from_peft``/``peft_suffixes``; the other hooks have defaults. A second class under a name
     already taken is refused (re-defining the same class, e.g. a module reloaded, replaces it).
+
+    Every config also carries ``modules_to_save``, ``trainable_token_indices`` and ``bias`` (PEFT's options for
+    whole module copies, token rows and biases trained beside the method's tensors: ``core/trained.py``); they need
+    nothing from a method.
     """
 
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] | None = "all-linear"
     exclude_modules: str | list[str] | None = None
     dropout: float = 0.0
+    target_parameters: list[str] | None = None  # MoE expert stacks by name, as PEFT's (core/experts.py)
+    # trained besides the method's branches, as PEFT names them (core/trained.py): whole modules, token rows, biases
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    bias: str = "none"
 
     method: ClassVar[str] = "adapter"
     peft_type: ClassVar[str | None] = None  # PEFT's ``peft_type`` of the files this method writes
@@ -77,8 +87,14 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.method}: dropout must be in [0, 1), got {self.dropout}.")
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
-            raise ValueError(f"{self.method}: target_modules is empty; give layer names, a pattern or 'all-linear'.")
+        params = self.target_parameters
+        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) and p for p in params)):
+            raise ValueError(f"{self.method}: target_parameters must be a list of parameter names (e.g. "
+                             f"['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']), got {params!r}.")
+        if not self.target_modules and not params:
+            raise ValueError(f"{self.method}: target_modules is empty; give layer names, a pattern or 'all-linear' "
+                             "(or only target_parameters).")
+        check_fields(self)
 
     def _check_rank(self, r: int) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -231,8 +247,9 @@ class AdapterBranch(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """2-D (B', A') with ``B' @ A'`` = dW in LoRA's parameter orientation ((out, fan_in); (dim, vocab) for an
-        embedding), for ``combine``. A method whose update is no low-rank product raises ValueError with its own
-        reason (one sentence, shown by ``combine`` and ``set_adapter``)."""
+        embedding; batched (E, out, r), (E, r, in) on an MoE expert stack), for ``combine``. A method whose update
+        is no low-rank product raises ValueError with its own reason (one sentence, shown by ``combine`` and
+        ``set_adapter``)."""
         raise ValueError(f"a {self.config.method} update is not an additive low-rank product B A.")
 
     def activation_bytes(self, act_bytes: int, adapter_bytes: int) -> int:

@@ -5,6 +5,10 @@ A target spec is ``"all-linear"``, one string, or a list of strings. Each string
 (``"*.mlp.*_proj"``) or matches it as a regular expression over the whole name (``r".*\\.(q|v)_proj"``). These are
 the rules of Hugging Face PEFT (exact/suffix for lists, full regex match for strings) plus globs.
 
+MoE expert stacks (3-D parameters, ``core/experts.py``) are targets too: ``"all-linear"`` selects them, and
+``target_parameters`` names them as PEFT does (a name equal to ``<experts module>.<parameter>`` or ending with
+``"." + name``); ``target_modules`` names modules only. ``exclude_modules`` drops a stack by its name or its module's.
+
 Per-layer options (PEFT's ``rank_pattern``/``alpha_pattern``) use PEFT's own rule, ``pattern_key``: a key is a
 regular expression that must match the end of the name at a dot boundary, and the first matching key wins.
 """
@@ -19,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from lightning_lora.core.experts import find_stacks, is_stack
 from lightning_lora.core.kinds import KINDS, LayerKind, is_linear_like, kind_of
 from lightning_lora.core.layer import AdapterLayer
 
@@ -99,25 +104,30 @@ def find_targets(
     exclude_modules: TargetSpec | None,
     supports: Callable[[LayerKind], bool] | None = None,
     method: str = "an adapter",
+    target_parameters: Sequence[str] | None = None,
 ) -> list[str]:
-    """Names of the modules selected by ``target_modules`` minus ``exclude_modules``, in model order.
+    """Names of the modules selected by ``target_modules`` minus ``exclude_modules``, in model order, then the MoE
+    expert stacks selected (``core/experts.py: find_stacks``).
 
-    ``"all-linear"`` selects the linear kinds (``kinds.py``) but the output head; convs and embeddings are selected
-    by name or pattern. ``supports(kind)`` says which layer kinds ``method`` (the method's name, for messages)
-    adapts.
+    ``"all-linear"`` selects the linear kinds (``kinds.py``) but the output head, and the expert stacks; convs and
+    embeddings are selected by name or pattern, expert stacks by ``target_parameters``. ``supports(kind)`` says which
+    layer kinds ``method`` (the method's name, for messages) adapts.
 
     Raises:
         ValueError: nothing matches (the message lists layer names that could be targeted), a matched module is
             of a kind ``method`` cannot adapt, or its kind refuses it (e.g. a grouped conv).
     """
     excluded = _as_patterns(exclude_modules)
-    modules = [(n, m) for n, m in adaptable_modules(model) if n and not any(name_matches(n, p) for p in excluded)]
+    modules = [(n, m) for n, m in adaptable_modules(model)
+               if n and not any(name_matches(n, p) for p in excluded) and not is_stack(m)]
+    stacks = find_stacks(model, target_parameters, target_modules == "all-linear",
+                         lambda n: any(name_matches(n, p) for p in excluded), supports, method)
     base_of = {n: (m.base_layer if isinstance(m, AdapterLayer) else m) for n, m in modules}
     available = sorted({n.rsplit(".", 1)[-1] for n, _ in modules if _adaptable(base_of[n], supports)})
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         chosen = [n for n, _ in modules if is_linear_like(base_of[n]) and n not in heads]
-        if not chosen:
+        if not chosen and not stacks:
             raise ValueError(
                 f'target_modules="all-linear" matches no layer of {type(model).__name__}: it has no linear layer. '
                 "Name the layers to adapt instead; layer names that can be targeted: "
@@ -125,11 +135,13 @@ def find_targets(
             )
         _log_left_out(model, modules, base_of, chosen, supports)
     else:
-        patterns = _as_patterns(target_modules)
+        patterns = _as_patterns(target_modules)  # None or []: expert stacks only (target_parameters)
         chosen = [n for n, _ in modules if any(name_matches(n, p) for p in patterns)]
         unmatched = [p for p in patterns if not any(name_matches(n, p) for n, _ in modules)]
         if chosen and unmatched and not isinstance(target_modules, str):
             raise ValueError(unmatched_message(unmatched, model, [n for n, _ in modules], available))
+    if not chosen and stacks and (target_modules == "all-linear" or not _as_patterns(target_modules)):
+        return stacks
     if not chosen:
         close = _closest(_as_patterns(target_modules), [n for n, _ in modules], available)
         raise ValueError(
@@ -148,7 +160,7 @@ def find_targets(
     refused = [(n, why) for n, why in refused if why]
     if refused:
         raise ValueError(f"{method} cannot adapt {refused[0][0]!r}: {refused[0][1]}.")
-    return chosen
+    return chosen + stacks
 
 
 def _adaptable(module: nn.Module, supports: Callable[[LayerKind], bool] | None) -> bool:

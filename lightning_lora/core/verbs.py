@@ -13,11 +13,14 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core import merging
+from lightning_lora.core import merging, trained
+from lightning_lora.core.experts import place, stack_at
+from lightning_lora.core.experts_dispatch import use_experts_dispatch
 from lightning_lora.core.kinds import kind_of, merged_base_layer
 from lightning_lora.core.layer import METHODS, AdapterBranch, AdapterConfig, AdapterLayer, build_branch
 from lightning_lora.core.start import start_layers
 from lightning_lora.core.targets import find_targets
+from lightning_lora.core.trained_plan import check_trained, plan_trained
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for layer in adapter_layers(model).values():
         names.update(dict.fromkeys(layer.adapters))
+        names.update(dict.fromkeys(layer.trained))
     return list(names)
 
 
@@ -76,31 +80,65 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str) -> list[t
         raise ValueError(
             f"an adapter named {name!r} is already on the model; choose another name or delete_adapter(model, {name!r})."
         )
-    targets = find_targets(model, config.target_modules, config.exclude_modules, config.supports, config.method)
-    modules = dict(model.named_modules())
-    bases = [modules[t].base_layer if isinstance(modules[t], AdapterLayer) else modules[t] for t in targets]
+    targets = find_targets(model, config.target_modules, config.exclude_modules, config.supports, config.method,
+                           config.target_parameters)
+    layers = [stack_at(model, t) for t in targets]  # a module, or a bare MoE expert stack (core/experts.py)
+    bases = [layer.base_layer if isinstance(layer, AdapterLayer) else layer for layer in layers]
+    if any(kind_of(base).experts for base in bases):
+        use_experts_dispatch(model)  # the experts' forward that runs adapted stacks, once proved (raises if not)
+    check_trained(model, config, targets)  # modules_to_save, token rows, biases: checked now, built by attach
     shared = config.shared_state(bases)
     return [(t, build_branch(config, base, shared, t)) for t, base in zip(targets, bases)]
 
 
 def layer_map(model: nn.Module, name: str) -> dict[str, AdapterBranch]:
     """The per-layer map of adapter ``name``: full target name -> its branch, in model order. A target is a layer
-    today (its module name); a parameter of a module would be ``<module name>.<parameter>``."""
+    (its module name) or an MoE expert stack (``<experts module>.<parameter>``)."""
     return {t: layer.adapters[name] for t, layer in adapter_layers(model).items() if name in layer.adapters}
 
 
-def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str) -> nn.Module:
-    """Attach planned branches under ``name``; freeze everything else. The first adapter on a model becomes active."""
+def trained_map(model: nn.Module, name: str) -> dict[str, trained.Trained]:
+    """What adapter ``name`` trains besides its branches, by layer name (``core/trained.py``), in model order."""
+    return {t: layer.trained[name] for t, layer in adapter_layers(model).items() if name in layer.trained}
+
+
+def refuse_trained(model: nn.Module, names, where: str) -> None:
+    """The one refusal of adapters that train tensors besides their branches where a verb cannot carry them
+    (``combine``, mixed batches).
+
+    Raises:
+        ValueError: ``<where>: adapter 'a' trains <what> of 'layer' (modules_to_save, ...); ...``.
+    """
+    for name in [n for n in dict.fromkeys(names) if n is not None]:
+        for target, state in trained_map(model, name).items():
+            raise ValueError(f"{where}: adapter {name!r} trains {state.describe()} of {target!r} (modules_to_save, "
+                             "trainable_token_indices, bias), which this cannot carry; use that adapter alone "
+                             "(set_adapter) or merge it first.")
+
+
+def attach(model: nn.Module, plan: list[tuple[str, AdapterBranch]], name: str,
+           trained_layers: Mapping[str, trained.Trained] | None = None) -> nn.Module:  # fmt: skip
+    """Attach planned branches under ``name``, with the tensors the adapter trains besides them (``trained_layers``,
+    default: built from the branches' config, ``core/trained_plan.py``); freeze everything else. The first adapter
+    on a model becomes active."""
+    if trained_layers is None:
+        trained_layers = plan_trained(model, plan[0][1].config, name, [t for t, _ in plan]) if plan else {}
     if not hasattr(model, _REQUIRES_GRAD):
         setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
     active = active_adapters(model) if adapter_names(model) else None  # read before new layers are attached
     model.requires_grad_(False)
     for target, branch in plan:
+        layer = stack_at(model, target)
+        if not isinstance(layer, AdapterLayer):
+            layer = (kind_of(layer).wrap or AdapterLayer)(layer).train(layer.training)
+            _set_submodule(model, target, layer)
+        layer.adapters[name] = branch.train(layer.training)  # an eval-mode model stays in eval mode (no dropout)
+    for target, state in trained_layers.items():
         layer = model.get_submodule(target)
         if not isinstance(layer, AdapterLayer):
             layer = AdapterLayer(layer).train(layer.training)
             _set_submodule(model, target, layer)
-        layer.adapters[name] = branch.train(layer.training)  # an eval-mode model stays in eval mode (no dropout)
+        layer.trained[name] = state.train(layer.training)
     set_adapter(model, name if active is None else active)
     return model
 
@@ -134,8 +172,13 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
     weights = {adapters: 1.0} if isinstance(adapters, str) else dict(adapters) if isinstance(adapters, Mapping) else dict.fromkeys(adapters, 1.0)
     # A swap touches only plain dicts and tensor flags (no module walk, no nn.Module attribute machinery), so it
     # costs microseconds per layer; the adapted layers are cached until a verb here changes the model's structure.
-    branches = [layer._modules["adapters"]._modules for layer in _cached_layers(model)]
-    check_known(model, list(weights), known=list(dict.fromkeys(n for layer_branches in branches for n in layer_branches)))
+    layers = _cached_layers(model)
+    branches = [layer._modules["adapters"]._modules for layer in layers]
+    known = [n for layer in layers for part in ("adapters", "trained") for n in layer._modules[part]._modules]
+    check_known(model, list(weights), known=list(dict.fromkeys(known)))
+    for layer in layers:
+        if layer._modules["trained"]._modules:
+            trained.check_active(layer, weights, lambda layer=layer: _layer_name(model, layer))
     for layer_branches in branches:
         for n, w in weights.items():
             if n in layer_branches and not layer_branches[n].additive:  # the two rules of non-additive branches
@@ -152,7 +195,14 @@ def set_adapter(model: nn.Module, adapters: str | list[str] | Mapping[str, float
             for p in branch._parameters.values():
                 if p is not None:
                     p.requires_grad_(n in weights)
+        if layer._modules["trained"]._modules:
+            trained.set_trainable(layer, weights)
     return model
+
+
+def _layer_name(model: nn.Module, layer: AdapterLayer) -> str:
+    """The name of ``layer`` in ``model``, for a message (a walk: only on the way to an error or a rare check)."""
+    return next((n for n, m in model.named_modules() if m is layer), "?")
 
 
 def not_additive_reason(branch: AdapterBranch) -> str:
@@ -177,10 +227,12 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``; layers left without adapters get their plain base layer back."""
     check_known(model, name)
     for target, layer in adapter_layers(model).items():
-        if name in layer.adapters:
-            del layer.adapters[name]
+        if name in layer.adapters or name in layer.trained:
+            for part in (layer.adapters, layer.trained):
+                if name in part:
+                    del part[name]
             layer.active.pop(name, None)
-            if not len(layer.adapters):
+            if not len(layer.adapters) and not len(layer.trained):
                 _set_submodule(model, target, layer.base_layer)
     _restore_requires_grad(model)
     return model
@@ -209,9 +261,10 @@ def merge(
     Raises:
         ValueError: no adapters, or a merged weight would hold NaN/inf; the model is then left unchanged.
     """
-    layers = adapter_layers(model)
-    if not layers:
+    every = adapter_layers(model)
+    if not every:
         raise ValueError("merge: the model has no adapters (inject or load_adapter first).")
+    layers = {t: layer for t, layer in every.items() if len(layer.adapters)}  # those with branches (methods)
     rounded: dict = {}  # kind -> {layer: (rounding error, update)}: quantized layers merged without their original weight
     # A start that rewrote the base (PiSSA's residual, LoftQ's Q: ``started_from``) made that base the one every
     # adapter on the layer trained on, so it is the one to merge into (the original W would count the start twice).
@@ -221,6 +274,10 @@ def merge(
         raise ValueError(f"merge: the adapter on {clash[:3]} started from {started[clash[0]]}, which rewrote its base, "
                          "and trained on that base; merge without base_weights (the merge is then exact), or use "
                          "lightning_lora.io.export.")
+    for target, layer in every.items():
+        state = trained.active_trained(layer)
+        if state is not None:
+            trained.check_finite(target, state)
     with torch.no_grad():
         # Pass 1 checks every merged weight and keeps none (memory: one layer's weight, not a second model), so a
         # refusal leaves the model unchanged; pass 2 recomputes each one (deterministically) and writes it in place.
@@ -243,6 +300,10 @@ def merge(
             del weight, start, bias
         for kind, errors in rounded.items():
             kind.warn_rounding(errors)
+        trained.fold_all(model, every)  # the active trained tensors into their base layers, the branches on top
+        for target, layer in every.items():
+            if target not in layers:
+                _set_submodule(model, target, layer.base_layer)
         for target, layer in layers.items():
             merging.untie(model, target, layer.base_layer)
         for target, layer in layers.items():
@@ -274,13 +335,15 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """Adapter tensors of ``model`` (all adapters, or only ``name``) under their names in ``model.state_dict()``."""
+    """Adapter tensors of ``model`` (all adapters, or only ``name``) under their names in ``model.state_dict()``:
+    the branches' and the tensors trained in place of the layers' own (``core/trained.py``)."""
     out = {}
     for target, layer in adapter_layers(model).items():
-        for adapter, branch in layer.adapters.items():
-            if name is None or adapter == name:
-                prefix = f"{target}.adapters.{adapter}." if target else f"adapters.{adapter}."
-                out.update({prefix + k: v for k, v in branch.state_dict().items()})
+        for part in ("adapters", "trained"):  # the branches, and the tensors trained in place of the base's
+            for adapter, module in layer._modules[part].items():
+                if name is None or adapter == name:
+                    prefix = f"{target}.{part}.{adapter}." if target else f"{part}.{adapter}."
+                    out.update({prefix + k: v for k, v in module.state_dict().items()})
     return out
 
 
@@ -289,7 +352,9 @@ def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
     _structure_version += 1
     model.__dict__.pop(_LAYER_CACHE, None)  # do not keep replaced layers alive
     parent_name, _, child = target.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    kind = kind_of(module)
+    value = kind.restore(module) if kind is not None and kind.restore is not None else module  # an expert stack's
+    place(model.get_submodule(parent_name) if parent_name else model, child, value)  # parameter goes back as such
 
 
 def _restore_requires_grad(model: nn.Module) -> None:

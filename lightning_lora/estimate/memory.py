@@ -64,12 +64,14 @@ import torch
 from torch import nn
 
 from lightning_lora.core.dtypes import dtype_name, parse_dtype
+from lightning_lora.core.experts import experts_modules
 from lightning_lora.core.imports import method_class
 from lightning_lora.core.kinds import in_out_features
 from lightning_lora.core.layer import METHODS, AdapterConfig
 from lightning_lora.core.targets import find_targets
 from lightning_lora.core.verbs import inject, layer_map, remove
 from lightning_lora.quant.nf4 import unsupported_shape
+from lightning_lora.estimate import moe
 from lightning_lora.estimate.presets import model_config
 from lightning_lora.train.checkpointing import check_mode
 
@@ -112,9 +114,12 @@ def count(config, adapter: AdapterConfig, act_bytes: int, adapter_bytes: int) ->
     layer's branch keeps for backward per token (``extra``: name -> bytes, asked of the branch)."""
     model = _meta_model(config.to_json_string(use_diff=False))
     base = sum(p.numel() for p in model.parameters())
-    linears = [model.get_submodule(n) for n in find_targets(model, "all-linear", None)]
+    linears = [model.get_submodule(n) for n in find_targets(model, "all-linear", list(experts_modules(model)))]
     # what quantize() turns into NF4: nn.Linear (not GPT-2's Conv1D) of a shape bitsandbytes holds correctly
     quantizable = [m.weight.numel() for m in linears if isinstance(m, nn.Linear) and unsupported_shape(m, 64) is None]
+    quantizable += moe.nf4_expert_numels(model)  # MoE experts: each its own NF4 tensor
+    experts, active_experts = moe.expert_params(model)
+    mlp = moe.mlp_bytes(model, config, act_bytes)
     inject(model, adapter)
     try:
         branches = layer_map(model, "default")
@@ -128,7 +133,7 @@ def count(config, adapter: AdapterConfig, act_bytes: int, adapter_bytes: int) ->
     finally:
         remove(model)
     return dict(base=base, trainable=trainable, tensors=tensors, quantizable=quantizable, shapes=shapes, frozen=frozen,
-                extra=extra, ranks=ranks)
+                extra=extra, ranks=ranks, experts=experts, active=base - experts + active_experts, moe=mlp)
 
 
 def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
@@ -150,14 +155,17 @@ def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> 
 
 
 def activation_bytes(config, extra: dict[str, int], batch: int, seq: int, a: int, checkpointing: bool,
-                     loss_chunk_size: int = 0, packing: bool = False, offload: bool = False) -> int:
+                     loss_chunk_size: int = 0, packing: bool = False, offload: bool = False,
+                     moe_mlp: dict[int, int] | None = None) -> int:
     """Peak activation bytes kept for backward on the device (formula in the module docstring); ``extra`` holds each
-    adapted layer's own bytes per token (``count``)."""
+    adapted layer's own bytes per token (``count``), ``moe_mlp`` the MLP bytes per token of MoE layers (``moe.py``)."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
     kv = getattr(config, "head_dim", None) or h // heads
     kv *= getattr(config, "num_key_value_heads", None) or heads
-    per_layer = [8 * h + 8 + a * (4 * h + 2 * kv + 4 * m) + 4 * heads] * L
-    mlp = [a * 4 * m] * L  # the MLP's own intermediates (gate, act(gate), up, product), dropped by "mlp" checkpointing
+    moe_mlp = moe_mlp or {}
+    # the MLP's own intermediates (gate, act(gate), up, product; an MoE layer's: moe.py), dropped by "mlp" checkpointing
+    mlp = [moe_mlp[i] - a * h if i in moe_mlp else a * 4 * m for i in range(L)]
+    per_layer = [8 * h + 8 + a * (4 * h + 2 * kv) + own + 4 * heads for own in mlp]
     for name, own in extra.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
         if found:
@@ -213,12 +221,13 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
     if loss_chunk_size < 0:
         raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
     check_mode(gradient_checkpointing)
-    act = {ckpt: activation_bytes(config, c["extra"], batch_size, seq_len, a, ckpt, loss_chunk_size, packing)
+    act = {ckpt: activation_bytes(config, c["extra"], batch_size, seq_len, a, ckpt, loss_chunk_size, packing,
+                                  moe_mlp=c["moe"])
            for ckpt in (False, True, "mlp")}  # fmt: skip
     on_device = act[gradient_checkpointing]
     if offload_activations:
         on_device = activation_bytes(config, c["extra"], batch_size, seq_len, a, gradient_checkpointing,
-                                     loss_chunk_size, packing, offload=True)
+                                     loss_chunk_size, packing, offload=True, moe_mlp=c["moe"])
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=on_device,
                  overhead_bytes=int(overhead_gb * GB))
@@ -232,7 +241,8 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         quantize=quantize, double_quant=bool(quantize) and double_quant, dtype=dtype_name(dtype),
         adapter_dtype=dtype_name(adapter_dtype), optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-        base_params=c["base"], trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
+        base_params=c["base"], active_params=c["active"], expert_params=c["experts"],
+        trainable_params=c["trainable"], adapted_layers=len(c["shapes"]),
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
         activation_bytes_checkpointing=act[True], activation_bytes_mlp_checkpointing=act["mlp"],
         offload_activations=offload_activations, offloaded_bytes=act[gradient_checkpointing] - on_device,
@@ -260,7 +270,7 @@ def _dtype(value: object, config, field: str) -> torch.dtype:
 def _naive_note(config, c: dict) -> str | None:
     """Why the popular "layers x 2 x hidden x r" figure is wrong here, when every adapted layer has the same rank r."""
     ranks = set(c["ranks"].values())
-    if len(ranks) != 1 or None in ranks:
+    if len(ranks) != 1 or None in ranks or c["experts"]:  # MoE: a pair per expert, not per matrix
         return None
     r, h, shapes = ranks.pop(), config.hidden_size, c["shapes"]
     pairs = sum(r * (n_in + n_out) for n_in, n_out in shapes.values())  # a rank-r pair per adapted layer

@@ -1,5 +1,5 @@
-"""The model shapes ``estimate`` knows by name: published ``config.json`` values of Llama 2/3 and SmolLM2, and any
-local ``config.json`` or model folder; no weights are read."""
+"""The model shapes ``estimate`` knows by name: published ``config.json`` values of Llama 2/3, SmolLM2, Mixtral-8x7B and
+Qwen3-30B-A3B, and any local ``config.json`` or model folder; no weights are read."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ PRESETS: dict[str, dict] = {  # values from the models' published config.json fi
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True),
 }
+PRESETS.update({  # MoE (estimate/moe.py): 46.7B total / 12.9B active and 30.5B / 3.3B as published
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                         num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+                          tie_word_embeddings=False),
+})
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "llama-3.1-8b": "llama-3-8b"}  # 3.1: same shapes, longer RoPE
 
 

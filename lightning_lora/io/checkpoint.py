@@ -24,6 +24,7 @@ from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_state_dict, inject
 from lightning_lora.io.finite import check_finite
 from lightning_lora.io.models import load_causal_lm
+from lightning_lora.io.tokens import add_new_tokens
 from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import prepare
 
@@ -52,9 +53,10 @@ def class_spec(config: object) -> dict:
 
 
 def write_facts(checkpoint: dict, *, adapter: AdapterConfig, adapter_name: str, base_model: str | None = None,
-                quantize: object = None, dtype: str | None = None, run: dict | None = None) -> None:  # fmt: skip
+                quantize: object = None, dtype: str | None = None, run: dict | None = None,
+                new_tokens: list[str] | None = None) -> None:  # fmt: skip
     """Store the run facts an offline export needs under ``checkpoint[CKPT_KEY]`` (``run``: the card's data, steps,
-    val_loss at the time of the checkpoint)."""
+    val_loss at the time of the checkpoint; ``new_tokens``: the tokens the run added, ``io/tokens.py``)."""
     checkpoint[CKPT_KEY] = {
         "base_model": base_model,
         "adapter": class_spec(adapter),
@@ -62,6 +64,7 @@ def write_facts(checkpoint: dict, *, adapter: AdapterConfig, adapter_name: str, 
         "quantize": class_spec(quantize) if dataclasses.is_dataclass(quantize) else None,
         "dtype": dtype,
         "run": _plain(run) if run else None,
+        "new_tokens": list(new_tokens) if new_tokens else None,
     }
 
 
@@ -110,7 +113,7 @@ def load_for_export(ckpt_path: str | os.PathLike, config: str | os.PathLike | No
     state = {k.removeprefix("model."): v for k, v in state.items()}
     check_finite(state, str(ckpt_path), "Export an earlier checkpoint of the run, from before it diverged.")
     model, tokenizer = load_causal_lm(facts["base_model"], dtype="float32")
-    adapter = adapter_from_spec(facts["adapter"])
+    adapter = add_new_tokens(model, tokenizer, adapter_from_spec(facts["adapter"]), facts.get("new_tokens") or [])
     quant = facts.get("quantize")
     if adapter.rewrites_base:  # PiSSA/LoftQ: rebuild the trained base (deterministic)
         prepare(model, adapter, name, NF4(**(quant.get("init_args", quant) or {})) if quant else None)
@@ -145,7 +148,7 @@ def facts_from_config(path: str | os.PathLike) -> dict:
     model = model.get("init_args", model)
     adapter = model.get("adapter") or {"class_path": "lightning_lora.LoRA"}
     facts = {"base_model": model.get("base_model"), "adapter": adapter, "adapter_name": model.get("adapter_name"),
-             "dtype": model.get("dtype"), "quantize": model.get("quantize")}  # fmt: skip
+             "dtype": model.get("dtype"), "quantize": model.get("quantize"), "new_tokens": model.get("new_tokens")}  # fmt: skip
     return {k: v for k, v in facts.items() if v}
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from lightning_lora.core.dtypes import parse_dtype
 from lightning_lora.core.layer import is_quantized
-from lightning_lora.core.verbs import adapter_names, adapter_state_dict, merge, remove
+from lightning_lora.core.verbs import adapter_names, adapter_state_dict, merge, remove, trained_map
 from lightning_lora.io.card import base_source
 from lightning_lora.io.files import save_tensors
 from lightning_lora.io.finite import check_finite, probe
@@ -47,6 +47,7 @@ from lightning_lora.io.gguf_model import MODEL_DTYPES, write_model_gguf
 from lightning_lora.io.init_export import merge_exact, save_for_original_base, svd_init
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter, save_adapter, save_adapters
+from lightning_lora.io.tokens import match_vocabulary
 from lightning_lora.io.transaction import check_folder_target, naming, staged
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def write_peft(job: Job, path: Path, option: str | None = None) -> None:
         save_adapters(job.model, path, **job.card)
     else:
         save_adapter(job.model, path, job.name, **job.card)
+    if job.tokenizer is not None and any(s.rows is not None for s in trained_map(job.model, job.name).values()):
+        job.tokenizer.save_pretrained(path)  # trained token rows: their tokens (PEFT's advice for new tokens)
 
 
 def save_merged(model: nn.Module, tokenizer, path: str | os.PathLike, dtype: str | None = None) -> Path:
@@ -131,6 +134,9 @@ def check_gguf(job: Job, option: str | None) -> None:
         raise ValueError(f"exports 'gguf': adapter {job.name!r} started from {job.svd_start!r} and trained on the base "
                          "it changed, which llama.cpp's base GGUF does not hold; export 'gguf-merged' instead.")  # fmt: skip
     lora_pairs(job.model, job.name)  # DoRA/VeRA: merge first
+    for target, state in trained_map(job.model, job.name).items():
+        raise ValueError(f"exports 'gguf': adapter {job.name!r} also trains {state.describe()} of {target!r}, which "
+                         "a llama.cpp LoRA adapter cannot hold; export 'gguf-merged' instead.")  # fmt: skip
 
 
 def check_gguf_merged(job: Job, option: str | None) -> None:
@@ -159,7 +165,8 @@ def parse_exports(exports: Iterable[str] | str | None) -> list[tuple[str, str | 
         fmt = FORMATS.get(key)
         if fmt is None:
             hint = f" ('{item}' is now '{_RENAMED[item]}')" if item in _RENAMED else ""
-            raise ValueError(f"exports: unknown format {item!r}{hint}; choose from {', '.join(_spellings())}.")
+            spellings = [k + (f"[:{'|'.join(f.options)}]" if f.options else "") for k, f in FORMATS.items()]
+            raise ValueError(f"exports: unknown format {item!r}{hint}; choose from {', '.join(spellings)}.")
         if option and option not in fmt.options:
             choices = ", ".join(f"{key}:{o}" for o in fmt.options) or key
             raise ValueError(f"exports: {item!r} has no option {option!r}; choose from {choices}.")
@@ -167,10 +174,6 @@ def parse_exports(exports: Iterable[str] | str | None) -> list[tuple[str, str | 
         if entry not in plan:
             plan.append(entry)
     return plan
-
-
-def _spellings() -> list[str]:
-    return [key + (f"[:{'|'.join(f.options)}]" if f.options else "") for key, f in FORMATS.items()]
 
 
 def relative_path(key: str, option: str | None) -> str:
@@ -185,7 +188,7 @@ def label(key: str, option: str | None) -> str:
 
 def check_export_dir(export_dir: str | os.PathLike, exports: Iterable[str] | str | None = None) -> None:
     """Everything about ``export_dir``/``exports`` that can be checked before a run: a folder, known formats."""
-    check_folder_target(Path(export_dir))
+    check_folder_target(Path(export_dir), swapped=True)
     parse_exports(exports)
 
 
@@ -218,8 +221,7 @@ def export(
         tokenizer: saved with the merged model and read by ``gguf-merged`` (default: the source's, if any).
         dtype: dtype of the merged Hugging Face folder (default float32).
         run: facts for the adapter's model card (``data``, ``steps``, ``val_loss``, ``quantize``).
-        share: objects ``model`` refers to that its copy must not duplicate (e.g. the training loop driving it): the copy
-            holds None there.
+        share: objects ``model`` refers to that its copy must hold as None (e.g. the training loop driving it).
         probe_input: the probe batch for a model that is not a Hugging Face language model (none: no probe).
         runs_alone: False when ``model`` cannot run a forward on its own (sharded): the probe then runs on the merged
             model, built from ``base_model`` even when no merged format is asked for.
@@ -231,7 +233,7 @@ def export(
     """
     export_dir = Path(export_dir)
     plan = parse_exports(exports)
-    check_folder_target(export_dir)
+    check_folder_target(export_dir, swapped=True)
     run = dict(run or {})
     if any(is_quantized(m) for m in model.modules()):
         run.setdefault("quantize", "NF4")
@@ -266,8 +268,10 @@ def export(
             job.merged = _merged_model(job, base_model, peft_dir, trust_remote_code, in_place, share)
             if (stage / ".scratch").exists():
                 shutil.rmtree(stage / ".scratch")
-        probe(job.merged if job.merged is not None else model, probe_input,
-              "the merged model" if job.merged is not None else f"the model with adapter {name!r}")  # fmt: skip
+        probed = job.merged if job.merged is not None else model
+        if not probe(probed, probe_input, "the merged model" if job.merged is not None else f"the model with adapter {name!r}"):
+            log.info("export: no probe batch for %s (give probe_input, e.g. example_input_array): only its tensors "
+                     "were checked for NaN/inf", type(probed).__name__)  # fmt: skip
         for key, option in sorted(plan, key=lambda e: e[0] == "merged"):  # the HF folder last: it may cast
             if FORMATS[key].merged:
                 write(key, option)
@@ -284,6 +288,7 @@ def _merged_model(job: Job, base_model: str | None, peft_dir: Path | None, trust
     if base_model is not None:
         fresh, source_tokenizer = load_causal_lm(base_model, dtype="float32", trust_remote_code=trust_remote_code)
         job.tokenizer = job.tokenizer if job.tokenizer is not None else source_tokenizer
+        match_vocabulary(fresh, job.model)  # a run that added tokens (io/tokens.py) trained on the resized base
     if job.svd_start:  # the trained base (residual, LoftQ's Q) plus the adapter, written into the base
         return merge_exact(job.model, job.name, fresh if fresh is not None else remove(_copy(job.model, share)))
     if fresh is not None:

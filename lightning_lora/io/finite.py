@@ -73,12 +73,12 @@ def _largest_weight(model: nn.Module) -> tuple[str, float]:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, inputs: Any = None, what: str = "the model") -> None:
-    """Run ``model`` once on ``inputs`` (default: ``probe_input``; nothing happens when there is none) and raise
-    ``ValueError`` when an output is non-finite, naming the first module that produced one."""
+def probe(model: nn.Module, inputs: Any = None, what: str = "the model") -> bool:
+    """Run ``model`` once on ``inputs`` (default: ``probe_input``) and raise ``ValueError`` when an output is
+    non-finite, naming the first module that produced one. Returns False (nothing run) when there is no input."""
     inputs = probe_input(model) if inputs is None else inputs
     if inputs is None:
-        return
+        return False
     first: list[str] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -107,6 +107,7 @@ def probe(model: nn.Module, inputs: Any = None, what: str = "the model") -> None
             f"is {layer!r} (largest weight {value:.3g}, in {name!r}). Nothing was written; check the training run "
             "that produced the adapter (a learning rate too high?)."
         )
+    return True
 
 
 __all__ = ["check_finite", "first_non_finite", "probe", "probe_input"]

@@ -47,12 +47,19 @@ def _gemma_check(pattern: int, layers_27b: int) -> Callable[[dict], str | None]:
     return check
 
 
-def _qwen_check(hp: dict) -> str | None:
-    if hp.get("use_sliding_window"):
-        return "use_sliding_window is set, but llama.cpp's Qwen graphs attend over the whole context"
-    if "norm_topk_prob" in hp and not hp["norm_topk_prob"]:
-        return "norm_topk_prob is False, but llama.cpp's Qwen3-MoE graph renormalizes the top-k router weights"
-    return None
+def _qwen_check(norm_topk: bool | None = None) -> Callable[[dict], str | None]:
+    """Qwen graphs attend over the whole context; llama.cpp's Qwen3-MoE renormalizes the top-k router weights and its
+    Qwen2-MoE does not (``norm_w`` of ``build_moe_ffn``): ``norm_topk_prob`` must say the same."""
+
+    def check(hp: dict) -> str | None:
+        if hp.get("use_sliding_window"):
+            return "use_sliding_window is set, but llama.cpp's Qwen graphs attend over the whole context"
+        if norm_topk is not None and bool(hp.get("norm_topk_prob")) != norm_topk:
+            return (f"norm_topk_prob is {hp.get('norm_topk_prob')}, but llama.cpp's graph "
+                    f"{'renormalizes' if norm_topk else 'does not renormalize'} the top-k router weights")  # fmt: skip
+        return None
+
+    return check
 
 
 def _smollm3_check(hp: dict) -> str | None:
@@ -91,9 +98,10 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,  # convert_hf_to_gguf.py writes Mistral and Mixtral as llama.cpp's "llama"
     "mixtral": _LLAMA,
-    "qwen2": GGUFArch("qwen2", hparams.text, check=_qwen_check),
-    "qwen3": GGUFArch("qwen3", hparams.text, check=_qwen_check),
-    "qwen3_moe": GGUFArch("qwen3moe", hparams.qwen_moe, check=_qwen_check),
+    "qwen2": GGUFArch("qwen2", hparams.text, check=_qwen_check()),
+    "qwen3": GGUFArch("qwen3", hparams.text, check=_qwen_check()),
+    "qwen2_moe": GGUFArch("qwen2moe", hparams.qwen_moe, check=_qwen_check(norm_topk=False)),
+    "qwen3_moe": GGUFArch("qwen3moe", hparams.qwen_moe, check=_qwen_check(norm_topk=True)),
     "gemma2": GGUFArch("gemma2", hparams.gemma2, rope_types=("default",), norm_offset=1.0, drop_lm_head=True,
                        check=_gemma_check(2, layers_27b=46)),
     "gemma3_text": GGUFArch("gemma3", hparams.gemma3, rope_types=("default", "linear"), norm_offset=1.0,

@@ -98,8 +98,9 @@ def granite(hp: dict) -> dict:
     """Llama's metadata without head_dim (the converter drops it), plus Granite's four multipliers."""
     hp = {k: v for k, v in hp.items() if k != "head_dim"}
     out = llama(hp)
-    for method, key in (("add_attention_scale", "attention_multiplier"), ("add_embedding_scale", "embedding_multiplier"),
-                        ("add_residual_scale", "residual_multiplier"), ("add_logit_scale", "logits_scaling")):  # fmt: skip
+    multipliers = {"add_attention_scale": "attention_multiplier", "add_embedding_scale": "embedding_multiplier",
+                   "add_residual_scale": "residual_multiplier", "add_logit_scale": "logits_scaling"}
+    for method, key in multipliers.items():
         if hp.get(key):
             out[method] = hp[key]
     return out

@@ -3,9 +3,9 @@
 Any family of ``GGUF_ARCHITECTURES`` (``io/gguf_arch.py``: names, row orders, norm offsets and metadata as llama.cpp's
 ``convert_hf_to_gguf.py`` writes them). Weights are written as f16, bf16 or q8_0 (``gguf.quants``; q8_0 needs rows
 that are multiples of 32, other rows fall back to f16 as llama.cpp's converter does); biases, norms and the MoE
-router (``ffn_gate_inp``) stay f32, as the converter keeps them. The tokenizer (SentencePiece or byte-level BPE, with
-its special ids and chat template: ``io/gguf_vocab.py``) goes into the metadata, so ``llama-cli -m model.gguf`` runs
-on its own.
+routers (``ffn_gate_inp``, ``ffn_gate_inp_shexp``) stay f32, as the converter keeps them. The tokenizer (SentencePiece
+or byte-level BPE, with its special ids and chat template: ``io/gguf_vocab.py``) goes into the metadata, so
+``llama-cli -m model.gguf`` runs on its own.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ MODEL_DTYPES = ("f16", "bf16", "q8_0")
 
 
 def _f32(gguf_name: str, data) -> bool:
-    """The tensors the converter keeps in f32 whatever the file type: vectors, norms, the MoE router, biases."""
-    kept = gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not gguf_name.endswith(".weight")
+    """The tensors the converter keeps in f32 whatever the file type: vectors, norms, MoE routers, biases."""
+    router = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+    kept = gguf_name.endswith(("_norm.weight", *router)) or not gguf_name.endswith(".weight")
     return data.ndim <= 1 or kept
 
 

@@ -15,13 +15,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_lora.core.experts import expert_stacks
 from lightning_lora.core.kinds import is_quantized
 from lightning_lora.core.layer import METHODS, AdapterConfig, peft_config_of
 from lightning_lora.core.targets import compact_targets
-from lightning_lora.core.verbs import adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection
+from lightning_lora.core.trained_plan import plan_trained
+from lightning_lora.core.verbs import (adapter_names, attach, check_known, delete_adapter, layer_map, plan_injection,
+                                       trained_map)
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
+from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
+from lightning_lora.io.peft_trained import (card_rows, drop_saved_base, from_peft_config, keep_matching, take_trained,
+                                            to_peft_config, trained_tensors)
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
@@ -51,9 +57,15 @@ def save_adapter(
     branches = {t: b.for_original_base(bases[t]) for t, b in trained.items()}
     first = next(iter(branches.values()))
     config = first.config
-    tensors = {f"{PREFIX}{t}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
+    paths = peft_paths(model, branches)  # an MoE expert stack sits under its experts module (peft_experts.py)
+    tensors = {f"{PREFIX}{paths[t]}.{suffix}": v for t, b in branches.items() for suffix, v in b.peft_tensors().items()}
     tensors.update({SHARED_PREFIX + k: v for k, v in config.peft_shared_tensors(first.shared).items()})
-    file_config = peft_config_of(config, compact_targets(model, sorted(branches)), branches)
+    tensors.update(trained_tensors(trained_map(model, name), set(branches), PREFIX))  # modules_to_save, tokens, bias
+    stacks = {t: b for t, b in branches.items() if b.kind.experts}
+    modules = sorted(t for t in branches if t not in stacks)
+    file_config = peft_config_of(config, compact_targets(model, modules), branches)
+    add_to_config(file_config, model, stacks)
+    to_peft_config(file_config, config)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
     file_config["task_type"] = task_type or task_type_of(model)
@@ -62,7 +74,8 @@ def save_adapter(
     note = ""
     if any(b.started_from for b in trained.values()):
         note = original.original_base_note(any(is_quantized(base) for base in bases.values()))
-    card = model_card(file_config, original.label, run, facts=config.card_facts(branches))
+    facts = config.card_facts(branches) | card_rows(trained_map(model, name))  # + whole copies, token rows, biases
+    card = model_card(file_config, original.label, run, facts=facts)
     with atomic_dir(path) as tmp:
         write_json(file_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)
@@ -111,13 +124,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> AdapterConfig:
-    """Our config for a PEFT ``adapter_config.json``: the one registered method whose ``from_peft`` claims it
-    (targets are set by the caller from the file's tensors)."""
-    unsupported = {k: peft_config.get(k) for k in ("modules_to_save",) if peft_config.get(k)}
-    if peft_config.get("bias", "none") != "none":
-        unsupported["bias"] = peft_config["bias"]
-    if unsupported:
-        raise ValueError(f"{source}: PEFT options not supported by lightning_lora: {unsupported}.")
+    """Our config for a PEFT ``adapter_config.json``: the one registered method whose ``from_peft`` claims it, with
+    the options every method shares (``modules_to_save``, ``trainable_token_indices``, ``bias``; targets are set by
+    the caller from the file's tensors)."""
     claims = {name: cfg for name, cls in METHODS.items() if (cfg := _from_peft(cls, peft_config, source)) is not None}
     if len(claims) > 1:
         raise ValueError(f"{source}: methods {sorted(claims)} all claim this file; make their from_peft disjoint.")
@@ -131,7 +140,7 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     ignored = [k for k in ("rank_pattern", "alpha_pattern") if peft_config.get(k) and not getattr(config, k, None)]
     if ignored:  # per-layer options the claiming method did not take would be dropped silently
         raise ValueError(f"{source}: {config.method} does not read {ignored} (per-layer options); they would be lost.")
-    return config
+    return from_peft_config(config, peft_config, source)
 
 
 def _from_peft(cls: type[AdapterConfig], peft_config: dict, source: str) -> AdapterConfig | None:
@@ -139,8 +148,8 @@ def _from_peft(cls: type[AdapterConfig], peft_config: dict, source: str) -> Adap
     try:
         return cls.from_peft(peft_config)
     except KeyError as err:
-        raise ValueError(f"{source}: the key {err.args[0]!r} is missing ({cls.__name__} needs it); is the file "
-                         "complete? Add it (PEFT writes it).") from None  # fmt: skip
+        raise ValueError(f"{source}: the key {err.args[0]!r} is missing ({cls.__name__} needs it). Add it as PEFT "
+                         "writes it (is the file complete?).") from None  # fmt: skip
     except (TypeError, ValueError) as err:
         keys = [k for k, v in peft_config.items() if isinstance(v, (str, list, dict)) and repr(v) in str(err)]
         key = f"the value {keys[0]}={peft_config[keys[0]]!r}" if keys else "a value"
@@ -152,7 +161,8 @@ def _is_shared(key: str) -> bool:
     return key.startswith(SHARED_PREFIX) and not key.startswith(PREFIX) and "." not in key[len(SHARED_PREFIX) :]
 
 
-def _split_key(key: str, config: AdapterConfig, source: Path) -> tuple[str, str]:
+def _split_key(key: str, config: AdapterConfig) -> tuple[str, str] | None:
+    """(layer, suffix) of a method's tensor key, or None for any other key."""
     for old, new in config.peft_aliases.items():
         if key.endswith("." + old):
             key = key[: -len(old)] + new
@@ -160,7 +170,7 @@ def _split_key(key: str, config: AdapterConfig, source: Path) -> tuple[str, str]
     for suffix in dict.fromkeys([*config.peft_suffixes, *others]):
         if key.startswith(PREFIX) and key.endswith("." + suffix):
             return key[len(PREFIX) : -len(suffix) - 1], suffix
-    raise ValueError(f"{source}: unexpected tensor {key!r}; is this a PEFT {config.method} adapter?")
+    return None
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
@@ -182,27 +192,39 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             f"{path} holds only pickle-based weights; lightning_lora never unpickles files (they can run code). "
             f"Convert them to {WEIGHTS_FILE} with a tool you trust."
         )
-    config = config_from_peft(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
+    file_config = read_json(path / CONFIG_FILE)
+    config = config_from_peft(file_config, str(path / CONFIG_FILE))
     tensors = load_tensors(weights_path)
     check_finite(tensors, str(weights_path), "The adapter is not loaded; it comes from a run that diverged: use an "
                  "earlier export or checkpoint of it.")  # fmt: skip
     shared = {k[len(SHARED_PREFIX) :]: tensors.pop(k) for k in list(tensors) if _is_shared(k)}
-    _drop_saved_embeddings(model, tensors, weights_path)
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        layer, suffix = _split_key(key, config, weights_path)
-        by_layer.setdefault(layer, {})[suffix] = value
+    for key in list(tensors):
+        if (split := _split_key(key, config)) is not None:
+            by_layer.setdefault(split[0], {})[split[1]] = tensors.pop(key)
     if not by_layer:
         raise ValueError(f"{weights_path} holds no adapter tensors.")
-    modules = dict(model.named_modules())
-    missing = [layer for layer in by_layer if layer not in modules]
+    by_layer = our_targets(model, by_layer, file_config, str(path / CONFIG_FILE))  # MoE expert stacks by name
+    modules, stacks = dict(model.named_modules()), expert_stacks(model)
+    missing = [layer for layer in by_layer if layer not in modules and layer not in stacks]
     if missing:
         raise ValueError(
             f"{path}: the adapter is for layers this {type(model).__name__} does not have, e.g. {missing[:3]}; "
             "is it for another architecture, or was it saved from a wrapper of this model?"
         )
-    config.target_modules = sorted(by_layer)
-    plan = plan_injection(model, config, name)
+    config.target_modules = sorted(t for t in by_layer if t not in stacks)
+    config.target_parameters = sorted(t for t in by_layer if t in stacks) or None
+    keep_matching(model, config)  # PEFT ignores modules_to_save entries that select nothing
+    try:
+        plan = plan_injection(model, config, name)
+        trained = plan_trained(model, config, name, [t for t, _ in plan])
+    except ValueError as err:  # what the config asks does not fit this model: name the file
+        raise ValueError(f"{path / CONFIG_FILE}: {err}") from None
+    given_trained = take_trained(trained, set(by_layer), tensors, PREFIX, weights_path)
+    drop_saved_base(model, tensors, trained, PREFIX, weights_path)
+    if tensors:
+        raise ValueError(f"{weights_path}: unexpected tensor {next(iter(tensors))!r}; is this a PEFT {config.method} "
+                         "adapter (with these modules_to_save, trainable_token_indices and bias)?")
     config.load_shared_tensors(plan[0][1].shared, shared, str(weights_path))
     for target, branch in plan:
         expected = branch.peft_tensors()
@@ -219,21 +241,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         for target, branch in plan:
             for suffix, param in branch.peft_tensors().items():
                 param.copy_(by_layer[target][suffix])
-    return attach(model, plan, name)
-
-
-def _drop_saved_embeddings(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """PEFT also saves the full weight of adapted embeddings (``...embed_tokens.base_layer.weight``). They are
-    accepted when equal to the model's own; different ones (a resized vocabulary) are refused, not loaded silently."""
-    for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
-        try:
-            layer = model.get_submodule(key[len(PREFIX) : -len(".base_layer.weight")])
-        except AttributeError:
-            layer = None
-        weight = getattr(layer, "weight", None)  # an adapted layer forwards .weight to its base layer
-        if weight is None or not torch.equal(weight.detach().to(tensors[key].dtype), tensors[key]):
-            raise ValueError(
-                f"{source}: {key} carries base weights that differ from this model's (a resized vocabulary?); "
-                "lightning_lora loads adapters only. Load that base model first."
-            )
-        del tensors[key]
+        for mine, value in given_trained.items():
+            mine.copy_(value)
+    return attach(model, plan, name, trained)

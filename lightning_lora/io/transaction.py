@@ -69,7 +69,11 @@ def remove_stale(target: Path) -> list[Path]:
             os.rename(path, target)
             log.warning("restored %s from %s, left by an interrupted write", target, path.name)
             continue
-        _remove(path)
+        try:
+            _remove(path)
+        except OSError as err:  # e.g. an immutable file in it: it stays, and the write goes on
+            log.warning("could not remove %s, left by an interrupted write (%s)", path, err)
+            continue
         removed.append(path)
         log.warning("removed %s, left by an interrupted write (its process no longer runs)", path)
     return removed
@@ -191,10 +195,14 @@ def naming(target: Path, stage: Path | None = None, path: Path | None = None) ->
         raise new from (err.__cause__ if hasattr(err, "lightning_lora_where") else err)
 
 
-def check_folder_target(target: Path) -> None:
-    """Refuse a target that exists but is not a folder, naming it."""
+def check_folder_target(target: Path, swapped: bool = False) -> None:
+    """Refuse a target that exists but is not a folder, naming it; and, for a folder to be swapped, the current
+    folder or one holding it (the swap would leave this process in the deleted old folder)."""
     if os.path.lexists(target) and not target.is_dir():
         raise NotADirectoryError(f"{target} is a file, not a folder; choose a folder path (or move the file away).")
+    here, there = Path.cwd().resolve(), Path(target).resolve()
+    if swapped and (here == there or there in here.parents):
+        raise ValueError(f"{target} is the current folder or holds it; write into a folder of its own (e.g. {target}/out).")
 
 
 @contextlib.contextmanager
@@ -203,7 +211,8 @@ def staged(target: str | os.PathLike, carry: bool = False) -> Iterator[Path]:
     one step (``carry``: keeping the entries of the old ``target`` the block did not write). On error, or if the
     process is killed, ``target`` is exactly as it was."""
     target = Path(target)
-    check_folder_target(target)
+    check_folder_target(target, swapped=True)
+    target = target.resolve() if target.is_symlink() else target  # swap the folder, keep the link
     with naming(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target)

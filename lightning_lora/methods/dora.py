@@ -43,7 +43,8 @@ from lightning_lora.methods.lora_fused import pack_bits, unpack_bits
 @dataclasses.dataclass
 class DoRA(LoRA):
     """DoRA adapter config; same fields as ``LoRA``. Adapts linear layers (``nn.Linear``, ``Conv1D``, NF4) and
-    ``nn.Conv1d/2d/3d`` (magnitude per output channel, norm over (in, *kernel)), not embeddings.
+    ``nn.Conv1d/2d/3d`` (magnitude per output channel, norm over (in, *kernel)), not embeddings, not MoE expert stacks
+    (PEFT's ``target_parameters`` format holds plain LoRA only: such an adapter could be saved nowhere).
 
     Example::
 
@@ -56,7 +57,7 @@ class DoRA(LoRA):
 
     @classmethod
     def supports(cls, kind: LayerKind) -> bool:
-        return not kind.transposed  # every kind with an (out, fan_in) weight: not embeddings
+        return not kind.transposed and not kind.experts  # (out, fan_in) weights: not embeddings, not expert stacks
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> DoRABranch:
         return DoRABranch(self, base_layer, name)
@@ -85,11 +86,13 @@ def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tens
     """
     W, A, B = weight.float(), A.float(), B.float()
     base_sq = W.pow(2).sum(1) if weight_sq is None else weight_sq
-    squared = base_sq + (2.0 * scale) * ((W @ A.t()) * B).sum(1)
-    squared += (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
-    # Where the update nearly cancels a row (n^2 << ||W||^2) the expansion loses digits: recompute those rows
-    # directly. Rare in practice (the update is small next to W), so this costs nothing on the usual path.
-    cancelled = squared < 1e-3 * base_sq
+    cross = (2.0 * scale) * ((W @ A.t()) * B).sum(1)
+    update_sq = (scale * scale) * ((B @ (A @ A.t())) * B).sum(1)
+    squared = base_sq + cross + update_sq
+    # The expansion's rounding error is a few ulps of its terms' magnitude ||W||^2 + |cross| + ||s B A||^2, so a row
+    # the update largely cancels (n^2 below a tenth of that) loses digits: recompute those rows directly (relative
+    # error then stays ~1e-6). Rare in practice (the update is small next to W), so the usual path costs nothing.
+    cancelled = squared < 0.1 * (base_sq + cross.abs() + update_sq)
     if not squared.is_meta and cancelled.any():  # meta: shapes only (the estimator builds models there)
         rows = cancelled.nonzero().squeeze(1)
         squared[rows] = (W[rows] + scale * (B[rows] @ A)).pow(2).sum(1)
@@ -136,7 +139,9 @@ class _DoRALinear(torch.autograd.Function):
         scale, p = ctx.scale, ctx.p
         mask = None if bits is None else unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
-        grad_x = grad_A = grad_B = grad_m = None
+        grad_x = grad_A = grad_B = grad_m = grad_bias = None
+        if ctx.needs_input_grad[6]:  # a trained bias (core/trained.py): out = f (base_out - b) + b + ..., so 1 - f
+            grad_bias = (grad_out * (1.0 - factor)).sum(0)
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
         if need_x or need_A:
             grad_h = (grad_dir @ B).mul_(scale)
@@ -153,7 +158,7 @@ class _DoRALinear(torch.autograd.Function):
             grad_m = (grad_out * (out if bias is None else out - bias)).sum(0).div_(magnitude)
             if rows is not None:
                 grad_m[rows] = (grad_out[:, rows] * kept).sum(0)
-        return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, None, None, None
+        return grad_x, (grad_dir if need_base else None), grad_A, grad_B, grad_m, None, grad_bias, None, None
 
 
 def dora_linear(x, base_out, A, B, magnitude, norm, bias, scale: float, p: float) -> Tensor:
@@ -161,7 +166,7 @@ def dora_linear(x, base_out, A, B, magnitude, norm, bias, scale: float, p: float
     lead, dtype = base_out.shape[:-1], A.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     base2 = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
-    bias = None if bias is None else bias.detach().to(dtype)
+    bias = None if bias is None else bias.to(dtype)  # a frozen base's bias gets no gradient; a trained one does
     out = _DoRALinear.apply(x2, base2, A, B, magnitude, norm.to(dtype), bias, scale, p)
     return out.reshape(*lead, out.shape[-1]).to(base_out.dtype)
 
@@ -212,7 +217,7 @@ class DoRABranch(LoRABranch):
         factor = (self.magnitude / self.norm(base_layer).to(dtype)).view(shape)
         base = base_out.to(dtype)
         bias = base_layer.bias
-        y0 = base if bias is None else base - bias.detach().to(dtype).view(shape)
+        y0 = base if bias is None else base - bias.to(dtype).view(shape)  # a trained bias: its gradient is exact
         direction = y0 + self.kind.apply_pair(x.to(dtype), self.lora_A, self.lora_B, base_layer, p) * self.scale
         out = factor * direction if bias is None else factor * direction - y0 + base
         return out.to(base_out.dtype)

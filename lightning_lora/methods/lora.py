@@ -26,11 +26,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.core.kinds import LayerKind
+from lightning_lora.core.kinds import LayerKind, kind_of
 from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision
 from lightning_lora.core.targets import check_patterns, pattern_key
 from lightning_lora.methods import lora_init, siblings
 from lightning_lora.methods.loftq import Quantize
+from lightning_lora.methods.lora_experts import ExpertFactors
 from lightning_lora.methods.lora_fused import lora_linear
 
 
@@ -89,6 +90,8 @@ class LoRA(AdapterConfig):
                 cls(r=4, alpha=8.0, rank_pattern={"lay.r": 3}, alpha_pattern={"layer": 5.0})]  # fmt: skip
 
     def build(self, base_layer: nn.Module, shared: object = None, name: str = "") -> LoRABranch:
+        if kind_of(base_layer).experts:  # an MoE expert stack: one pair per expert (lora_experts.py)
+            return ExpertLoRABranch(self, base_layer, name)
         return LoRABranch(self, base_layer, name)
 
     # -- start ------------------------------------------------------------------------------------------------------
@@ -270,3 +273,7 @@ class LoRABranch(AdapterBranch):
         if self.kind.reversed_init:  # embedding adapters: their own learning rate
             return {"lora_A": "embedding", "lora_B": "embedding"}
         return {"lora_A": "slow", "lora_B": "fast"}
+
+
+class ExpertLoRABranch(ExpertFactors, LoRABranch):
+    """LoRA on an MoE expert stack: one rank-r pair per expert, in PEFT's stacked layout (``lora_experts.py``)."""

@@ -32,8 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.dtypes import dtype_name, parse_dtype
+from lightning_lora.core.experts import expert_stacks
+from lightning_lora.core.experts_dispatch import use_experts_dispatch
 from lightning_lora.core.kinds import dense_weight, is_quantized, kind_of, register_kind
 from lightning_lora.core.layer import AdapterLayer
+from lightning_lora.quant.nf4_experts import plan_stacks, quantize_stacks
 from lightning_lora.quant.nf4_layer import (  # noqa: F401
     NF4_LINEAR,
     nf4_rounding_error,
@@ -112,16 +115,17 @@ def unsupported_shape(layer: nn.Linear, blocksize: int) -> str | None:
 def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` by a bitsandbytes NF4 ``Linear4bit``, in place.
 
-    Skipped, with one log line: layers named in ``nf4.skip_modules``, GPT-2 ``Conv1D`` layers (not ``nn.Linear``),
-    shapes bitsandbytes mishandles (``unsupported_shape``), 3-D weights outside any layer kind (MoE experts stored as
-    one tensor, issue #21.3: listed, not converted). Already-quantized layers are left as they are.
+    MoE expert stacks are quantized too, each expert its own blocks (``nf4_experts.py``), once the probe of the
+    experts' forward that runs them has passed (``core/experts_dispatch.py``). Skipped, with one log line: layers
+    and stacks named in ``nf4.skip_modules``, GPT-2 ``Conv1D`` layers (not ``nn.Linear``), shapes bitsandbytes
+    mishandles (``unsupported_shape``), experts that do not dispatch. Already-quantized layers are left as they are.
 
     Args:
         device: where the quantized layers live and quantization runs (default: each weight's current device).
 
     Raises:
-        ValueError: the model already has adapters (quantize before ``inject``), or weights are on the meta device.
-            The model is then unchanged.
+        ValueError: the model already has adapters (quantize before ``inject``), weights are on the meta device, or
+            the experts' forward fails its probe (the message names the model type). The model is then unchanged.
     """
     import bitsandbytes as bnb  # lazy: importing bitsandbytes takes seconds
 
@@ -146,19 +150,21 @@ def quantize(model: nn.Module, nf4: NF4 | None = None, device: torch.device | st
             kept[name] = why
         else:
             plan.append((name, module))
-    for name, param in model.named_parameters():  # e.g. MoE experts stored as (E, out, in) tensors: said, not hidden
-        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if param.ndim == 3 and param.is_floating_point() and kind_of(owner) is None:
-            kept[name] = f"a 3-D weight of {type(owner).__name__} (e.g. MoE experts), not a layer NF4 converts"
+    stacks, kept_stacks = plan_stacks(model, nf4)  # MoE expert stacks (nf4_experts.py)
+    kept.update(kept_stacks)
+    if stacks:
+        use_experts_dispatch(model)  # the experts' forward that runs NF4 stacks, once proved; raises: model unchanged
     new = {name: _nf4_linear(bnb, module, nf4, device) for name, module in plan}
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    quantize_stacks(stacks, nf4, device)
     how = f"(blocksize {nf4.blocksize}, double_quant={nf4.double_quant})"
-    if already and not new:
+    experts = f" and {len(stacks)} MoE expert stacks (each expert its own blocks)" if stacks else ""
+    if already and not new and not stacks:
         done = f"the base is NF4: {already} linear layers {how}"
     else:
-        done = f"{len(new)} linear layers to NF4 {how}" + (f", {already} were NF4 already" if already else "")
+        done = f"{len(new)} linear layers{experts} to NF4 {how}" + (f", {already} were NF4 already" if already else "")
     log.info(f"quantize: {done}" + "".join(f"\n  kept {n!r}: {why}" for n, why in kept.items()))
     return model
 
@@ -210,13 +216,14 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         base = module.base_layer if isinstance(module, AdapterLayer) else module
-        if is_quantized(base) and not (isinstance(module, nn.Linear) and name.endswith(".base_layer")):
+        if is_quantized(base) and not (is_quantized(module) and name.endswith(".base_layer")):
             names.append(name)
     return names
 
 
 def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
-    """The high-precision (out, in) weights of the linear layers ``names``, for ``merge(model, base_weights=...)``.
+    """The high-precision (out, in) weights of the linear layers ``names``, for ``merge(model, base_weights=...)``;
+    an MoE expert stack's (``<experts module>.<stack>``) is its 3-D parameter, stored under its own name.
 
     ``source`` is a model folder (``*.safetensors``, sharded or not, read tensor by tensor), a state dict, or the
     unquantized model. A name may carry a wrapper prefix (``model.``): the longest suffix found in ``source`` is used.
@@ -226,9 +233,10 @@ def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Modul
     """
     names = list(names)
     if isinstance(source, nn.Module):
-        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules() if kind_of(m) is not None}
-        if any(is_quantized(m) for m in source.modules()):
-            table = {k: v for k, v in table.items() if not is_quantized(source.get_submodule(k[: -len(".weight")]))}
+        table = {f"{n}.weight": dense_weight(m) for n, m in source.named_modules()
+                 if kind_of(m) is not None and not is_quantized(m)}
+        table.update({n: getattr(m, s) for n, (m, s) in expert_stacks(source).items()
+                      if isinstance(getattr(m, s), nn.Parameter)})
         return {n: table[_find_key(n, table, "the given model")].detach() for n in names}
     if isinstance(source, Mapping):
         return {n: source[_find_key(n, source, "the given state dict")] for n in names}
@@ -252,8 +260,9 @@ def original_weights(source: str | os.PathLike | Mapping[str, Tensor] | nn.Modul
 
 def _find_key(name: str, table: Mapping[str, object], what: str) -> str:
     parts = f"{name}.weight".split(".")
-    for i in range(len(parts) - 1):
-        key = ".".join(parts[i:])
+    keys = [".".join(parts[i:]) for i in range(len(parts) - 1)]
+    keys += [".".join(parts[i:-1]) for i in range(len(parts) - 2)]  # an expert stack: the parameter's own name
+    for key in keys:
         if key in table:
             if str(getattr(table[key], "dtype", "")) in ("torch.uint8", "torch.int8") or f"{key}.absmax" in table:
                 raise ValueError(f"original_weights: {key!r} in {what} is quantized; give the high-precision source.")

@@ -26,10 +26,15 @@ def nf4_rounding_error(layer: nn.Module) -> float:
     one weight per block (the absmax itself) is exact. On Gaussian and uniform weights this estimate is within a few
     percent of the true error (test_quantize.py).
     """
+    w = _dequantized(layer).detach().float().reshape(-1)
+    return float(rounding_error_sq(w, layer.weight.quant_state.blocksize).sqrt() / w.norm().clamp_min(1e-30))
+
+
+def rounding_error_sq(w: Tensor, bs: int) -> Tensor:
+    """The estimated squared error ||W - W_q||^2 of NF4 weights ``w`` (dequantized, flat) in blocks of ``bs``
+    (``nf4_rounding_error``)."""
     import bitsandbytes.functional as bnbf
 
-    w = _dequantized(layer).detach().float().reshape(-1)
-    bs = layer.weight.quant_state.blocksize
     pad = (-w.numel()) % bs
     blocks = torch.nn.functional.pad(w, (0, pad)).reshape(-1, bs)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
@@ -43,7 +48,7 @@ def nf4_rounding_error(layer: nn.Module) -> float:
     width = (hi - lo).clamp_min(1e-12)
     mse = ((hi - v) ** 3 - (lo - v) ** 3) / (3 * width) * absmax**2
     mse.scatter_(1, blocks.abs().argmax(1, keepdim=True), 0.0)  # one weight per block (its absmax) is exact
-    return float(mse.sum().sqrt() / w.norm().clamp_min(1e-30))
+    return mse.sum()
 
 
 def warn_merge_without_originals(errors: Mapping[str, tuple[float, float]]) -> None:

@@ -34,6 +34,7 @@ from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.export import check_export_dir
+from lightning_lora.io.tokens import add_new_tokens, check_new_tokens
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.card_facts import run_facts
@@ -57,6 +58,9 @@ class AdapterCallback(Callback):
             default ``[peft, merged]``. Before writing, the merged model runs a probe batch: a Hugging Face
             language model's own, else the LightningModule's ``example_input_array`` when the adapter covers it
             (``target=None``); without either, only the tensors are checked for NaN/inf.
+        new_tokens: tokens to add: when the adapter is injected (after ``configure_model``), they join
+            ``pl_module.tokenizer`` (tokenize your data after that), the target's embeddings grow to match and the
+            adapter trains only their rows (``io/tokens.py``).
 
     Raises:
         TypeError: ``adapter`` is not an adapter config.
@@ -71,8 +75,10 @@ class AdapterCallback(Callback):
         export_dir: str | None = None,
         name: str = "default",
         exports: list[str] | None = None,
+        new_tokens: list[str] | None = None,
     ):
         adapter = LoRA() if adapter is None else adapter
+        self.new_tokens = check_new_tokens(new_tokens, adapter)
         check_start(adapter, quantize)
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be an attribute name of your LightningModule (e.g. 'model') or None, got {target!r}.")
@@ -112,7 +118,12 @@ class AdapterCallback(Callback):
         model = self.target_module(pl_module)
         if self.name in adapter_names(model):
             return model
-        prepare(model, self.adapter, self.name, self.quantize)  # in place: quantize, inject, init (PiSSA/LoftQ)
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if self.new_tokens and tokenizer is None:
+            raise ValueError("AdapterCallback(new_tokens=...) adds them to pl_module.tokenizer, which "
+                             f"{type(pl_module).__name__} does not have; set self.tokenizer in your module.")
+        adapter = add_new_tokens(model, tokenizer, self.adapter, self.new_tokens)  # resized, their rows train
+        prepare(model, adapter, self.name, self.quantize)  # in place: quantize, inject, init (PiSSA/LoftQ)
         return model
 
     # ------------------------------------------------------------------ hooks
@@ -134,7 +145,7 @@ class AdapterCallback(Callback):
             check_finite_adapter(pl_module._trainer, callback.target_module(pl_module))  # never a NaN checkpoint
             keep_adapter_only(checkpoint, pl_module, callback.target_module(pl_module), callback._prefix())
             write_facts(checkpoint, adapter=callback.adapter, adapter_name=callback.name, quantize=callback.quantize,
-                        run=run_facts(trainer))  # fmt: skip
+                        run=run_facts(trainer), new_tokens=callback.new_tokens)  # fmt: skip
 
         object.__setattr__(pl_module, "configure_model", configure_model)
         object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.core.verbs import disable_adapters
-from lightning_lora.train.loss import CHUNK_SIZE, IGNORE, rescales_logits, run_with_head
+from lightning_lora.train.head import rescales_logits
+from lightning_lora.train.loss import CHUNK_SIZE, IGNORE, run_with_head
 from lightning_lora.train.memory import memory_report
 from lightning_lora.train.module import LoRAModule
 from lightning_lora.train.step_loss import TokenWeightedLoss

@@ -24,7 +24,7 @@ The model runs through its own ``forward`` (so FSDP2's hooks, attention masks, p
 gradient checkpointing behave as usual) with its output head swapped, for the duration of the call, for a stand-in
 that takes the last hidden states and returns the loss, applying the real head (``get_output_embeddings()``: a plain
 or adapted ``lm_head``, or tied to the input embeddings) to the labeled rows only. That swap is made only after a
-one-time probe per model (``probe.py``) shows that the model calls its head once, on the hidden states the real
+one-time probe per model (``head.py``) shows that the model calls its head once, on the hidden states the real
 head gets, and returns the head's output untouched; models whose ``forward`` changes the logits after the head
 (Gemma 2's soft-capping, Granite's ``logits_scaling``) fall back to Hugging Face's own loss, with one log line.
 
@@ -39,9 +39,7 @@ Example (an ``AdapterCallback`` user's ``training_step``)::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +52,9 @@ from lightning_lora.train.attention import (
     packed_attention_status,
     runs_packed_attention,
 )
+from lightning_lora.train.head import head_swap_verdict, head_swapped, rescales_logits
 from lightning_lora.train.lean_swap import saving
-from lightning_lora.train.probe import Verdict, differs, frozen_modes, logits, model_type, probe_ids, verdict
+from lightning_lora.train.probe import model_type
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -129,31 +128,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None
 
 
-def _head_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
-    """(parent module, attribute name, head) of the model's output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"causal_lm_loss needs a causal LM with an output head; {type(model).__name__} has none "
-                         "(get_output_embeddings() returned None).")
-    for name, module in model.named_modules():
-        if module is head and name:
-            parent, _, attr = name.rpartition(".")
-            return model.get_submodule(parent), attr, head
-    raise ValueError(f"the output head of {type(model).__name__} is not one of its submodules.")
-
-
-@contextlib.contextmanager
-def _head_swapped(model: nn.Module, stand_in) -> Iterator[nn.Module]:
-    """Inside the block ``model``'s output head is ``stand_in(head)`` (yielded); the head is put back on exit."""
-    parent, attr, head = _head_slot(model)
-    replacement = stand_in(head)
-    setattr(parent, attr, replacement)
-    try:
-        yield replacement
-    finally:
-        setattr(parent, attr, head)
-
-
 def _chunk_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     """Summed cross-entropy of one chunk, in fp32."""
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
@@ -220,7 +194,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-        with _head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head, saving(model):
+        with head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head, saving(model):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False, **kwargs)
         total = out.logits  # what the model returns as its "logits" is the stand-in head's output: the summed loss
@@ -232,12 +206,6 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     if step is not None:
         return step.add(total, count)
     return total / count if count else total
-
-
-def rescales_logits(model: nn.Module) -> bool:
-    """Whether a stand-in head would skip something ``model``'s forward does after its head (softcapping, logit
-    scales): the negative verdict of the one-time probe ``head_swap_verdict``."""
-    return not head_swap_verdict(model)
 
 
 def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -253,7 +221,7 @@ def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask:
         raise ValueError(f"{type(model).__name__} rescales its logits after the head; a stand-in head would skip "
                          "that. Compute from model(...).logits instead.")
     kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
-    with _head_swapped(model, stand_in), saving(model):
+    with head_swapped(model, stand_in), saving(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     **kwargs)
     return out.logits
@@ -282,43 +250,4 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-class _HeadProbe(nn.Module):
-    """Stands in for the head during the probe: records what the real head gives on its input, returns ``marker``."""
-
-    def __init__(self, head: nn.Module, marker: Tensor):
-        super().__init__()
-        self.head, self.marker, self.outputs = head, marker, []
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        self.outputs.append(self.head(hidden))  # inside the model's forward (FSDP2 has gathered the head here)
-        return self.marker.to(hidden.dtype)
-
-
-def head_swap_verdict(model: nn.Module) -> Verdict:
-    """Whether ``causal_lm_loss`` may swap the model's output head for its loss head (probed once per model): on 2
-    tokens the model calls the head exactly once, the real head's output there equals the model's logits within
-    1e-5, and the model returns whatever the head returned (a marker of integers in [-64, 64], exact in every float
-    dtype) untouched, i.e. nothing rescales or caps the logits after the head."""
-    return verdict(model, "the labeled-rows loss head", _probe_head)
-
-
-def _probe_head(model: nn.Module) -> Verdict:
-    ids = probe_ids(model, 2)
-    with frozen_modes(model):
-        reference = logits(model, ids)
-        marker = torch.randint(-64, 65, reference.shape, generator=torch.Generator().manual_seed(0))
-        marker = marker.to(reference.device, torch.float32)
-        with _head_swapped(model, lambda head: _HeadProbe(head, marker)) as probe:
-            out = logits(model, ids)
-    calls = probe.outputs
-    if len(calls) != 1:
-        return Verdict(False, f"its forward called the output head {len(calls)} times, not once")
-    if differs(reference, calls[0]):
-        return Verdict(False, f"the head's own output is not the model's logits ({differs(reference, calls[0])})")
-    if differs(marker, out, tolerance=0.0):
-        return Verdict(False, "its forward changes the logits after the output head (rescaling or soft-capping)")
-    return Verdict(True)
-
-
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "head_swap_verdict", "labeled_count", "labeled_rows",
-           "rescales_logits", "run_with_head"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "run_with_head"]

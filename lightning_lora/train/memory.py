@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 
 import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, is_quantized
+from lightning_lora.core.trained import Trained
 from lightning_lora.train.optim import optimizer_class
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,10 @@ _TABLES = ("code", "state2.code", "offset")
 KINDS = ("quantized base", "unquantized base", "adapters", "optimizer state")
 
 
-def quant_state_tensors(layer: nn.Module) -> dict[str, Tensor]:
-    """Every tensor an NF4 layer's weight is made of: packed data, absmax, and the double-quant state and code tables."""
-    weight = layer.weight
+def quant_state_tensors(layer: nn.Module | Tensor) -> dict[str, Tensor]:
+    """Every tensor an NF4 layer's weight (or a 4-bit weight itself, e.g. one expert of an NF4 expert stack) is made
+    of: packed data, absmax, and the double-quant state and code tables."""
+    weight = layer.weight if isinstance(layer, nn.Module) else layer
     state = weight.quant_state
     out = {"data": weight.data, "absmax": state.absmax, "code": state.code}
     if getattr(state, "offset", None) is not None:
@@ -71,14 +74,19 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         report[kind]["bytes"] += _nbytes(t)
 
     for module in model.modules():
-        if isinstance(module, AdapterBranch):
+        if isinstance(module, (AdapterBranch, Trained)):  # trained copies, token rows, biases count as adapters
             for t in [*module.parameters(), *module.buffers()]:
                 add("adapters", t)
     tables = 0  # bytes of the per-layer code tables and offsets
     for module in model.modules():
-        if is_quantized(module) and getattr(module.weight, "quant_state", None) is not None:
-            tensors = quant_state_tensors(module)
-            add("quantized base", tensors.pop("data"), params=module.in_features * module.out_features)
+        if not is_quantized(module):
+            continue
+        for weight in module.parameters():  # a 4-bit linear holds one; an NF4 expert stack one per expert
+            state = getattr(weight, "quant_state", None)
+            if state is None:
+                continue
+            tensors = quant_state_tensors(weight)
+            add("quantized base", tensors.pop("data"), params=math.prod(state.shape))
             for name, t in tensors.items():
                 before = report["quantized base"]["bytes"]
                 add("quantized base", t, params=0)

@@ -33,6 +33,7 @@ from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.export import check_export_dir
 from lightning_lora.io.models import load_causal_lm, load_tokenizer
+from lightning_lora.io.tokens import add_new_tokens, add_to_tokenizer, check_new_tokens
 from lightning_lora.methods.lora import LoRA
 from lightning_lora.quant.nf4 import NF4
 from lightning_lora.quant.prepare import check_start, prepare
@@ -45,9 +46,9 @@ from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_fi
 from lightning_lora.train.lean_swap import use_lean_activations
 from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
-from lightning_lora.train.step_loss import TokenWeightedLoss
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.train.resume import ExactResume
+from lightning_lora.train.step_loss import TokenWeightedLoss
 
 
 def enable_adapter_subclass_mode() -> None:
@@ -129,6 +130,8 @@ class LoRAModule(LightningModule):
             side by side on the first validation examples (``True``: 32; a number: that many): loss, perplexity,
             exact match, ROUGE-L and chrF of greedy replies (``train/evaluate.py``). ``evaluation.json`` and
             ``evaluation.md`` go to ``export_dir`` (else the log folder), and the adapter's model card shows the table.
+        new_tokens: tokens to add (e.g. a chat template's markers): the tokenizer gets them, the embeddings grow to
+            match, and the adapter trains only their rows (``io/tokens.py``); exports carry them.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class LoRAModule(LightningModule):
         loss_chunk_size: int = CHUNK_SIZE,
         lean_activations: bool = True,
         evaluate: bool | int = False,
+        new_tokens: list[str] | None = None,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -156,6 +160,7 @@ class LoRAModule(LightningModule):
             raise ValueError(f"lr_ratio must be > 0 (LoRA+ uses 16 to 20) or None, got {lr_ratio}.")
         self.base_model = str(base_model)
         self.adapter = dataclasses.replace(adapter)  # own copy: the default instance is shared
+        self.new_tokens = check_new_tokens(new_tokens, adapter)
         self.quantize = quantize
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -188,9 +193,12 @@ class LoRAModule(LightningModule):
     # ---------------------------------------------------------------- model
     @property
     def tokenizer(self):
-        """The base model's tokenizer, loaded on first use (data modules read it in their ``setup``)."""
+        """The base model's tokenizer, loaded on first use (data modules read it in their ``setup``), with the
+        ``new_tokens``."""
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.base_model, trust_remote_code=self.trust_remote_code)
+            if self.new_tokens:
+                add_to_tokenizer(self._tokenizer, self.new_tokens)
         return self._tokenizer
 
     def configure_model(self) -> None:
@@ -200,7 +208,8 @@ class LoRAModule(LightningModule):
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
         if self._tokenizer is None:
             self._tokenizer = tokenizer
-        prepare(model, self.adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
+        adapter = add_new_tokens(model, self.tokenizer, self.adapter, self.new_tokens)  # resized, their rows train
+        prepare(model, adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
         enable_checkpointing(model, self.gradient_checkpointing)
         if self.lean_activations:  # where proven, norms, SwiGLU and RoPE keep only their inputs (train/lean.py)
@@ -308,7 +317,8 @@ class LoRAModule(LightningModule):
             check_finite_adapter(self._trainer, self.model)  # never replace a good checkpoint with a NaN adapter
             keep_adapter_only(checkpoint, self, self.model, "model.")
         write_facts(checkpoint, adapter=self.adapter, adapter_name=self.adapter_name, base_model=self.base_model,
-                    quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer))  # fmt: skip
+                    quantize=self.quantize, dtype=self.dtype_name, run=run_facts(self._trainer),
+                    new_tokens=self.new_tokens)  # fmt: skip
 
     def run_facts(self) -> dict:
         """What the model card says of this run (``train/card_facts.py``)."""
