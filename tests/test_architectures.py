@@ -166,11 +166,13 @@ def peft_dropped(arch, names) -> set[str]:
     return {n for n in names if n.rpartition(".")[2] in arch.peft_drops and ".experts." not in n}
 
 
-def test_peft_loads_ours(arch, adapted, tmp_path):
+def test_peft_loads_ours(arch, adapted, tmp_path, caplog):
     """PEFT loads our folder with the same logits; where it re-maps some layer names on MoE model types
-    (``peft_drops``), exactly those adapters are lost, which the registry states."""
+    (``peft_drops``), exactly those adapters are lost, which the registry states and save_adapter warns about."""
     peft = pytest.importorskip("peft")
-    ll.save_adapter(adapted, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lightning_lora"):
+        ll.save_adapter(adapted, tmp_path)
+    assert ("PeftModel will drop" in caplog.text) == bool(arch.peft_drops)
     ours = set(adapter_layers(adapted))
     paths = peft_paths(adapted, ours)  # an expert stack sits under its experts module, nested (io/peft_experts.py)
     theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path).eval()
