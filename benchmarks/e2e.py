@@ -7,11 +7,12 @@
 **The recipe** is written here as PEFT's QLoRA docs show it, not through our classes: transformers
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` loading,
 ``get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``, and a plain PyTorch loop over
-batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW.
+batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW; labels on the reply and its
+end-of-turn token, as ours (``recipe_tokenize``).
 **Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss, lean activations) +
 ``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up.
 Variants of ours change one thing (``OURS``): ``ours+ckpt mlp`` / ``ours+ckpt layers`` (gradient checkpointing),
-``ours+siblings`` (``methods/siblings.py`` on), ``ours-lean`` (``lean_activations=False``).
+``ours-lean`` (``lean_activations=False``).
 **The floor** (REFERENCE.md section 3) is the same NF4 model and the same packed batches as ours, every parameter
 frozen, no adapter: forward + our loss + backward to the inputs, in a plain loop (no optimizer, no Trainer).
 
@@ -48,8 +49,7 @@ SETTINGS = {"quickstart": dict(batch_size=4, max_length=64), "long": dict(batch_
 LR, R, ALPHA = 1e-3, 8, 16
 # Ours with other LoRAModule arguments (and switches outside it), each a variant of its own.
 OURS = {"ours": {}, "ours+ckpt mlp": dict(gradient_checkpointing="mlp"),
-        "ours+ckpt layers": dict(gradient_checkpointing=True), "ours+siblings": dict(siblings=True),
-        "ours-lean": dict(lean_activations=False)}
+        "ours+ckpt layers": dict(gradient_checkpointing=True), "ours-lean": dict(lean_activations=False)}
 VARIANTS = ["recipe", "floor", *OURS]
 DEFAULT_VARIANTS = {"quickstart": ["recipe", "floor", "ours"], "long": ["recipe", "ours", "ours+ckpt mlp"],
                     "dense": ["recipe", "floor", "ours"]}
@@ -87,7 +87,9 @@ def conversations(setting: str, n: int) -> list[dict]:
 
 
 def recipe_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """The recipe's own tokenization: chat template, prompt tokens masked, truncated, label-less rows dropped."""
+    """The recipe's own tokenization: chat template, labels on the reply and its end-of-turn token (prompt and what
+    the template adds after the end-of-turn masked, as TRL's ``assistant_only_loss``), truncated, label-less rows
+    dropped."""
     out = []
     for row in rows:
         user = [{"role": "user", "content": row["prompt"]}]
@@ -95,7 +97,10 @@ def recipe_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}], tokenize=False)
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-        labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        reply = ids[n_prompt:]
+        if tokenizer.eos_token_id in reply:  # the end-of-turn token ends the labels ("\n" after it is the template's)
+            reply = reply[: reply.index(tokenizer.eos_token_id) + 1]
+        labels = [-100] * min(n_prompt, len(ids)) + reply + [-100] * (len(ids) - n_prompt - len(reply))
         if any(t != -100 for t in labels):
             out.append({"input_ids": ids, "labels": labels})
     return out
@@ -183,14 +188,11 @@ def _step_mean(loss_sum: float, batch: dict) -> float:
     return loss_sum / max(labeled_count(batch["labels"]), 1)
 
 
-def run_ours(data: Path, setting: str, steps: int, siblings: bool = False, **module_args) -> dict:
+def run_ours(data: Path, setting: str, steps: int, **module_args) -> dict:
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from lightning_lora import LoRA, NF4
-    from lightning_lora.methods import siblings as sibling_fusion
     from lightning_lora.train.module import LoRAModule
-
-    sibling_fusion.ENABLED = siblings
 
     class Probe(Callback):
         def __init__(self):

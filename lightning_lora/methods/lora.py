@@ -11,8 +11,7 @@ On an embedding the roles flip (as in PEFT): y = E[ids] + s * (A^T[ids]) B^T wit
 The linear branch is one autograd function that saves only what backward needs: the input x (the base layer saves
 the same tensor, so it costs nothing), the r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed
 8 per byte instead of a dropped copy of x. It adds into the base output in place (one ``addmm_``, no (N, out)
-temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs. Layers that read the same input
-tensor (q/k/v, gate/up) share one A GEMM forward and backward instead (``siblings.py``).
+temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from lightning_lora.core.kinds import LayerKind, kind_of
 from lightning_lora.core.layer import AdapterBranch, AdapterConfig, in_own_precision
 from lightning_lora.core.targets import check_patterns, pattern_key
-from lightning_lora.methods import lora_init, siblings
+from lightning_lora.methods import lora_init
 from lightning_lora.methods.loftq import Quantize
 from lightning_lora.methods.lora_experts import ExpertFactors
 from lightning_lora.methods.lora_fused import lora_linear
@@ -225,11 +224,7 @@ class LoRABranch(AdapterBranch):
     def forward(self, x: Tensor, base_out: Tensor, base_layer: nn.Module, weight: float = 1.0) -> Tensor:
         p = self.p if self.training else 0.0
         if self.fused:
-            h = siblings.shared_down(self, x) if p == 0.0 else None  # q/k/v, gate/up: one A GEMM (siblings.py)
-            if h is not None:
-                return siblings.lora_up(h, base_out, self.lora_B, self.scale * weight)
-            out = lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
-            return siblings.note_output(out)
+            return lora_linear(x, base_out, self.lora_A, self.lora_B, self.scale * weight, p, inplace=True)
         x = x.to(self.lora_A.dtype) if x.is_floating_point() else x
         delta = self.kind.apply_pair(x, self.lora_A, self.lora_B, base_layer, p)
         return base_out + delta.mul_(self.scale * weight).to(base_out.dtype)

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from lightning_lora.core.layer import own_precision
-from lightning_lora.methods import siblings
 
 _BIT_SHIFTS: dict[torch.device, Tensor] = {}
 
@@ -36,6 +35,15 @@ def unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return flat[: shape.numel()].view(shape).bool()
 
 
+def add_up(base_out: Tensor, h: Tensor, B: Tensor, scale: float, inplace: bool) -> Tensor:
+    """``base_out + scale * h B^T`` for h (N, r), base_out (..., out): one ``addmm``, into ``base_out`` itself when
+    ``inplace`` (the caller then marks it dirty)."""
+    if inplace:
+        base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
+        return base_out
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
+
+
 class _LoRALinear(torch.autograd.Function):
     """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
 
@@ -54,7 +62,7 @@ class _LoRALinear(torch.autograd.Function):
             bits = pack_bits(mask)
         else:
             h = torch.mm(x2, A.t())
-        out = siblings.add_up(base_out, h, B, scale, inplace)
+        out = add_up(base_out, h, B, scale, inplace)
         if inplace:
             ctx.mark_dirty(base_out)
         ctx.scale, ctx.p = scale, p
@@ -105,7 +113,7 @@ def lora_linear(
     if p == 0.0 and not (
         torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
     ):
-        out = siblings.add_up(base_out, torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t()), B, scale, inplace)
+        out = add_up(base_out, torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t()), B, scale, inplace)
     else:
         inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
         out = _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)  # casts x inside: the saved x is the layer's
