@@ -25,7 +25,7 @@ from lightning_lora.core.verbs import (adapter_names, attach, check_known, delet
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
-from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
+from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths, warn_peft_drops
 from lightning_lora.io.peft_trained import (card_rows, drop_saved_base, from_peft_config, keep_matching, take_trained,
                                             to_peft_config, trained_tensors)
 
@@ -65,6 +65,7 @@ def save_adapter(
     modules = sorted(t for t in branches if t not in stacks)
     file_config = peft_config_of(config, compact_targets(model, modules), branches)
     add_to_config(file_config, model, stacks)
+    warn_peft_drops(model, modules)
     to_peft_config(file_config, config)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())

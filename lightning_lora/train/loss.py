@@ -228,6 +228,24 @@ def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask:
     return out.logits
 
 
+def packing_refusal(model: nn.Module, share_prefix: bool = False) -> str | None:
+    """Why ``model`` cannot train on packed rows (with a shared prompt prefix if ``share_prefix``), or None: it runs
+    ``train/attention.py``'s packed attention, or (without a shared prefix) its own attention keeps packed examples
+    apart, as a probe shows. LoRAModule asks before the first step, the loss at every packed batch."""
+    if runs_packed_attention(model):
+        return None
+    if share_prefix:
+        return (f"share_prefix: {model_type(model)} does not run lightning_lora's packed attention "
+                f"({packed_attention_status(model).reason}), the only attention that lets packed examples "
+                "share a prompt prefix; set share_prefix=False.")
+    own = keeps_examples_apart(model)
+    if not own:
+        return (f"packing: {model_type(model)}'s own attention does not keep packed examples apart "
+                f"({own.reason}) and lightning_lora's packed attention is not used for it "
+                f"({packed_attention_status(model).reason}); set packing=False.")
+    return None
+
+
 def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                     position_ids: Tensor | None) -> dict:
     """``{"packed_segments": ...}`` when the rows are packed and the model runs ``train/attention.py``'s attention;
@@ -239,16 +257,11 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
         return {}
     if runs_packed_attention(model):
         return {"packed_segments": segments}
-    if segments.shares_prefix:
-        raise ValueError(f"share_prefix: {model_type(model)} does not run lightning_lora's packed attention "
-                         f"({packed_attention_status(model).reason}), the only attention that lets packed examples "
-                         "share a prompt prefix; set share_prefix=False.")
-    own = keeps_examples_apart(model)
-    if not own:
-        raise ValueError(f"packing: {model_type(model)}'s own attention does not keep packed examples apart "
-                         f"({own.reason}) and lightning_lora's packed attention is not used for it "
-                         f"({packed_attention_status(model).reason}); set packing=False.")
+    why = packing_refusal(model, segments.shares_prefix)
+    if why:
+        raise ValueError(why)
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "run_with_head"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "packing_refusal",
+           "run_with_head"]

@@ -45,7 +45,7 @@ from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
 from lightning_lora.train.lean_swap import use_lean_activations
-from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
+from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss, packing_refusal
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.train.resume import ExactResume
@@ -238,6 +238,11 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if getattr(data, "packing", False):  # refused here, not at the first packed batch after validation
+            why = packing_refusal(self.model, share_prefix=getattr(data, "share_prefix", False))
+            if why:
+                raise ValueError(why)
         if self.trainer.is_global_zero:
             optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
             memory_report(self.model, optimizer)
