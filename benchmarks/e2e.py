@@ -1,24 +1,29 @@
-"""End to end: a QLoRA fine-tune of SmolLM2-135M-Instruct with lightning_lora against the standard recipe.
+"""End to end: a QLoRA fine-tune of SmolLM2-135M-Instruct with lightning_lora against the standard recipe and the floor.
 
-    python benchmarks/e2e.py                                   # both settings, 2 alternating runs per variant
-    python benchmarks/e2e.py --settings quickstart --steps 12 --repeats 1    # a smoke run
+    python benchmarks/e2e.py                                          # every setting, its default variants, 2 rounds
+    python benchmarks/e2e.py --settings dense --variants floor ours --repeats 3
+    python benchmarks/e2e.py --settings quickstart --steps 12 --repeats 1                 # a smoke run
 
 **The recipe** is written here as PEFT's QLoRA docs show it, not through our classes: transformers
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` loading,
 ``get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``, and a plain PyTorch loop over
 batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW.
-**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss) +
-``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up;
-in the settings named by ``--checkpointing`` (default: ``long``) ours also runs with
-``LoRAModule(gradient_checkpointing="mlp")`` (``--checkpointing-mode layers``: whole layers), a third variant.
+**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss, lean activations) +
+``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up.
+Variants of ours change one thing (``OURS``): ``ours+ckpt mlp`` / ``ours+ckpt layers`` (gradient checkpointing),
+``ours+siblings`` (``methods/siblings.py`` on), ``ours-lean`` (``lean_activations=False``).
+**The floor** (REFERENCE.md section 3) is the same NF4 model and the same packed batches as ours, every parameter
+frozen, no adapter: forward + our loss + backward to the inputs, in a plain loop (no optimizer, no Trainer).
 
-Both see the same examples in the same order, ``batch_size`` examples per optimizer step (the recipe tokenizes with
+All see the same examples in the same order, ``batch_size`` examples per optimizer step (the recipe tokenizes with
 its own code; the parent checks that both tokenizations are identical). Settings: ``quickstart`` (chatterbot pairs,
-batch 4, max_length 64) and ``long`` (batch 4, max_length 512, responses made of pydoc topics, mostly response
-tokens). Each run is its own process (1 torch thread), variants alternating. Recorded per run: process CPU time per
-example over the steps after the first (data loading and framework overhead included), the process's peak RSS
-(loading included) and its peak RSS during training (``VmHWM`` reset at the first step), and the mean training loss
-over the last 10 steps. Writes ``benchmarks/e2e_results.json``.
+batch 4, max_length 64), ``long`` (batch 4, max_length 512, responses made of pydoc topics of varied length: the
+recipe pads ~30%) and ``dense`` (batch 4, max_length 512, every example longer than that and cut: full rows, no
+padding). Each run is its own process (1 torch thread); a round runs every variant once, the order reversed every
+other round. Recorded per run: process CPU time per example over the steps after the first (data loading and
+framework overhead included), the peak RSS during training (``VmHWM`` reset at the first step, with what was
+resident then), the mean training loss over the last 10 steps (the step's token-weighted mean), and the load average.
+Ratios are of the fastest run of each variant (of medians in ``*_median``). Writes ``benchmarks/e2e_results.json``.
 """
 
 from __future__ import annotations
@@ -38,9 +43,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
-SETTINGS = {"quickstart": dict(batch_size=4, max_length=64), "long": dict(batch_size=4, max_length=512)}
+SETTINGS = {"quickstart": dict(batch_size=4, max_length=64), "long": dict(batch_size=4, max_length=512),
+            "dense": dict(batch_size=4, max_length=512)}
 LR, R, ALPHA = 1e-3, 8, 16
-CHECKPOINTING = {"ours+ckpt mlp": "mlp", "ours+ckpt layers": True}  # ours with LoRAModule(gradient_checkpointing=...)
+# Ours with other LoRAModule arguments (and switches outside it), each a variant of its own.
+OURS = {"ours": {}, "ours+ckpt mlp": dict(gradient_checkpointing="mlp"),
+        "ours+ckpt layers": dict(gradient_checkpointing=True), "ours+siblings": dict(siblings=True),
+        "ours-lean": dict(lean_activations=False)}
+VARIANTS = ["recipe", "floor", *OURS]
+DEFAULT_VARIANTS = {"quickstart": ["recipe", "floor", "ours"], "long": ["recipe", "ours", "ours+ckpt mlp"],
+                    "dense": ["recipe", "floor", "ours"]}
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -54,6 +66,14 @@ def conversations(setting: str, n: int) -> list[dict]:
         return [{"prompt": pairs[i][0]["content"], "response": pairs[i][1]["content"]} for i in order[:n]]
     from pydoc_data.topics import topics
 
+    if setting == "dense":  # examples longer than max_length (cut at 512 tokens): full rows, no padding
+        keys, out = sorted(k for k in topics if len(topics[k]) > 4000), []
+        for i in range(n):  # a long topic read from a shifting offset, wrapping around
+            key = keys[(7 * i) % len(keys)]
+            text, offset = topics[key], (i // len(keys)) * 997 % len(topics[key])
+            out.append({"prompt": f"Explain the Python topic '{key}'.",
+                        "response": (text[offset:] + "\n\n" + text[:offset]).strip()})
+        return out
     out, keys = [], sorted(topics)
     for i in range(n):  # long responses of varied length: the first paragraphs of a topic, up to ~1,200-2,400 chars
         key = keys[(7 * i) % len(keys)]
@@ -82,18 +102,25 @@ def recipe_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- the workers
-def _reset_peak_rss() -> None:
+def _status(key: str) -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Resets VmHWM (Linux); returns the resident bytes at that moment."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+    return _status("VmRSS")
 
 
 def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_recipe(data: Path, setting: str, steps: int) -> dict:
@@ -114,7 +141,7 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
     spec = SETTINGS[setting]
     examples = recipe_tokenize(tokenizer, [json.loads(x) for x in data.read_text().splitlines()], spec["max_length"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses, start = [], None
+    losses, start, rss_before = [], None, None
     for step in range(steps):
         batch = examples[step * spec["batch_size"] : (step + 1) * spec["batch_size"]]
         width = max(len(b["input_ids"]) for b in batch)
@@ -122,7 +149,7 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
         mask = torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch])
         labels = torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])
         if step == 0:
-            _reset_peak_rss()
+            rss_before = _reset_peak_rss()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -130,19 +157,15 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
         losses.append(loss.item())
         if step == 0:
             start = time.process_time()
-    return {"cpu_s": time.process_time() - start, "losses": losses}
+    return {"cpu_s": time.process_time() - start, "losses": losses, "rss_before": rss_before}
 
 
-def run_ours(data: Path, setting: str, steps: int, checkpointing: bool | str = False) -> dict:
-    from lightning.pytorch import Callback, Trainer, seed_everything
-
-    from lightning_lora import LoRA, NF4
+def _our_batches(data: Path, setting: str, tokenizer):
+    """The data module ours trains on: the file's examples in the file's order (the recipe's), packed with a shared
+    prefix, ``batch_size`` examples per step."""
     from lightning_lora.train.data import InstructionDataModule, read_jsonl, tokenize_conversations
-    from lightning_lora.train.module import LoRAModule
 
     class InOrder(InstructionDataModule):
-        """The file's examples in the file's order (the recipe's), packed; ``batch_size`` examples per step."""
-
         def setup(self, stage=None):
             super().setup(stage)
             self.train_set = tokenize_conversations(self.tokenizer, read_jsonl(self.path), self.max_length)
@@ -150,40 +173,90 @@ def run_ours(data: Path, setting: str, steps: int, checkpointing: bool | str = F
         def train_dataloader(self):
             return self._loader(self.train_set, shuffle=False)
 
+    return InOrder(path=str(data), tokenizer=tokenizer, val_fraction=0.0, packing=True, share_prefix=True,
+                   **SETTINGS[setting])
+
+
+def _step_mean(loss_sum: float, batch: dict) -> float:
+    from lightning_lora.train.loss import labeled_count
+
+    return loss_sum / max(labeled_count(batch["labels"]), 1)
+
+
+def run_ours(data: Path, setting: str, steps: int, siblings: bool = False, **module_args) -> dict:
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from lightning_lora import LoRA, NF4
+    from lightning_lora.methods import siblings as sibling_fusion
+    from lightning_lora.train.module import LoRAModule
+
+    sibling_fusion.ENABLED = siblings
+
     class Probe(Callback):
         def __init__(self):
-            self.losses, self.start = [], None
+            self.losses, self.start, self.rss_before = [], None, None
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx == 0:
-                _reset_peak_rss()
+                self.rss_before = _reset_peak_rss()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.losses.append(float(outputs["loss"]))
+            self.losses.append(_step_mean(float(outputs["loss"]), batch))  # the step's summed loss (one micro-batch)
             if batch_idx == 0:
                 self.start = time.process_time()
 
     seed_everything(0, verbose=False)
-    spec = SETTINGS[setting]
     module = LoRAModule(MODEL, adapter=LoRA(r=R, alpha=ALPHA, target_modules="all-linear"),
                         quantize=NF4(blocksize=64, double_quant=True),
-                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
-                        gradient_checkpointing=checkpointing)
-    dm = InOrder(path=str(data), val_fraction=0.0, packing=True, share_prefix=True, **spec)
+                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **module_args)
     probe = Probe()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[probe])
-    trainer.fit(module, dm)
-    return {"cpu_s": time.process_time() - probe.start, "losses": probe.losses}
+    trainer.fit(module, _our_batches(data, setting, None))
+    return {"cpu_s": time.process_time() - probe.start, "losses": probe.losses, "rss_before": probe.rss_before}
+
+
+def run_floor(data: Path, setting: str, steps: int) -> dict:
+    """The same NF4 model and packed batches as ours, every parameter frozen, no adapter: forward + our loss +
+    backward to the inputs (the embedding output requires grad, so backward runs through every layer), no optimizer."""
+    from lightning_lora import NF4
+    from lightning_lora.io.models import load_causal_lm
+    from lightning_lora.quant.nf4 import quantize
+    from lightning_lora.train.attention import use_packed_attention
+    from lightning_lora.train.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(MODEL)
+    quantize(model, NF4(blocksize=64, double_quant=True))
+    use_packed_attention(model)
+    model.requires_grad_(False).train()
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    dm = _our_batches(data, setting, tokenizer)
+    dm.setup("fit")
+    losses, start, rss_before = [], None, None
+    for step, batch in enumerate(dm.train_dataloader()):
+        if step == steps:
+            break
+        if step == 0:
+            rss_before = _reset_peak_rss()
+        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                              position_ids=batch.get("position_ids"))
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            start = time.process_time()
+    return {"cpu_s": time.process_time() - start, "losses": losses, "rss_before": rss_before}
 
 
 def worker(variant: str, data: Path, setting: str, steps: int, out: Path) -> None:
     torch.set_num_threads(1)
     if variant == "recipe":
         res = run_recipe(data, setting, steps)
+    elif variant == "floor":
+        res = run_floor(data, setting, steps)
     else:
-        res = run_ours(data, setting, steps, checkpointing=CHECKPOINTING.get(variant, False))
+        res = run_ours(data, setting, steps, **OURS[variant])
     res.update(train_peak_rss=_peak_rss(), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out.write_text(json.dumps(res))
 
@@ -210,12 +283,11 @@ def check_same_examples(data: Path, setting: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="variants to run in every setting (default: DEFAULT_VARIANTS per setting); 'recipe' is "
+                        "always run, as the ratios' base")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20 quickstart, 12 long)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating")
-    p.add_argument("--checkpointing", nargs="*", default=["long"], choices=list(SETTINGS),
-                   help="settings in which ours also runs with gradient checkpointing (the recipe never does)")
-    p.add_argument("--checkpointing-mode", default="mlp", choices=["mlp", "layers"],
-                   help="LoRAModule(gradient_checkpointing=...): 'mlp' (each layer's MLP) or 'layers' (True)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("e2e_results.json"))
     p.add_argument("--worker", nargs=4, metavar=("VARIANT", "DATA", "SETTING", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -231,16 +303,20 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def _per_example(res: dict, steps: int, setting: str) -> float:
+    return res["cpu_s"] / ((steps - 1) * SETTINGS[setting]["batch_size"])
+
+
 def run_setting(setting: str, args, tmp: Path) -> dict:
-    """Alternating runs of both variants on one setting; their summary and ratios."""
-    steps = args.steps or {"quickstart": 20, "long": 12}[setting]
+    """Runs of every variant on one setting, the order reversed every other round; their summary and ratios."""
+    steps = args.steps or {"quickstart": 20, "long": 12, "dense": 12}[setting]
     data = tmp / f"{setting}.jsonl"
     rows = conversations(setting, steps * SETTINGS[setting]["batch_size"] * 2)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     facts = check_same_examples(data, setting)
     if facts["examples"] < steps * SETTINGS[setting]["batch_size"]:
         raise SystemExit(f"{setting}: only {facts['examples']} usable examples for {steps} steps")
-    variants = ["recipe", "ours"] + ([f"ours+ckpt {args.checkpointing_mode}"] if setting in args.checkpointing else [])
+    variants = ["recipe"] + [v for v in args.variants or DEFAULT_VARIANTS[setting] if v != "recipe"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(args.repeats):
         for variant in variants if rep % 2 == 0 else variants[::-1]:
@@ -251,31 +327,39 @@ def run_setting(setting: str, args, tmp: Path) -> dict:
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} {setting} failed:\n{proc.stderr[-4000:]}")
             res = json.loads(out.read_text())
+            res["load"] = os.getloadavg()[0]
             runs[variant].append(res)
-            print(f"{setting} {variant} run {rep}: {res['cpu_s'] / ((steps - 1) * SETTINGS[setting]['batch_size']):.3f} s/example, peak RSS "
-                  f"{res['peak_rss'] / 2**30:.2f} GiB (training {res['train_peak_rss'] / 2**30:.2f}), "
-                  f"loss(last 10) {statistics.mean(res['losses'][-10:]):.4f}", flush=True)
+            print(f"{setting} {variant} run {rep}: {_per_example(res, steps, setting):.3f} s/example, peak RSS "
+                  f"{res['train_peak_rss'] / 2**30:.2f} GiB (resident before the first step "
+                  f"{(res['rss_before'] or 0) / 2**30:.2f}), loss(last 10) {statistics.mean(res['losses'][-10:]):.4f}"
+                  f", load {res['load']:.1f}", flush=True)
     summary = {}
     for variant, rs in runs.items():
-        per_example = [r["cpu_s"] / ((steps - 1) * SETTINGS[setting]["batch_size"]) for r in rs]
+        per_example = [_per_example(r, steps, setting) for r in rs]
         summary[variant] = {
-            "cpu_s_per_example": min(per_example), "cpu_s_per_example_runs": per_example,
-            "peak_rss_gib": max(r["peak_rss"] for r in rs) / 2**30,
+            "cpu_s_per_example": min(per_example), "cpu_s_per_example_median": statistics.median(per_example),
+            "cpu_s_per_example_runs": per_example,
             "train_peak_rss_gib": max(r["train_peak_rss"] for r in rs) / 2**30,
+            "rss_before_gib": max(r["rss_before"] or 0 for r in rs) / 2**30,
             "loss_last10": statistics.mean(statistics.mean(r["losses"][-10:]) for r in rs),
-            "losses": rs[0]["losses"],
+            "losses": rs[0]["losses"], "load": [r["load"] for r in rs],
         }
-    r = summary["recipe"]
     summary["ratios"] = {}
     for variant in variants[1:]:
         o = summary[variant]
-        summary["ratios"][variant] = {"time_per_example": o["cpu_s_per_example"] / r["cpu_s_per_example"],
-                                      "peak_rss": o["peak_rss_gib"] / r["peak_rss_gib"],
-                                      "train_peak_rss": o["train_peak_rss_gib"] / r["train_peak_rss_gib"],
-                                      "loss_last10": o["loss_last10"] / r["loss_last10"]}
+        ratios = {}
+        for base in ("recipe", "floor"):
+            if base in summary and base != variant:
+                b = summary[base]
+                ratios[f"time_vs_{base}"] = o["cpu_s_per_example"] / b["cpu_s_per_example"]
+                ratios[f"time_vs_{base}_median"] = o["cpu_s_per_example_median"] / b["cpu_s_per_example_median"]
+        ratios["peak_rss_vs_recipe"] = o["train_peak_rss_gib"] / summary["recipe"]["train_peak_rss_gib"]
+        if variant != "floor":
+            ratios["loss_vs_recipe"] = o["loss_last10"] / summary["recipe"]["loss_last10"]
+        summary["ratios"][variant] = ratios
     summary["setup"] = {"steps": steps, "repeats": args.repeats, "threads": 1, **SETTINGS[setting], **facts}
     for variant, ratios in summary["ratios"].items():
-        print(f"{setting}: {variant}/recipe " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
+        print(f"{setting}: {variant} " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
     return summary
 
 

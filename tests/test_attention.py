@@ -187,3 +187,28 @@ def test_lora_module_selects_packed_attention(tmp_path):
     module = LoRAModule(str(make_tiny_model_dir(tmp_path / "model")), adapter=LoRA(r=2))
     module.configure_model()
     assert runs_packed_attention(module.model)
+
+
+def test_lora_module_refuses_a_shared_prefix_before_the_first_step(tmp_path):
+    """Mistral's sliding-window attention keeps its own mask (packed examples stay apart) but cannot share a prefix:
+    the fit stops at its start, naming the model type, before validation or any step has run."""
+    import json
+
+    from lightning.pytorch import Trainer
+
+    from lightning_lora.train.module import LoRAModule
+
+    folder = make_tiny_model_dir(tmp_path / "model", arch="mistral")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", "response": f"answer {i}"}) + "\n" for i in range(8)))
+    dm = InstructionDataModule(path=str(path), tokenizer=str(folder), batch_size=4, max_length=32, packing=True,
+                               share_prefix=True, val_fraction=0.0)
+    module = LoRAModule(str(folder), adapter=LoRA(r=2))
+    steps = []
+    module.on_train_batch_start = lambda *args: steps.append(args)
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"^share_prefix: mistral does not run lightning_lora's packed attention"):
+        trainer.fit(module, datamodule=dm)
+    assert not steps
+    assert runs_packed_attention(module.model) is False and module.model.config._attn_implementation == "sdpa"

@@ -80,6 +80,8 @@ def test_fit_trains_the_new_rows_and_the_head_and_exports_them(tiny_dir, tmp_pat
     theirs.resize_token_embeddings(len(tokenizer))
     theirs = peft.PeftModel.from_pretrained(theirs, out / "adapter")
     torch.testing.assert_close(logits(theirs, probe), expected, rtol=1e-5, atol=1e-5)
+    card = (out / "adapter" / "README.md").read_text()
+    assert "| trained copies (modules_to_save) | lm_head |" in card and "| trained token rows | 2 of model.embed_tokens |" in card
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert merged.config.vocab_size == old_rows + 2 and len(AutoTokenizer.from_pretrained(out / "merged")) == old_rows + 2
     torch.testing.assert_close(logits(merged, probe), expected, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from lightning_lora.train.callback import AdapterCallback
 from lightning_lora.train.loss import causal_lm_loss
 from lightning_lora.train.module import LoRAModule
 from lightning_lora.train.step_loss import TokenWeightedLoss
+from lightning_lora.train.summary import RunSummary
 from tiny_assets import make_tiny_model_dir
 from tiny_models import perturb_adapters
 
@@ -88,14 +89,15 @@ class Snapshot(pl.Callback):
 @pytest.mark.parametrize("user", ["LoRAModule", "AdapterCallback"])
 def test_accumulated_unequal_micro_batches_step_like_the_one_big_batch(tiny_dir, user):
     pl.seed_everything(0, verbose=False)
-    snapshot, callbacks = Snapshot(), []
+    snapshot, summary, callbacks = Snapshot(), RunSummary(), []
     if user == "LoRAModule":
         module = LoRAModule(tiny_dir, adapter=LoRA(r=4), optimizer=lambda params: torch.optim.SGD(params, lr=LR))
     else:
         step = TokenWeightedLoss()
         module, callbacks = Plain(tiny_dir, step), [AdapterCallback(LoRA(r=4), target="model"), step]
     data = micro_batches()
-    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=len(data), callbacks=[snapshot, *callbacks], **QUIET)
+    trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=len(data), callbacks=[snapshot, summary, *callbacks],
+                         **QUIET)  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=None, shuffle=False))
 
     loss, grads = reference(snapshot.before, data)
@@ -104,6 +106,8 @@ def test_accumulated_unequal_micro_batches_step_like_the_one_big_batch(tiny_dir,
     update = {n: (before[n] - after[n]).detach() / LR for n in after}
     assert max((update[n] - grads[n]).abs().max().item() for n in grads) < 1e-5
     assert abs(trainer.callback_metrics["train_loss"].item() - loss) < 1e-5  # the logged loss is the step's mean
+    assert abs(summary.first_loss - loss) < 1e-5 and summary.last_loss == summary.first_loss  # so is the summary's
+    assert f"train loss {loss:.4f} (first step)" in "\n".join(summary.summary_lines(trainer))
     # The test can fail: a mean of the micro-batches' means moves the adapter differently.
     _, naive = reference(snapshot.before, data, mean_of_means=True)
     assert max((update[n] - naive[n]).abs().max().item() for n in grads) > 1e-3

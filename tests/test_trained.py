@@ -180,3 +180,49 @@ def test_the_layers_and_what_they_train_are_listed():
     described = {t: s.describe() for t, s in trained_map(model, "default").items()}
     assert described["lm_head"] == "a copy" and described["model.embed_tokens"] == "3 token rows"
     assert described["model.layers.0.self_attn.q_proj"] == "the bias"
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """Gemma's kind of embedding: its forward scales the rows (so rows cannot be patched after it)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 8.0
+
+
+@pytest.mark.parametrize("kind", ["embedding", "linear", "linear_bias", "scaled"])
+def test_patched_rows_equal_the_swapped_weight_with_its_gradients(kind):
+    """A plain embedding or head patches only the trained rows of its output; that is the layer with the rows
+    written into its weight (the generic path, which any other layer takes), values and gradients."""
+    from lightning_lora.core.trained import Trained
+
+    torch.manual_seed(0)
+    layer = {"embedding": lambda: torch.nn.Embedding(40, 8), "scaled": lambda: ScaledEmbedding(40, 8),
+             "linear": lambda: torch.nn.Linear(8, 40, bias=False), "linear_bias": lambda: torch.nn.Linear(8, 40)}[kind]()
+    layer.requires_grad_(False)
+    state = Trained(layer, indices=[3, 17, 39], bias=kind == "linear_bias")
+    with torch.no_grad():
+        state.rows.normal_()
+    x = torch.tensor([[3, 1, 17, 39, 3, 0]]) if "embedding" in kind or kind == "scaled" else torch.randn(2, 5, 8)
+    results = []
+    for fast in (True, False):
+        state.zero_grad()
+        if fast:
+            out = state.call(layer, x)
+        else:
+            with state.in_place_of(layer) as swapped:
+                out = swapped(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), state.rows.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0
+
+
+def test_the_memory_table_counts_them_as_adapter_tensors():
+    from lightning_lora.train.memory import memory_report
+
+    model = adapted()
+    report = memory_report(model, log_table=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report["adapters"]["params"] == trainable + len(TOKENS)  # and the rows' index buffer
+    assert report["unquantized base"]["params"] == memory_report(llama(), log_table=False)["unquantized base"]["params"]

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,24 @@ class Trained(nn.Module):
         if self.bias is not None:
             out["base_layer.bias" if adapted else "bias"] = self.bias
         return out
+
+    def call(self, base: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+        """The layer's output with these tensors and no branch on it. Rows of a plain ``nn.Embedding``/``nn.Linear``
+        patch the frozen base's output (the same values as the swapped weight, with no gradient for the whole
+        weight: on a 49k-token head that gradient is a second full matmul); anything else runs ``in_place_of``."""
+        if self.rows is not None and self.copy is None and not args and not kwargs:
+            rows = self.rows.to(base.weight.dtype)
+            if type(base) is nn.Embedding and base.max_norm is None:
+                hits = x.unsqueeze(-1) == self.indices
+                found, which = hits.any(-1, keepdim=True), hits.int().argmax(-1)
+                return torch.where(found, rows[which], base(x))
+            if type(base) is nn.Linear:
+                bias = base.bias if self.bias is None else self.bias
+                out = F.linear(x, base.weight, bias)
+                columns = F.linear(x, rows, None if bias is None else bias[self.indices])
+                return out.index_copy(-1, self.indices, columns)
+        with self.in_place_of(base) as replaced:
+            return replaced(x, *args, **kwargs)
 
     @contextlib.contextmanager
     def in_place_of(self, base: nn.Module) -> Iterator[nn.Module]:

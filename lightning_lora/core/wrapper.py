@@ -44,6 +44,8 @@ class AdapterLayer(nn.Module):
             return self.run_per_row(x, self.sample_adapters, call, base)
         owner = active_trained(self)
         if owner is not None:  # the active adapter's trained tensors stand in for the base's, branches included
+            if not any(n in self.adapters._modules for n in self.active):
+                return owner.call(base, x, *args, **kwargs)
             with owner.in_place_of(base) as replaced:
                 return self.run(x, functools.partial(_call_base, replaced, args, kwargs), replaced)
         return self.run(x, call, base)

@@ -25,8 +25,8 @@ from lightning_lora.core.verbs import (adapter_names, attach, check_known, delet
 from lightning_lora.io.card import base_source, model_card, task_type_of
 from lightning_lora.io.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from lightning_lora.io.finite import check_finite
-from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths
-from lightning_lora.io.peft_trained import (drop_saved_base, from_peft_config, keep_matching, take_trained,
+from lightning_lora.io.peft_experts import add_to_config, our_targets, peft_paths, warn_peft_drops
+from lightning_lora.io.peft_trained import (card_rows, drop_saved_base, from_peft_config, keep_matching, take_trained,
                                             to_peft_config, trained_tensors)
 
 PREFIX, SHARED_PREFIX = "base_model.model.", "base_model."
@@ -65,6 +65,7 @@ def save_adapter(
     modules = sorted(t for t in branches if t not in stacks)
     file_config = peft_config_of(config, compact_targets(model, modules), branches)
     add_to_config(file_config, model, stacks)
+    warn_peft_drops(model, modules)
     to_peft_config(file_config, config)
     if "fan_in_fan_out" in file_config:  # a flag of the layer kind (GPT-2 Conv1D), not of the method
         file_config["fan_in_fan_out"] = any(b.kind.fan_in_fan_out for b in branches.values())
@@ -74,7 +75,8 @@ def save_adapter(
     note = ""
     if any(b.started_from for b in trained.values()):
         note = original.original_base_note(any(is_quantized(base) for base in bases.values()))
-    card = model_card(file_config, original.label, run, facts=config.card_facts(branches))
+    facts = config.card_facts(branches) | card_rows(trained_map(model, name))  # + whole copies, token rows, biases
+    card = model_card(file_config, original.label, run, facts=facts)
     with atomic_dir(path) as tmp:
         write_json(file_config, tmp / CONFIG_FILE)
         save_tensors(tensors, tmp / WEIGHTS_FILE)

@@ -80,6 +80,38 @@ def add_to_config(file_config: dict, model: nn.Module, stacks: Mapping[str, obje
         file_config["lora_dropout"] = 0.0
 
 
+# The leaf names that PEFT (0.19+, under transformers v5) reads in target_modules as the experts' transformers-v4
+# names and re-maps to the expert stacks, per conversion pattern (PEFT's _MOE_TARGET_MODULE_MAPPING).
+V4_EXPERT_NAMES = {"qwen2_moe": {"gate_proj", "up_proj", "down_proj"}, "mixtral": {"w1", "w2", "w3"}}
+
+
+def peft_conversion_pattern(model: nn.Module) -> str | None:
+    """The MoE conversion pattern (``qwen2_moe``, ``mixtral``) that transformers, and PEFT after it, apply to this
+    model type, or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as patterns
+    except ImportError:  # transformers v4: no conversion
+        return None
+    pattern = patterns.get(model_type, model_type)
+    return pattern if pattern in V4_EXPERT_NAMES else None
+
+
+def warn_peft_drops(model: nn.Module, modules: Iterable[str]) -> list[str]:
+    """Warn (and return them) about adapted layers that PEFT will not load from our folder: on MoE model types that
+    it converts (DeepSeek-V3, Qwen3-MoE, ...), PEFT re-maps target_modules named like the experts' old v4 names to
+    the expert stacks, so the adapters of dense layers with those names (DeepSeek's dense and shared-expert MLPs) are
+    dropped by ``PeftModel.from_pretrained`` without a word. Ours (``load_adapter``) and the merged export keep them."""
+    pattern = peft_conversion_pattern(model)
+    dropped = sorted(m for m in modules if pattern and m.rpartition(".")[2] in V4_EXPERT_NAMES[pattern])
+    if dropped:
+        log.warning(f"save_adapter: PEFT re-maps target_modules named {'/'.join(sorted(V4_EXPERT_NAMES[pattern]))} "
+                    f"on {pattern}-like MoE models to the experts, so PeftModel will drop the adapters of "
+                    f"{len(dropped)} dense layers (e.g. {dropped[0]!r}); load_adapter and the merged export keep "
+                    "them. Exclude them (exclude_modules) if the folder is for PEFT.")
+    return dropped
+
+
 def our_targets(model: nn.Module, layers: Mapping[str, dict], peft_config: dict, source: str) -> dict[str, dict]:
     """``layers`` (a file's layer path -> tensors) with each expert stack's path renamed to its target name.
 

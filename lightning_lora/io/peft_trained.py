@@ -56,6 +56,16 @@ def keep_matching(model: nn.Module, config: AdapterConfig) -> None:
         config.modules_to_save = matching_entries(model, config.modules_to_save) or None
 
 
+def card_rows(trained: Mapping[str, Trained]) -> dict[str, str]:
+    """The model card's rows for what the adapter trains besides its method (none when it trains nothing else)."""
+    copies = [t for t, s in trained.items() if s.copy is not None]
+    rows = {t: len(s.indices) for t, s in trained.items() if s.rows is not None and s.follows is None}
+    biases = sum(s.bias is not None for s in trained.values())
+    out = {"trained copies (modules_to_save)": ", ".join(copies)} if copies else {}
+    out |= {"trained token rows": ", ".join(f"{n} of {t}" for t, n in rows.items())} if rows else {}
+    return out | ({"trained biases": str(biases)} if biases else {})
+
+
 def trained_tensors(trained: Mapping[str, Trained], adapted: set[str], prefix: str) -> dict[str, Tensor]:
     """The PEFT file's tensors of ``trained`` (layer -> ``Trained``); ``adapted``: the layers the method adapts."""
     return {f"{prefix}{t}.{k}": v for t, state in trained.items() for k, v in state.peft_tensors(t in adapted).items()}

@@ -132,7 +132,8 @@ def gathered(model: nn.Module, adapters_only: bool = True) -> Iterator[nn.Module
     Nothing may run forward or step the optimizer inside. Without sharding it does nothing.
     """
     DTensor = _dtensor_type()
-    owners = [branch for layer in adapter_layers(model).values() for branch in layer.adapters.values()]
+    owners = [module for layer in adapter_layers(model).values() for part in (layer.adapters, layer.trained)
+              for top in part.values() for module in top.modules()]  # branches, and trained copies, rows, biases
     if not adapters_only:
         owners = list(model.modules())
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []

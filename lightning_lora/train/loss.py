@@ -53,6 +53,7 @@ from lightning_lora.train.attention import (
     runs_packed_attention,
 )
 from lightning_lora.train.head import head_swap_verdict, head_swapped, rescales_logits
+from lightning_lora.train.lean_swap import saving
 from lightning_lora.train.probe import model_type
 
 log = logging.getLogger(__name__)
@@ -185,14 +186,15 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
     """
     kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
     if not head_swap_verdict(model):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                    use_cache=False, **kwargs)
+        with saving(model):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                        use_cache=False, **kwargs)
         count = labeled_count(labels)
         total = out.loss.float() * count if count else out.loss.float().nan_to_num() * 0.0  # HF's mean -> the sum
     else:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-        with head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head:
+        with head_swapped(model, lambda head: _LossHead(head, labels, chunk_size)) as loss_head, saving(model):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False, **kwargs)
         total = out.logits  # what the model returns as its "logits" is the stand-in head's output: the summed loss
@@ -219,10 +221,28 @@ def run_with_head(model: nn.Module, stand_in, input_ids: Tensor, attention_mask:
         raise ValueError(f"{type(model).__name__} rescales its logits after the head; a stand-in head would skip "
                          "that. Compute from model(...).logits instead.")
     kwargs = _packing_kwargs(model, input_ids, attention_mask, position_ids)
-    with head_swapped(model, stand_in):
+    with head_swapped(model, stand_in), saving(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     **kwargs)
     return out.logits
+
+
+def packing_refusal(model: nn.Module, share_prefix: bool = False) -> str | None:
+    """Why ``model`` cannot train on packed rows (with a shared prompt prefix if ``share_prefix``), or None: it runs
+    ``train/attention.py``'s packed attention, or (without a shared prefix) its own attention keeps packed examples
+    apart, as a probe shows. LoRAModule asks before the first step, the loss at every packed batch."""
+    if runs_packed_attention(model):
+        return None
+    if share_prefix:
+        return (f"share_prefix: {model_type(model)} does not run lightning_lora's packed attention "
+                f"({packed_attention_status(model).reason}), the only attention that lets packed examples "
+                "share a prompt prefix; set share_prefix=False.")
+    own = keeps_examples_apart(model)
+    if not own:
+        return (f"packing: {model_type(model)}'s own attention does not keep packed examples apart "
+                f"({own.reason}) and lightning_lora's packed attention is not used for it "
+                f"({packed_attention_status(model).reason}); set packing=False.")
+    return None
 
 
 def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
@@ -236,16 +256,11 @@ def _packing_kwargs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
         return {}
     if runs_packed_attention(model):
         return {"packed_segments": segments}
-    if segments.shares_prefix:
-        raise ValueError(f"share_prefix: {model_type(model)} does not run lightning_lora's packed attention "
-                         f"({packed_attention_status(model).reason}), the only attention that lets packed examples "
-                         "share a prompt prefix; set share_prefix=False.")
-    own = keeps_examples_apart(model)
-    if not own:
-        raise ValueError(f"packing: {model_type(model)}'s own attention does not keep packed examples apart "
-                         f"({own.reason}) and lightning_lora's packed attention is not used for it "
-                         f"({packed_attention_status(model).reason}); set packing=False.")
+    why = packing_refusal(model, segments.shares_prefix)
+    if why:
+        raise ValueError(why)
     return {}  # transformers keeps attention inside each example with its own block-diagonal mask
 
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "run_with_head"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "labeled_count", "labeled_rows", "packing_refusal",
+           "run_with_head"]

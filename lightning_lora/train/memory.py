@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lora.core.layer import AdapterBranch, is_quantized
+from lightning_lora.core.trained import Trained
 from lightning_lora.train.optim import optimizer_class
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         report[kind]["bytes"] += _nbytes(t)
 
     for module in model.modules():
-        if isinstance(module, AdapterBranch):
+        if isinstance(module, (AdapterBranch, Trained)):  # trained copies, token rows, biases count as adapters
             for t in [*module.parameters(), *module.buffers()]:
                 add("adapters", t)
     tables = 0  # bytes of the per-layer code tables and offsets

@@ -43,7 +43,8 @@ from lightning_lora.train.checkpointing import check_mode, enable_checkpointing,
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
-from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss
+from lightning_lora.train.lean_swap import use_lean_activations
+from lightning_lora.train.loss import CHUNK_SIZE, causal_lm_loss, packing_refusal
 from lightning_lora.train.memory import check_optimizer_supported, memory_report
 from lightning_lora.train.optim import optimizer_class, param_groups
 from lightning_lora.train.resume import ExactResume
@@ -122,6 +123,9 @@ class LoRAModule(LightningModule):
         adapter_name: the adapter's name on the model.
         loss_chunk_size: labeled tokens per chunk of the output head + cross-entropy (``train/loss.py``); the loss
             never holds more than this many rows of logits.
+        lean_activations: run the model's RMSNorms, SwiGLU MLPs and rotary embedding as functions that keep only
+            their inputs for backward (``train/lean.py``), where a probe shows the model computes the same
+            (``train/lean_swap.py``); elsewhere nothing changes.
         evaluate: at the end of ``fit``, before the export, evaluate the base (adapter off) and the trained adapter
             side by side on the first validation examples (``True``: 32; a number: that many): loss, perplexity,
             exact match, ROUGE-L and chrF of greedy replies (``train/evaluate.py``). ``evaluation.json`` and
@@ -146,6 +150,7 @@ class LoRAModule(LightningModule):
         adapter_name: str = "default",
         exports: list[str] | None = None,
         loss_chunk_size: int = CHUNK_SIZE,
+        lean_activations: bool = True,
         evaluate: bool | int = False,
         new_tokens: list[str] | None = None,
     ):
@@ -174,6 +179,7 @@ class LoRAModule(LightningModule):
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}.")
         self.loss_chunk_size = loss_chunk_size
+        self.lean_activations = lean_activations
         if not isinstance(evaluate, (bool, int)) or (not isinstance(evaluate, bool) and evaluate < 1):
             raise ValueError(f"evaluate must be true, false or a positive number of examples, got {evaluate!r}.")
         self.evaluate = evaluate
@@ -206,6 +212,8 @@ class LoRAModule(LightningModule):
         prepare(model, adapter, self.adapter_name, self.quantize)  # quantize, inject, init (PiSSA/LoftQ)
         use_packed_attention(model)  # packed rows: attention per example, shared prefixes (train/attention.py)
         enable_checkpointing(model, self.gradient_checkpointing)
+        if self.lean_activations:  # where proven, norms, SwiGLU and RoPE keep only their inputs (train/lean.py)
+            use_lean_activations(model)  # after checkpointing: a recomputed MLP keeps its checkpointed forward
         model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
         self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
 
@@ -220,6 +228,11 @@ class LoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if getattr(data, "packing", False):  # refused here, not at the first packed batch after validation
+            why = packing_refusal(self.model, share_prefix=getattr(data, "share_prefix", False))
+            if why:
+                raise ValueError(why)
         if self.trainer.is_global_zero:
             optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
             memory_report(self.model, optimizer)

@@ -5,9 +5,11 @@
   after validation never saves. Asking the trainer to stop (``trainer.should_stop``) on the last step makes Lightning
   run its validation there (its rule for early stopping), so every fit ends with a validation and a checkpoint.
 - ``RunSummary``: counts steps, tokens (``attention_mask`` ones, else every id), the wall time of the training loop
-  and the time inside training steps (tokens/s is counted on the latter), keeps
-  the first and last training loss, and gives ``summary_lines``: steps, time, tokens/s, validation loss and
-  perplexity before and after, where the checkpoint, the exports and the logs are, and how to look at the curves.
+  and the time inside training steps (tokens/s is counted on the latter), keeps the first and last optimizer step's
+  training loss (the logged ``train_loss``: with ``TokenWeightedLoss`` the step's token-weighted mean, where
+  ``training_step`` returns each micro-batch's sum; for a module that logs no ``train_loss``, what the step's last
+  micro-batch returned), and gives ``summary_lines``: steps, time, tokens/s, validation loss and perplexity before
+  and after, where the checkpoint, the exports and the logs are, and how to look at the curves.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _float(value: Any) -> float | None:
 class RunSummary(Callback):
     """Collect the facts of a fit for ``summary_lines`` (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loss_key: str = "train_loss") -> None:
+        self.loss_key = loss_key  # the logged step loss shown (see the module docstring)
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
         self.first_loss: float | None = None
@@ -67,6 +70,7 @@ class RunSummary(Callback):
         self.step_seconds = 0.0  # time inside training steps only: tokens/s is counted on it
         self._t0: float | None = None
         self._batch_t0: float | None = None
+        self._step_before = 0  # the global step when the current batch started
 
     def set_before(self, metrics: dict[str, Any]) -> None:
         """The validation metrics before training (the CLI runs that validation)."""
@@ -78,13 +82,18 @@ class RunSummary(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_t0 = time.perf_counter()
+        self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         if self._batch_t0 is not None:
             self.step_seconds += time.perf_counter() - self._batch_t0
         self.tokens += _batch_tokens(batch)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if trainer.global_step == self._step_before:
+            return  # no optimizer step after this micro-batch: the step's loss is known at its last one
+        loss = trainer.callback_metrics.get(self.loss_key)  # logged before the optimizer step (step_loss.py)
+        if loss is None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         loss = _float(loss.detach()) if torch.is_tensor(loss) else None
         if loss is not None:
             self.first_loss = loss if self.first_loss is None else self.first_loss
