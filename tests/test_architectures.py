@@ -215,7 +215,8 @@ def test_merge_is_exact(arch, adapted):
 def test_each_export_format_works(arch, adapted, tmp_path):
     """PEFT folder + merged Hugging Face folder always (the merged one reloads with the adapted model's logits); the
     llama.cpp GGUF files io/gguf.py writes for the architecture (read back: one A and one B per adapted layer, two of
-    each for a fused gate/up expert stack; the merged model with its tokenizer), else a refusal naming the model type, with nothing written."""
+    each for a fused gate/up expert stack; the merged model with its tokenizer), else a refusal naming the model
+    type, with nothing written."""
     import gguf
     from transformers import AutoModelForCausalLM
 

@@ -37,8 +37,9 @@ def test_expert_adapter_tensors_are_each_experts_pair(tmp_path, kind):
     model = _moe(kind)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(tuple(STACKS))}
     # per-layer r and alpha too: llama.cpp has one alpha, so the ratio goes into B
-    ll.inject(model, ll.LoRA(r=3, alpha=5, target_modules=["q_proj"], target_parameters=STACKS,
-                             rank_pattern={"experts.down_proj": 2}, alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 9}))  # fmt: skip
+    config = ll.LoRA(r=3, alpha=5, target_modules=["q_proj"], target_parameters=STACKS,
+                     rank_pattern={"experts.down_proj": 2}, alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 9})
+    ll.inject(model, config)
     perturb_adapters(model)
     reader = gguf.GGUFReader(str(write_adapter_gguf(model, tmp_path / "a.gguf")))
     alpha = float(reader.fields["adapter.lora.alpha"].contents())
@@ -76,6 +77,8 @@ def test_expert_adapter_of_qwen2_moe_shared_expert_and_its_gate(tmp_path):
     perturb_adapters(model)
     reader = gguf.GGUFReader(str(write_adapter_gguf(model, tmp_path / "a.gguf")))
     shapes = {t.name: np.array(t.data).shape for t in reader.tensors if t.name.startswith("blk.0.")}
-    assert shapes == {"blk.0.ffn_gate_inp_shexp.weight.lora_a": (2, 64), "blk.0.ffn_gate_inp_shexp.weight.lora_b": (1, 2),
-                      "blk.0.ffn_up_shexp.weight.lora_a": (2, 64), "blk.0.ffn_up_shexp.weight.lora_b": (48, 2),
-                      "blk.0.ffn_down_exps.weight.lora_a": (4, 2, 32), "blk.0.ffn_down_exps.weight.lora_b": (4, 64, 2)}  # fmt: skip
+    assert shapes == {
+        "blk.0.ffn_gate_inp_shexp.weight.lora_a": (2, 64), "blk.0.ffn_gate_inp_shexp.weight.lora_b": (1, 2),
+        "blk.0.ffn_up_shexp.weight.lora_a": (2, 64), "blk.0.ffn_up_shexp.weight.lora_b": (48, 2),
+        "blk.0.ffn_down_exps.weight.lora_a": (4, 2, 32), "blk.0.ffn_down_exps.weight.lora_b": (4, 64, 2),
+    }  # fmt: skip

