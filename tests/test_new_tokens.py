@@ -187,3 +187,32 @@ def test_a_llama_cpp_adapter_cannot_hold_them(tiny_dir, tmp_path):
                                          "export 'gguf-merged' instead"):  # fmt: skip
         export(model, tmp_path / "out", exports=["peft", "gguf"])
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_and_evaluate_use_the_tokenizer_saved_with_the_adapter(tiny_dir, tmp_path):
+    """Before: generate/evaluate loaded the base's tokenizer and embeddings, and the adapter's token rows past them
+    were refused. Now they take the grown tokenizer from the adapter folder; the oracle is the merged export (its own
+    folder, tokenizer and vocabulary)."""
+    import json
+
+    from lightning_lora.commands.generate import main as generate
+    from lightning_lora.train.evaluate import evaluate_adapters
+
+    seed_everything(0)
+    trained = module(tiny_dir, export_dir=str(tmp_path / "out"), exports=["peft", "merged"])
+    ids = trained.tokenizer.convert_tokens_to_ids(NEW)
+    Trainer(max_steps=3, enable_checkpointing=False, **QUIET).fit(trained, DataLoader(batches(ids), batch_size=None))
+    adapter, merged = tmp_path / "out" / "adapter", tmp_path / "out" / "merged"
+    prompt = ["--prompt", "a <tool> b </tool>", "--max_new_tokens", "5", "--no_chat"]
+    ours = generate(["generate", "--base_model", tiny_dir, "--adapter", str(adapter), *prompt])
+    tokenizer, oracle = AutoTokenizer.from_pretrained(merged), AutoModelForCausalLM.from_pretrained(merged).eval()
+    prompt_ids = tokenizer("a <tool> b </tool>", return_tensors="pt").input_ids
+    assert prompt_ids.eq(ids[0]).any()  # the new token is one token, as in training
+    reply = oracle.generate(prompt_ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert list(ours.values()) == [tokenizer.decode(reply[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i} <tool>", "response": f"a <tool> {i} </tool>"}) + "\n"
+                            for i in range(3)))
+    with_adapter = evaluate_adapters(tiny_dir, {"tools": str(adapter)}, str(data), max_new_tokens=2)
+    of_merged = evaluate_adapters(str(merged), {}, str(data), max_new_tokens=2)
+    assert with_adapter["variants"]["tools"]["loss"] == pytest.approx(of_merged["variants"]["base"]["loss"], rel=1e-5)

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-chunk-size", type=int, default=512,
                    help="rows per chunk of the labeled-only loss (LoRAModule); 0: Hugging Face's loss over every position")
     p.add_argument("--packing", action="store_true", help="examples packed end to end (adds sdpa's block mask)")
+    p.add_argument("--no-lean-activations", dest="lean_activations", action="store_false",
+                   help="norm outputs and SwiGLU intermediates kept as autograd keeps them "
+                        "(LoRAModule(lean_activations=False)); default: lean, as LoRAModule")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.r is not None and args.r <= 0:
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = estimate(args.model, args.adapter, args.r, targets, args.quantize, args.double_quant, args.batch_size,
                        args.seq_len, {None: False, "layers": True, "mlp": "mlp"}[args.gradient_checkpointing], args.gpu_memory, args.dtype, args.adapter_dtype,
-                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing, args.offload_activations)
+                       args.optimizer, args.overhead_gb, args.loss_chunk_size, args.packing, args.offload_activations,
+                       args.lean_activations)
     except ValueError as err:
         p.error(str(err))
     print(json.dumps(res)) if args.json else render(res)

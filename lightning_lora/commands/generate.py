@@ -31,6 +31,7 @@ from lightning_lora.io.files import atomic_dir, write_json
 from lightning_lora.io.finite import probe
 from lightning_lora.io.models import load_causal_lm
 from lightning_lora.io.peft import load_adapter
+from lightning_lora.io.tokens import tokenizer_for_adapters
 
 MERGE_RECORD = "lightning_lora_merge.json"  # written into a merged folder: what it was made from
 
@@ -114,6 +115,7 @@ def export_combination(
     (finite outputs) and write a Hugging Face folder (model, tokenizer, ``lightning_lora_merge.json``) to ``out_dir``
     in one step, with ``io/export.py``'s merged writer."""
     model, tokenizer = load_causal_lm(base_model, dtype="float32")
+    tokenizer = tokenizer_for_adapters(model, tokenizer, adapters)  # adapters trained with new_tokens
     weights = load_adapters_weighted(model, adapters)
     set_adapter(model, weights)
     merge(model)
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, str] | Path:
     if args.max_new_tokens <= 0:
         raise SystemExit(f"generate: --max_new_tokens must be positive, got {args.max_new_tokens}.")
     model, tokenizer = load_causal_lm(base_model)
+    tokenizer = tokenizer_for_adapters(model, tokenizer, adapters)
     weights = load_adapters_weighted(model, adapters)
     texts = generate_variants(model, tokenizer, args.prompt, weights, args.compare, args.max_new_tokens, not args.no_chat)
     _print_side_by_side(args.prompt, texts)

@@ -30,9 +30,15 @@ Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
                           VeRA: a (2r + out), with each layer's own r; for LoRA/DoRA an adapter dtype other than
                           ``--dtype`` adds the input cast to it (in x adapter bytes)
 
-  i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Without
+  i.e. 8h + 8 + a (4h + 2kv + 4m) + 4 heads, ~366 kB per token per layer for Llama-2-70B in bf16. Lean activations
+  (``train/lean.py``, ``LoRAModule(lean_activations=True)``, the default here; ``lean_activations=False`` for the
+  above): an RMSNorm keeps its input in its own dtype and the fp32 1/rms (2 (a h + 4) for the two), the norm outputs
+  that q/k/v and gate/up keep are rebuilt in backward (a 2h less; an MoE layer's router and experts still keep theirs),
+  and a SwiGLU MLP keeps gate and up only (a 2m, not a 4m): 2 (a h + 4) + a (2h + 2kv + 2m) + 4 heads, ~185 kB for
+  Llama-2-70B in bf16 (norms: config has ``rms_norm_eps``; SwiGLU: ``hidden_act`` silu). Without
   checkpointing all L layers are kept; with gradient checkpointing (every decoder layer) each layer's input (a h per
-  token) plus one layer recomputed in backward. Always added: the final norm's fp32 input (4h + 4) and the loss's
+  token) plus one layer recomputed in backward. Always added: the final norm's input (4h + 4, lean a h + 4), RoPE's
+  cos and sin (2 a head_dim per token, shared by the layers) and the loss's
   term. Hugging Face's loss (``--loss-chunk-size 0``) holds every position's logits: positions x vocab x 12 bytes,
   the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and of its backward (saved
   log-softmax + two fp32 gradients). The labeled-only loss of ``LoRAModule`` (``train/loss.py``, the default here)
@@ -156,16 +162,23 @@ def logits_bytes(config, batch: int, seq: int, a: int, loss_chunk_size: int) -> 
 
 def activation_bytes(config, extra: dict[str, int], batch: int, seq: int, a: int, checkpointing: bool,
                      loss_chunk_size: int = 0, packing: bool = False, offload: bool = False,
-                     moe_mlp: dict[int, int] | None = None) -> int:
+                     moe_mlp: dict[int, int] | None = None, lean: bool = True) -> int:
     """Peak activation bytes kept for backward on the device (formula in the module docstring); ``extra`` holds each
-    adapted layer's own bytes per token (``count``), ``moe_mlp`` the MLP bytes per token of MoE layers (``moe.py``)."""
+    adapted layer's own bytes per token (``count``), ``moe_mlp`` the MLP bytes per token of MoE layers (``moe.py``),
+    ``lean`` the lean activations of ``train/lean.py``."""
     h, m, L, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
-    kv = getattr(config, "head_dim", None) or h // heads
-    kv *= getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = head_dim * (getattr(config, "num_key_value_heads", None) or heads)
     moe_mlp = moe_mlp or {}
-    # the MLP's own intermediates (gate, act(gate), up, product; an MoE layer's: moe.py), dropped by "mlp" checkpointing
-    mlp = [moe_mlp[i] - a * h if i in moe_mlp else a * 4 * m for i in range(L)]
-    per_layer = [8 * h + 8 + a * (4 * h + 2 * kv) + own + 4 * heads for own in mlp]
+    lean_norm = lean and hasattr(config, "rms_norm_eps")  # train/lean_swap.py swaps RMSNorms, SiLU-gated MLPs
+    lean_mlp = lean and getattr(config, "hidden_act", None) in ("silu", "swish")
+    norm = a * h + 4 if lean_norm else 4 * h + 4  # one norm's kept input and fp32 1/rms
+    # the MLP's own intermediates (gate, act(gate), up, product; lean: gate, up; an MoE layer's: moe.py, its input
+    # kept), dropped by "mlp" checkpointing; attention: q/k/v's input (norm output), q, k, v, attention output
+    dense_mlp = a * (2 if lean_mlp else 4) * m
+    mlp = [moe_mlp[i] - (0 if lean_norm else a * h) if i in moe_mlp else dense_mlp for i in range(L)]
+    attention = a * (2 * h + 2 * kv) + (0 if lean_norm else 2 * a * h)  # + gate/up's input (norm output)
+    per_layer = [2 * norm + attention + own + 4 * heads for own in mlp]
     for name, own in extra.items():
         found = re.search(r"\.layers\.(\d+)\.", "." + name)
         if found:
@@ -175,7 +188,7 @@ def activation_bytes(config, extra: dict[str, int], batch: int, seq: int, a: int
     tokens = batch * seq
     loss = logits_bytes(config, batch, seq, a, loss_chunk_size)
     mask = batch * seq * seq if packing else 0
-    norm_and_mask = tokens * (4 * h + 4) + mask
+    norm_and_mask = tokens * (norm + 2 * a * head_dim) + mask  # the final norm's input, RoPE's cos and sin
     if offload:  # saved tensors live in host memory; one layer's come back (with checkpointing: its input too)
         return mask + max(tokens * (max(per_layer) + a * h), loss)
     if checkpointing == "mlp":  # each MLP keeps its input (already counted); backward recomputes one MLP at a time
@@ -191,7 +204,8 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
-             loss_chunk_size: int = 512, packing: bool = False, offload_activations: bool = False) -> dict:
+             loss_chunk_size: int = 512, packing: bool = False, offload_activations: bool = False,
+             lean_activations: bool = True) -> dict:
     """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB).
 
     ``adapter`` is a config or a method's name or class path; ``r`` only for a method with a rank (None: its default).
@@ -222,12 +236,12 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         raise ValueError(f"loss chunk size must be >= 0 (0: Hugging Face's unchunked loss), got {loss_chunk_size}.")
     check_mode(gradient_checkpointing)
     act = {ckpt: activation_bytes(config, c["extra"], batch_size, seq_len, a, ckpt, loss_chunk_size, packing,
-                                  moe_mlp=c["moe"])
+                                  moe_mlp=c["moe"], lean=lean_activations)
            for ckpt in (False, True, "mlp")}  # fmt: skip
     on_device = act[gradient_checkpointing]
     if offload_activations:
         on_device = activation_bytes(config, c["extra"], batch_size, seq_len, a, gradient_checkpointing,
-                                     loss_chunk_size, packing, offload=True, moe_mlp=c["moe"])
+                                     loss_chunk_size, packing, offload=True, moe_mlp=c["moe"], lean=lean_activations)
     kinds = dict(weights_bytes=weights, adapter_bytes=adapters, gradient_bytes=c["trainable"] * ab,
                  optimizer_bytes=states, activation_bytes=on_device,
                  overhead_bytes=int(overhead_gb * GB))
@@ -246,7 +260,7 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
         quantized_params=quantized, **kinds, activation_bytes_no_checkpointing=act[False],
         activation_bytes_checkpointing=act[True], activation_bytes_mlp_checkpointing=act["mlp"],
         offload_activations=offload_activations, offloaded_bytes=act[gradient_checkpointing] - on_device,
-        loss_chunk_size=loss_chunk_size, packing=packing,
+        loss_chunk_size=loss_chunk_size, packing=packing, lean_activations=lean_activations,
         logits_bytes=logits_bytes(config, batch_size, seq_len, a, loss_chunk_size),
         logits_bytes_unchunked=logits_bytes(config, batch_size, seq_len, a, 0), total_bytes=total,
         gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * GB),

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -84,6 +85,40 @@ def resize_embeddings(model: nn.Module, rows: int) -> None:
         for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
             layer.weight[old:] = layer.weight[:old].mean(0)
     log.info("new_tokens: embeddings resized from %d to %d rows (new rows: the mean of the old)", old, rows)
+
+
+def tokenizer_for_adapters(model: nn.Module, tokenizer, folders: Iterable[str | Path]):
+    """The tokenizer to run ``model`` with adapters that added tokens, and ``model``'s embeddings grown to it: an
+    adapter folder written with ``new_tokens`` holds the grown tokenizer (as PEFT's do), and its token rows are the
+    ones past the base's vocabulary (``load_adapter`` then fills them). ``tokenizer`` itself, the model unchanged,
+    when no folder adds tokens. What ``generate``, ``evaluate`` and ``generate --merge_to`` do before loading.
+
+    Raises:
+        ValueError: two folders add different tokens, or a folder's tokenizer does not extend the base's (other ids
+            for the base's tokens).
+    """
+    grown, source = None, None
+    for folder in folders:
+        if not (Path(folder) / "tokenizer_config.json").is_file():
+            continue
+        from transformers import AutoTokenizer
+
+        saved = AutoTokenizer.from_pretrained(str(folder))
+        if len(saved) <= len(tokenizer):
+            continue
+        if grown is not None and saved.get_vocab() != grown.get_vocab():
+            raise ValueError(f"{folder}: its tokenizer adds other tokens than {source}'s; load these adapters one at a "
+                             "time (each with the tokens it was trained with).")
+        grown, source = saved, folder
+    if grown is None:
+        return tokenizer
+    vocab = grown.get_vocab()
+    if any(vocab.get(token) != i for token, i in tokenizer.get_vocab().items()):
+        raise ValueError(f"{source}: its tokenizer does not extend the base model's (the base's tokens have other "
+                         "ids there); pass the base model the adapter was trained on (--base_model).")
+    resize_embeddings(model, len(grown))
+    log.info("%s adds %d tokens: using its tokenizer", source, len(grown) - len(tokenizer))
+    return grown
 
 
 def token_rows(model: nn.Module, ids: list[int], adapter: AdapterConfig) -> list[int] | dict[str, list[int]]:

@@ -143,6 +143,7 @@ def evaluate_adapters(base_model: str, adapters: Mapping[str, str], data: str, m
     ``tasks``, also ``lm_eval_tasks`` (under ``report["tasks"]``)."""
     from lightning_lora.io.models import load_causal_lm
     from lightning_lora.io.peft import load_adapter
+    from lightning_lora.io.tokens import tokenizer_for_adapters
     from lightning_lora.train.data import chatterbot_pairs, read_jsonl, tokenize_conversations
 
     if tasks:
@@ -150,6 +151,7 @@ def evaluate_adapters(base_model: str, adapters: Mapping[str, str], data: str, m
     convs = chatterbot_pairs() if data == "chatterbot" else read_jsonl(data)
     convs = convs[:limit] if limit else convs
     model, tokenizer = load_causal_lm(base_model, dtype=dtype)
+    tokenizer = tokenizer_for_adapters(model, tokenizer, adapters.values())  # adapters trained with new_tokens
     if BASE in adapters:
         raise ValueError(f"evaluate: an adapter may not be labelled {BASE!r} (that is the base model's row).")
     for name, path in adapters.items():
