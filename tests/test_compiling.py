@@ -64,6 +64,7 @@ def packed(lengths: list[int], rows: int = 2) -> torch.Tensor:
 
 ADAPTERS = {
     "lora-layer-checkpointing": dict(adapter=ll.LoRA(r=4), checkpointing=True),
+    "dora": dict(adapter=ll.DoRA(r=4)),
     "vera": dict(adapter=ll.VeRA(r=4)),
     "dora-nf4-mlp-checkpointing": dict(adapter=ll.DoRA(r=4), nf4=True, checkpointing="mlp"),
 }
