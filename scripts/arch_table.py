@@ -37,9 +37,7 @@ def row(arch) -> list[str]:
     train = "yes" + (", HF loss" if not arch.loss_head else "") + (
         ", experts frozen" if arch.expert_gap else ", experts too" if experts else "")
     peft = "yes" if not arch.peft_drops else f"yes, PEFT drops {'/'.join(arch.peft_drops)}"
-    # llama.cpp's convert_lora_to_gguf.py has no form for PEFT's target_parameters: expert adapters merge only
-    gguf = ", ".join("adapter (not experts)" if f == "adapter" and experts else f for f in gguf_files(arch.build()))
-    gguf = gguf or "no"
+    gguf = ", ".join(gguf_files(arch.build())) or "no"
     return [arch.name, train, PACK[arch.packing], qlora_cell(arch), "yes", peft, gguf, arch.why]
 
 

@@ -214,8 +214,9 @@ def test_merge_is_exact(arch, adapted):
 
 def test_each_export_format_works(arch, adapted, tmp_path):
     """PEFT folder + merged Hugging Face folder always (the merged one reloads with the adapted model's logits); the
-    llama.cpp GGUF files io/gguf.py writes for the architecture (read back: one A and one B per adapted layer; the
-    merged model with its tokenizer), else a refusal naming the model type, with nothing written."""
+    llama.cpp GGUF files io/gguf.py writes for the architecture (read back: one A and one B per adapted layer, two of
+    each for a fused gate/up expert stack; the merged model with its tokenizer), else a refusal naming the model
+    type, with nothing written."""
     import gguf
     from transformers import AutoModelForCausalLM
 
@@ -224,19 +225,14 @@ def test_each_export_format_works(arch, adapted, tmp_path):
         with pytest.raises(ValueError, match=arch.name):
             export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
         assert not (tmp_path / "refused").exists()
-    if "adapter" in files and any(".experts." in n for n in adapter_layers(adapted)):
-        # llama.cpp's convert_lora_to_gguf.py has no form for PEFT's target_parameters (expert stacks): refused
-        with pytest.raises(ValueError, match="Linear layers only"):
-            export(adapted, tmp_path / "refused", exports=["peft", "merged", "gguf"])
-        assert not (tmp_path / "refused").exists()
-        files = tuple(f for f in files if f != "adapter")
     paths = export(adapted, tmp_path / "out", exports=["peft", "merged", *(["gguf"] if "adapter" in files else [])])
     kwargs = {"attn_implementation": arch.attn} if arch.attn else {}
     merged = AutoModelForCausalLM.from_pretrained(paths["merged"], **kwargs).eval()
     torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapted, IDS), atol=TOL, rtol=1e-4)
     if "adapter" in files:
         names = [t.name for t in gguf.GGUFReader(paths["gguf"]).tensors]
-        assert len(names) == 2 * len(adapter_layers(adapted)) and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+        pieces = [2 if t.endswith(".experts.gate_up_proj") else 1 for t in adapter_layers(adapted)]  # gate and up
+        assert len(names) == 2 * sum(pieces) and all(n.endswith((".lora_a", ".lora_b")) for n in names)
     if "merged" in files:  # a byte-level BPE tokenizer needs >= 256 tokens: a model with the tokenizer's vocabulary
         from tiny_assets import VOCAB_SIZE, make_tiny_tokenizer
 

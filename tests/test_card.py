@@ -132,3 +132,29 @@ def test_card_of_a_quantized_base_says_qlora_and_a_local_base_is_no_hub_id(base_
     assert "| method | QLoRA (LoRA over an NF4 base) |" in text and "tags: [lightning_lora, qlora]" in text
     assert "base_model:" not in text.split("---")[1]  # a local folder is no hub id: the header leaves it out
     assert f"| base model | the local folder `{base_dir.resolve()}` |" in text
+
+
+@pytest.mark.parametrize("source,header_base", [
+    (None, None),  # unknown base: no base_model key (the title says how to give one)
+    ("local", None),  # a folder on this machine is no hub id
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("org/name: v2 # [draft]", "org/name: v2 # [draft]"),  # not a folder here, so kept: YAML-special characters
+])  # fmt: skip
+def test_card_header_is_yaml_that_llamacpp_reads(base_dir, tmp_path, source, header_base):
+    """The YAML header parses (PyYAML) to exactly the card's facts, and the ``gguf`` package's model-card reader (what
+    llama.cpp's convert_lora_to_gguf.py runs on the PEFT folder) reads it."""
+    import yaml
+
+    gguf = pytest.importorskip("gguf")
+    model = _adapted(base_dir, ll.LoRA(r=2, target_modules=["q_proj"]))
+    model.name_or_path = ""  # the base's origin is only what save_adapter is given
+    base = str(base_dir) if source == "local" else source
+    out = ll.save_adapter(model, tmp_path / "a", base_model_name_or_path=base)
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header == {**({"base_model": header_base} if header_base else {}), "library_name": "peft",
+                      "tags": ["lightning_lora", "lora"]}  # fmt: skip
+    card = gguf.Metadata.load_model_card(out)
+    assert card.get("base_model") == header_base and card["library_name"] == "peft"
+    gguf.Metadata.load(None, out, None, 0)  # the converter's call: no crash on any base name

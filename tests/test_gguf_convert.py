@@ -168,3 +168,24 @@ def test_pre_tokenizer_regexes_are_llamacpps(root):
         pre_type = after[after.index("pre_type = ") + len("pre_type = ") :].split(";")[0].strip()
         case = source[source.index(f"case {pre_type}:") :]
         assert regex.replace("\\", "\\\\") in case[: case.index("break;")], name  # as a C string literal
+
+
+def test_fetch_is_quiet_and_never_breaks_setup(tmp_path):
+    """``python tests/llamacpp_scripts.py fetch`` (scripts/setup.sh): nothing printed when the converters are there;
+    when they cannot be had (here: the cache path is a file), one line on stderr and status 1, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("llamacpp_scripts.py")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "convert_lora_to_gguf.py").touch()
+    (tmp_path / "file").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_DIR", "LIGHTNING_LORA_CACHE")}
+    ok = subprocess.run([sys.executable, str(script), "fetch"], capture_output=True, text=True,
+                        env={**env, "LLAMA_CPP_DIR": str(tmp_path / "tree")})  # fmt: skip
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    bad = subprocess.run([sys.executable, str(script), "fetch"], capture_output=True, text=True,
+                         env={**env, "LIGHTNING_LORA_CACHE": str(tmp_path / "file")})  # fmt: skip
+    assert bad.returncode == 1 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("llama.cpp's converters not fetched (") and "will skip" in bad.stderr

@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from lightning_lora.io.files import read_json
@@ -137,11 +138,10 @@ def model_card(peft_config: dict, method: str, run: dict | None = None, gguf_fil
     gguf_files = gguf_files or {}
     adapter_gguf = gguf_files.get("adapter", "adapter.gguf")
     tags = list(dict.fromkeys(["lightning_lora", method.split()[0].lower(), *(["qlora"] if run.get("quantize") else [])]))
+    header = {**({"base_model": portable} if portable else {}), "library_name": "peft", "tags": tags}
     lines = [
-        "---",
-        *([f"base_model: {portable}"] if portable else []),
-        "library_name: peft",
-        "tags: [" + ", ".join(tags) + "]",
+        "---",  # YAML that the hub and llama.cpp's converters parse: dumped, so any base name stays one string
+        yaml.safe_dump(header, sort_keys=False, default_flow_style=None, width=1 << 16).rstrip("\n"),
         "---",
         "",
         f"# {method} adapter for `{base}`",

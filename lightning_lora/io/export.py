@@ -129,7 +129,7 @@ def write_gguf_merged(job: Job, path: Path, option: str | None = None) -> None:
 
 
 def check_gguf(job: Job, option: str | None) -> None:
-    hf_config(job.model)  # an architecture llama.cpp has
+    hf_config(job.model)  # a family of io/gguf_arch.py's GGUF_ARCHITECTURES; any other is refused by name
     if job.svd_start:
         raise ValueError(f"exports 'gguf': adapter {job.name!r} started from {job.svd_start!r} and trained on the base "
                          "it changed, which llama.cpp's base GGUF does not hold; export 'gguf-merged' instead.")  # fmt: skip

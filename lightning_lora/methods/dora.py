@@ -93,6 +93,8 @@ def row_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float, weight_sq: Tens
     # the update largely cancels (n^2 below a tenth of that) loses digits: recompute those rows directly (relative
     # error then stays ~1e-6). Rare in practice (the update is small next to W), so the usual path costs nothing.
     cancelled = squared < 0.1 * (base_sq + cross.abs() + update_sq)
+    if torch.compiler.is_compiling():  # a compiled graph has no data-dependent branch: the direct norm where needed
+        return torch.where(cancelled, (W + scale * (B @ A)).pow(2).sum(1), squared).clamp_min(0.0).sqrt()
     if not squared.is_meta and cancelled.any():  # meta: shapes only (the estimator builds models there)
         rows = cancelled.nonzero().squeeze(1)
         squared[rows] = (W[rows] + scale * (B[rows] @ A)).pow(2).sum(1)
@@ -188,7 +190,7 @@ class DoRABranch(LoRABranch):
         """n = ||W + s B A||_row in fp32, detached; ||W||^2_row is cached while a dense weight stays the same."""
         weight = dense_weight(base_layer)
         B, A = self.pair()
-        if self.kind.quantized:
+        if self.kind.quantized or torch.compiler.is_compiling():  # compiled: no cache keyed on a data pointer
             return row_norm(weight, A, B, self.scale)
         raw = base_layer.weight
         key = (raw.data_ptr(), raw._version, raw.device, raw.dtype, tuple(raw.shape))
@@ -201,7 +203,7 @@ class DoRABranch(LoRABranch):
         if weight != 1.0:
             raise ValueError("DoRA adapters cannot be weighted at run time (the magnitude is not additive).")
         p = self.p if self.training else 0.0
-        if self.fused:
+        if self.fused and not torch.compiler.is_compiling():  # compiled: plain autograd, no data-dependent rows
             return dora_linear(
                 x, base_out, self.lora_A, self.lora_B, self.magnitude, self.norm(base_layer), base_layer.bias,
                 self.scale, p,

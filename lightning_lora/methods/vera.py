@@ -66,7 +66,8 @@ class Projections:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if p > 0.0:
             return nn.functional.dropout(x2, p) @ A.t()  # each layer draws its own mask, as PEFT does
-        if x.is_inference():  # inference tensors have no version counter to key the reuse on
+        if torch.compiler.is_compiling() or x.is_inference():  # no version counter to key the reuse on (compiled:
+            # the compiler sees the layers' shared A x in one graph anyway)
             return x2 @ A.t()
         key = (x._version, n_in, dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         last = self._last

@@ -25,7 +25,9 @@ shows that every attention layer of the model calls it and the logits do not mov
 attention does not dispatch that way (Falcon) is left as it was. ``causal_lm_loss`` finds the
 segments of packed rows and passes them down the model's forward as the ``packed_segments`` keyword, which
 transformers forwards to every attention call (also when gradient checkpointing recomputes a layer). Without that
-keyword the function *is* sdpa: generation, padded batches and everything else run exactly as before. A model
+keyword the function *is* sdpa: generation, padded batches and everything else run exactly as before. The loop over
+segments lives in ``packed_op.py``; under ``torch.compile`` it runs as one custom operator there, so the compiled
+graph does not depend on where a row's examples start. A model
 left on its own attention trains packed rows only if that attention keeps the examples apart (probed by
 ``keeps_examples_apart``; gpt-oss's does not), and never with a shared prefix: ``causal_lm_loss`` refuses both by
 model type.
@@ -40,13 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lora.train.packed_op import Segment, attend_segments, packed_sdpa
 from lightning_lora.train.probe import Verdict, cached, differs, frozen_modes, logits, num_layers, probe_ids, verdict
 
 NAME = "lightning_lora_packed"
 KEY = "packed attention"  # the probe's verdict, cached per model (probe.py)
-
-# A row's segments: (start, end, prefix_start, prefix_length) per example; prefix_length 0 means "restarts at 0".
-Segment = tuple[int, int, int, int]
 
 
 class PackedSegments:
@@ -54,6 +54,10 @@ class PackedSegments:
 
     def __init__(self, rows: list[list[Segment]]):
         self.rows, self.used = rows, False
+        # the same as one (n, 5) tensor (row, *segment): what a compiled layer reads (packed_op.py); its length is
+        # dynamic, so that another number of examples does not recompile
+        self.table = torch.tensor([(r, *seg) for r, row in enumerate(rows) for seg in row], dtype=torch.long)
+        torch._dynamo.maybe_mark_dynamic(self.table, 0)
 
     @property
     def shares_prefix(self) -> bool:
@@ -90,14 +94,6 @@ def find_segments(position_ids: Tensor) -> PackedSegments | None:
     return PackedSegments(rows)
 
 
-def _repeat_heads(x: Tensor, groups: int) -> Tensor:
-    """(b, kv_heads, L, d) -> (b, kv_heads * groups, L, d): each key/value head serves ``groups`` query heads."""
-    if groups == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
 def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                      dropout: float = 0.0, scaling: float | None = None, packed_segments: PackedSegments | None = None,
                      **kwargs) -> tuple[Tensor, None]:
@@ -111,26 +107,12 @@ def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if packed_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if torch.compiler.is_compiling():  # one opaque op, so the compiled graph does not depend on where examples start
+        # (``used`` is not set here: a Python side effect inside a checkpointed layer breaks the graph; a compiled
+        # layer always runs this, which ``causal_lm_loss`` knows from ``compiling(model)``)
+        return packed_sdpa(query, key, value, packed_segments.table, dropout, scaling), None
     packed_segments.used = True
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
-    rows = []
-    for b, segments in enumerate(packed_segments.rows):
-        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
-        outs = []
-        for start, end, pre_start, pre_len in segments:
-            if pre_len == 0:
-                outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                                                           dropout_p=dropout, scale=scaling, is_causal=True))
-                continue
-            keys = torch.cat([k[:, :, pre_start : pre_start + pre_len], k[:, :, start:end]], dim=2)
-            values = torch.cat([v[:, :, pre_start : pre_start + pre_len], v[:, :, start:end]], dim=2)
-            n = end - start
-            mask = torch.ones(n, pre_len + n, dtype=torch.bool, device=q.device).tril(pre_len)
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
-                                                       dropout_p=dropout, scale=scaling))
-        rows.append(torch.cat(outs, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return attend_segments(query, key, value, packed_segments.rows, dropout, scaling), None
 
 
 def use_packed_attention(model: nn.Module) -> bool:

@@ -18,8 +18,9 @@ Each runs the ops of the module it replaces in the same order: forward bitwise e
 Their outputs are also *recomputable*: inside ``saving_lean()`` (``causal_lm_loss`` enters it), a norm output or a
 SwiGLU product that a later layer saves for backward is kept as its recipe (the function's own saved inputs) and
 rebuilt, bitwise, when backward needs it. Per token and layer that drops y twice and p: with SwiGLU's own saving,
-2 h + 2 m of the ~9 h + 4 m values a SmolLM2 layer keeps in fp32. Not under autocast or torch.compile (inductor
-decides what to recompute there).
+2 h + 2 m of the ~9 h + 4 m values a SmolLM2 layer keeps in fp32. No recipes under autocast. Under torch.compile
+(``compiling.py``) the three run their plain forward ops, traced without a graph break, and inductor's partitioner
+decides what to keep and recompute.
 
 On CUDA with Liger-Kernel installed, its Triton kernels (the same saved tensors) run instead, without recipes.
 Which modules of a model run these functions is decided by a probe (``lean_swap.py``).
@@ -167,7 +168,11 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, cast_last: bool = False) -> Tensor:
-    """RMSNorm keeping only x and 1/rms for backward; Liger's kernel on CUDA when installed."""
+    """RMSNorm keeping only x and 1/rms for backward; Liger's kernel on CUDA when installed. Under torch.compile
+    the module's own ops (the compiler chooses what to keep)."""
+    if torch.compiler.is_compiling():
+        xf = x.to(torch.float32)
+        return _norm_out(xf, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), weight, offset, cast_last, x.dtype)
     liger = _liger("rms_norm") if x.is_cuda else None
     if liger is not None:
         mode = "gemma" if offset or cast_last else "llama"
@@ -198,7 +203,10 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up keeping only gate and up for backward; Liger's kernel on CUDA when installed."""
+    """silu(gate) * up keeping only gate and up for backward; Liger's kernel on CUDA when installed. Under
+    torch.compile the plain ops."""
+    if torch.compiler.is_compiling():
+        return F.silu(gate) * up
     liger = _liger("swiglu") if gate.is_cuda else None
     if liger is not None:
         return liger.LigerSiLUMulFunction.apply(gate, up)
@@ -249,8 +257,10 @@ class _Rotary(torch.autograd.Function):
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
     """Hugging Face's ``apply_rotary_pos_emb`` keeping only cos and sin for backward; Liger's kernel on CUDA when
-    installed (full rotary only)."""
+    installed (full rotary only); under torch.compile the plain ops."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    if torch.compiler.is_compiling():  # the plain ops: the compiler chooses what to keep
+        return _rope(q, cos, sin), _rope(k, cos, sin)
     liger = _liger("rope") if q.is_cuda and cos.shape[-1] == q.shape[-1] else None
     if liger is not None:
         return liger.LigerRopeFunction.apply(q, k, cos.squeeze(unsqueeze_dim), sin.squeeze(unsqueeze_dim), None,

@@ -62,7 +62,7 @@ def _tagged(t: Tensor) -> bool:
 
 def _dispatcher(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if _tagged(cos) and _tagged(sin):
+        if not torch.compiler.is_compiling() and _tagged(cos) and _tagged(sin):  # compiled: lean.rotary's plain ops
             return lean.rotary(q, k, cos, sin, unsqueeze_dim)
         return original(q, k, cos, sin, unsqueeze_dim)
 

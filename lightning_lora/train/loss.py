@@ -52,6 +52,7 @@ from lightning_lora.train.attention import (
     packed_attention_status,
     runs_packed_attention,
 )
+from lightning_lora.train.compiling import compiling
 from lightning_lora.train.head import head_swap_verdict, head_swapped, rescales_logits
 from lightning_lora.train.lean_swap import saving
 from lightning_lora.train.probe import model_type
@@ -200,7 +201,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, attentio
         total = out.logits  # what the model returns as its "logits" is the stand-in head's output: the summed loss
         count = loss_head.count
     segments = kwargs.get("packed_segments")
-    if segments is not None and segments.shares_prefix and not segments.used:
+    if segments is not None and segments.shares_prefix and not segments.used and not compiling(model):
         raise ValueError(f"{type(model).__name__}'s attention layers never received the packed segments, so its "
                          "examples could not see their shared prefix; set share_prefix=False for this model.")
     if step is not None:

@@ -40,6 +40,7 @@ from lightning_lora.quant.prepare import check_start, prepare
 from lightning_lora.train.attention import use_packed_attention
 from lightning_lora.train.card_facts import run_facts
 from lightning_lora.train.checkpointing import check_mode, enable_checkpointing, offloading
+from lightning_lora.train.compiling import check_compile, compile_layers
 from lightning_lora.train.distributed import export_from_rank_zero, shard_for
 from lightning_lora.train.eval_report import evaluate_at_end
 from lightning_lora.train.guards import ExportDirLock, FiniteLossGuard, check_finite_adapter
@@ -132,6 +133,10 @@ class LoRAModule(LightningModule):
             ``evaluation.md`` go to ``export_dir`` (else the log folder), and the adapter's model card shows the table.
         new_tokens: tokens to add (e.g. a chat template's markers): the tokenizer gets them, the embeddings grow to
             match, and the adapter trains only their rows (``io/tokens.py``); exports carry them.
+        compile: ``torch.compile`` each decoder layer (regional compilation, ``train/compiling.py``) after every
+            other swap, where a probe step shows the same logits and gradients; ``True`` with torch's defaults
+            (inductor), or a dict of ``torch.compile`` options (e.g. ``{backend: aot_eager}``). Off by default:
+            compiling costs time up front (measured in BENCHMARKS.md).
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class LoRAModule(LightningModule):
         lean_activations: bool = True,
         evaluate: bool | int = False,
         new_tokens: list[str] | None = None,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         check_start(adapter, quantize)  # e.g. init="loftq" without quantize: say so now, not after loading the model
@@ -183,6 +189,7 @@ class LoRAModule(LightningModule):
         if not isinstance(evaluate, (bool, int)) or (not isinstance(evaluate, bool) and evaluate < 1):
             raise ValueError(f"evaluate must be true, false or a positive number of examples, got {evaluate!r}.")
         self.evaluate = evaluate
+        self.compile_options = check_compile(compile)  # None (off) or torch.compile's options
         self.model: nn.Module | None = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold only the adapter
@@ -202,7 +209,8 @@ class LoRAModule(LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
-        """Load the base, quantize it (if asked), inject the adapter. A second call does nothing."""
+        """Load the base, quantize it (if asked), inject the adapter, swap in what is proven (packed attention,
+        checkpointing, lean activations), compile the decoder layers (if asked). A second call does nothing."""
         if self.model is not None:
             return
         model, tokenizer = load_causal_lm(self.base_model, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code)
@@ -214,6 +222,8 @@ class LoRAModule(LightningModule):
         enable_checkpointing(model, self.gradient_checkpointing)
         if self.lean_activations:  # where proven, norms, SwiGLU and RoPE keep only their inputs (train/lean.py)
             use_lean_activations(model)  # after checkpointing: a recomputed MLP keeps its checkpointed forward
+        if self.compile_options is not None:  # last: the probe step runs the layers as they will train
+            compile_layers(model, **self.compile_options)
         model.train()  # loaders return eval mode; Lightning keeps submodule modes (adapter dropout must run)
         self.model = shard_for(self, model)  # FSDP2 under ModelParallelStrategy; unchanged otherwise
 

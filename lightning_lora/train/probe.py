@@ -160,15 +160,17 @@ def logits_and_grads(model: nn.Module, ids: Tensor, context=None, seed: int = 0)
     return out.detach(), list(grads), called
 
 
-def differs_step(reference: tuple[Tensor, list], other: tuple[Tensor, list]) -> str | None:
-    """``differs`` over a step's logits and every gradient of ``logits_and_grads`` (None when all agree)."""
+def differs_step(reference: tuple[Tensor, list], other: tuple[Tensor, list],
+                 grad_tolerance: float = TOLERANCE) -> str | None:
+    """``differs`` over a step's logits and every gradient of ``logits_and_grads`` (None when all agree); the
+    gradients within ``grad_tolerance`` (a compiler's reordered float sums through every layer need more)."""
     why = differs(reference[0], other[0])
     if why:
         return f"logits: {why}"
     for i, (ref, got) in enumerate(zip(reference[1], other[1])):
         if (ref is None) != (got is None):
             return f"gradient {i} is {'missing' if got is None else 'new'}"
-        why = ref is not None and differs(ref, got)
+        why = ref is not None and differs(ref, got, grad_tolerance)
         if why:
             return f"gradient {i} ({'input embeddings' if i == 0 else 'a trainable parameter'}): {why}"
     return None
