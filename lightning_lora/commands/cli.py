@@ -34,7 +34,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_lora.commands.errors import run_command
+from lightning_lora.commands.threads import follows_load, usable_cores
 from lightning_lora.io.lock import FolderLock
+from lightning_lora.train.cpu_threads import FollowLoad
 from lightning_lora.train.interrupts import Interrupted, Interrupts
 from lightning_lora.train.module import LoRAModule, enable_adapter_subclass_mode
 from lightning_lora.train.precision import auto_precision
@@ -109,6 +111,8 @@ class LoRACLI(LightningCLI):
         config = top.get("trainer", {})
         given = list(config.get("callbacks") or [])
         extra = [ValidateAtEnd(), self.summary, self.interrupts]
+        if follows_load() and self.subcommand == "fit":  # the command chose the threads: use the cores left free
+            extra.append(FollowLoad(cores=usable_cores()))
         checkpointing = config.get("enable_checkpointing", True) is not False
         if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in given):
             extra.append(RunCheckpoint(every_n_steps=top.get("checkpoint_every_n_steps"),

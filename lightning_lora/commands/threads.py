@@ -9,10 +9,13 @@ from 1.9 s to 12 s with one busy neighbour process (README, "Threads").
 So a command (``python -m lightning_lora ...`` or the ``lightning-lora`` script) sets, before torch is imported and
 only where the environment does not set them already:
 
-- ``OMP_NUM_THREADS``: the cores this process may run on (``os.sched_getaffinity``), so a CPU quota or ``taskset``
-  is honoured;
+- ``OMP_NUM_THREADS``: the cores this process may run on (``os.sched_getaffinity``, so a CPU quota or ``taskset``
+  is honoured) less those that other processes keep busy (measured over 0.1 s: ``core/cpu_load.py``);
 - ``GOMP_SPINCOUNT``: ``SPINCOUNT`` polls before a waiting thread sleeps, short enough that a descheduled neighbour
   costs little, long enough that a quiet machine keeps its speed.
+
+Then ``fit`` follows the load (``train/cpu_threads.py``): between steps it uses only the cores that other processes
+leave free, since a thread sharing its core with a busy neighbour slows every parallel region down to its pace.
 
 ``lightning_lora/__init__.py`` calls ``apply_for_commands()`` first thing; the Python API (``import lightning_lora``
 in your own program) changes nothing. ``LIGHTNING_LORA_THREADS=keep`` leaves OpenMP's defaults.
@@ -25,7 +28,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from lightning_lora.core.cpu_load import others_now, threads_for
+
 SPINCOUNT = 10_000
+APPLIED: dict[str, str] = {}  # what apply_for_commands set in this process
 KEEP_ENV = "LIGHTNING_LORA_THREADS"
 _OURS = ("lightning_lora", "lightning-lora")
 
@@ -38,17 +44,23 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_settings(environ: Mapping[str, str], cores: int) -> dict[str, str]:
-    """The variables to set: ``OMP_NUM_THREADS`` and ``GOMP_SPINCOUNT``, each only when ``environ`` lacks it (a
-    given ``OMP_WAIT_POLICY`` also keeps the spin count as it is); nothing with ``LIGHTNING_LORA_THREADS=keep``."""
-    if environ.get(KEEP_ENV, "").strip().lower() == "keep":
+def cpu_settings(environ: Mapping[str, str], cores: int, others: float = 0.0) -> dict[str, str]:
+    """The variables to set: ``OMP_NUM_THREADS`` (the cores that other processes, keeping ``others`` cores busy,
+    leave free; at least 1) and ``GOMP_SPINCOUNT``, each only when ``environ`` lacks it (a given ``OMP_WAIT_POLICY``
+    also keeps the spin count as it is); nothing with ``LIGHTNING_LORA_THREADS=keep``."""
+    if keeps(environ):
         return {}
     out = {}
     if "OMP_NUM_THREADS" not in environ:
-        out["OMP_NUM_THREADS"] = str(max(1, cores))
+        out["OMP_NUM_THREADS"] = str(threads_for(max(1, cores), others, max(1, cores)))
     if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
         out["GOMP_SPINCOUNT"] = str(SPINCOUNT)
     return out
+
+
+def keeps(environ: Mapping[str, str]) -> bool:
+    """``LIGHTNING_LORA_THREADS=keep``: OpenMP's own defaults, nothing set or followed."""
+    return environ.get(KEEP_ENV, "").strip().lower() == "keep"
 
 
 def is_command(orig_argv: list[str] | None = None, argv0: str | None = None) -> bool:
@@ -66,9 +78,17 @@ def apply_for_commands() -> dict[str, str]:
     """In a command, set ``cpu_settings`` in ``os.environ`` (before torch is imported); return what was set."""
     if not is_command():
         return {}
-    settings = cpu_settings(os.environ, usable_cores())
+    busy = others_now(0.1) if "OMP_NUM_THREADS" not in os.environ and not keeps(os.environ) else None
+    settings = cpu_settings(os.environ, usable_cores(), busy or 0.0)
     os.environ.update(settings)
+    APPLIED.update(settings)
     return settings
+
+
+def follows_load() -> bool:
+    """Whether a fit should follow the machine's load (``train/cpu_threads.py``): the command chose the thread count
+    itself (the environment gave no ``OMP_NUM_THREADS``)."""
+    return "OMP_NUM_THREADS" in APPLIED
 
 
 if __name__ == "__main__":  # python -m lightning_lora.commands.threads: what a command runs with
