@@ -34,7 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_lora.commands.errors import run_command
-from lightning_lora.commands.threads import follows_load, usable_cores
+from lightning_lora.commands.threads import follows_load
 from lightning_lora.io.lock import FolderLock
 from lightning_lora.train.cpu_threads import FollowLoad
 from lightning_lora.train.interrupts import Interrupted, Interrupts
@@ -112,7 +112,7 @@ class LoRACLI(LightningCLI):
         given = list(config.get("callbacks") or [])
         extra = [ValidateAtEnd(), self.summary, self.interrupts]
         if follows_load() and self.subcommand == "fit":  # the command chose the threads: use the cores left free
-            extra.append(FollowLoad(cores=usable_cores()))
+            extra.append(FollowLoad())
         checkpointing = config.get("enable_checkpointing", True) is not False
         if checkpointing and not any(isinstance(c, ModelCheckpoint) for c in given):
             extra.append(RunCheckpoint(every_n_steps=top.get("checkpoint_every_n_steps"),

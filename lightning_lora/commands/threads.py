@@ -28,20 +28,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from lightning_lora.core.cpu_load import others_now, threads_for
+from lightning_lora.core.cpu_load import others_now, threads_for, usable_cores
 
 SPINCOUNT = 10_000
 APPLIED: dict[str, str] = {}  # what apply_for_commands set in this process
 KEEP_ENV = "LIGHTNING_LORA_THREADS"
 _OURS = ("lightning_lora", "lightning-lora")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def cpu_settings(environ: Mapping[str, str], cores: int, others: float = 0.0) -> dict[str, str]:

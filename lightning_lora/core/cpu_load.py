@@ -19,6 +19,15 @@ class Sample(NamedTuple):
     own: float  # CPU seconds of this process (all its threads)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, so a CPU quota or ``taskset`` is honoured;
+    ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def machine_busy_seconds(stat_line: str, ticks_per_second: int) -> float:
     """Non-idle CPU seconds that the machine's processes ran, from the ``cpu`` line of /proc/stat: user, nice,
     system, irq and softirq (guest time is inside user). Idle, iowait and steal (time a hypervisor gave our virtual
@@ -63,4 +72,4 @@ def others_now(seconds: float = 0.1) -> float | None:
     return None if after is None else others_cores(before, after)
 
 
-__all__ = ["Sample", "machine_busy_seconds", "others_cores", "others_now", "sample", "threads_for"]
+__all__ = ["Sample", "machine_busy_seconds", "others_cores", "others_now", "sample", "threads_for", "usable_cores"]

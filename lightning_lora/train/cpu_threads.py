@@ -9,20 +9,20 @@ over the last interval,
     others = (machine busy CPU time - this process's CPU time) / wall time      (from /proc/stat and os.times)
 
 and sets ``torch.set_num_threads(clamp(cores - round(others), 1, most))`` (``most``: the cores, by default), so it
-also goes back up when the neighbour stops. Our own threads, spinning or not, never count as others', so the measure does not depend on the count it sets.
-What a step computes does not depend on the thread count beyond float summation order. Linux only (elsewhere it does
-nothing); the commands add it on CPU when they chose the thread count themselves (``commands/threads.py``).
+also goes back up when the neighbour stops. Our own threads, spinning or not, never count as others', so the measure
+does not depend on the count it sets. What a step computes does not depend on the thread count beyond float
+summation order. Linux only (elsewhere it does nothing); the commands add it on CPU when they chose the thread count
+themselves (``commands/threads.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from lightning.pytorch import Callback
 
-from lightning_lora.core.cpu_load import Sample, others_cores, sample, threads_for
+from lightning_lora.core.cpu_load import Sample, others_cores, sample, threads_for, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,8 @@ class FollowLoad(Callback):
     (module docstring); one log line at each change."""
 
     def __init__(self, cores: int | None = None, min_seconds: float = 2.0, most: int | None = None):
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.cores, self.min_seconds, self.most = cores, min_seconds, most or cores
+        self.cores = cores or usable_cores()
+        self.min_seconds, self.most = min_seconds, most or self.cores
         self.last: Sample | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
