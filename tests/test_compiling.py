@@ -80,7 +80,8 @@ def run_layer(layer, hidden, cos_sin, position_ids):
 def test_a_decoder_layer_compiles_as_one_graph_with_the_same_gradients(kind):
     """fullgraph=True raises at the first graph break: adapters, NF4, packed attention with a shared prefix, layer
     or MLP checkpointing, lean functions, saved tensors offloaded (save_on_cpu's hooks). Run by AOTAutograd (the
-    joint graph, partitioned), output and gradients equal the eager layer's within 1e-5."""
+    joint graph, partitioned), output equals the eager layer's within 1e-5, gradients within 1e-6 of their
+    largest entry."""
     model = trained_model(**ADAPTERS[kind])
     layer = decoder_layers(model)[0]
     position_ids = torch.tensor([[0, 1, 2, 3, 2, 3, 4, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4, 5]])  # a shared prefix in row 0
@@ -104,7 +105,8 @@ def test_a_decoder_layer_compiles_as_one_graph_with_the_same_gradients(kind):
     expected = run_layer(layer, hidden, cos_sin, position_ids)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for got, ref in zip(grads, torch.autograd.grad((expected * weight).sum(), params), strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        # gradients reach ~70 here: fp32 sums of such terms in another order differ by ~1e-7 of that scale
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
 
 
 def test_packed_sdpa_backward_equals_autograd_of_the_segment_loop():

@@ -111,7 +111,7 @@ class _DoRALinear(torch.autograd.Function):
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             x_in = x * mask * (1.0 / (1.0 - p))
             bits = pack_bits(mask)
-        h = x_in @ A.t()
+        h = (A @ x_in.t()).t()  # r-wide products with N as the contiguous axis (see lora_fused.py)
         factor = magnitude / norm
         if bias is None:
             out = torch.addmm(base_out, h, B.t(), alpha=scale).mul_(factor)
@@ -127,7 +127,7 @@ class _DoRALinear(torch.autograd.Function):
             y0 = base_out[:, rows] if bias is None else base_out[:, rows] - bias[rows]
             kept = torch.addmm(y0, h, B[rows].t(), alpha=scale) / norm[rows]
         ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, bits, h, A, B, magnitude, factor, bias, out, rows, kept)
+        ctx.save_for_backward(x, bits, h.t(), A, B, magnitude, factor, bias, out, rows, kept)
         return out
 
     @staticmethod
@@ -137,7 +137,7 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        x, bits, h, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
+        x, bits, hT, A, B, magnitude, factor, bias, out, rows, kept = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         mask = None if bits is None else unpack_bits(bits, x.shape)
         need_x, need_base, need_A, need_B, need_m = ctx.needs_input_grad[:5]
@@ -146,15 +146,15 @@ class _DoRALinear(torch.autograd.Function):
             grad_bias = (grad_out * (1.0 - factor)).sum(0)
         grad_dir = grad_out * factor  # gradient w.r.t. the direction y0 + s B h (and so w.r.t. base_out)
         if need_x or need_A:
-            grad_h = (grad_dir @ B).mul_(scale)
+            grad_hT = (B.t() @ grad_dir.t()).mul_(scale)
             if need_A:
-                grad_A = grad_h.t() @ (x if mask is None else x * mask * (1.0 / (1.0 - p)))
+                grad_A = grad_hT @ (x if mask is None else x * mask * (1.0 / (1.0 - p)))
             if need_x:
-                grad_x = grad_h @ A
+                grad_x = grad_hT.t() @ A
                 if mask is not None:
                     grad_x.mul_(mask).mul_(1.0 / (1.0 - p))
         if need_B:
-            grad_B = (grad_dir.t() @ h).mul_(scale)
+            grad_B = (hT @ grad_dir).mul_(scale).t().contiguous()
         if need_m:
             # sum_tokens g * direction / n = sum_tokens g * (out - bias) / m
             grad_m = (grad_out * (out if bias is None else out - bias)).sum(0).div_(magnitude)

@@ -4,6 +4,12 @@ It saves only what backward needs: the input x (the base layer saves the same te
 r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed 8 per byte instead of a dropped copy of x.
 It adds into the base output in place (one ``addmm_``, no (N, out) temporaries); without autograd (eval,
 ``torch.no_grad``) it is two plain GEMMs. Its backward keeps the adapter's dtype inside an autocast block too.
+
+Every r-wide product is formed with r as its *rows*: h^T = A x^T (r, N), g_h^T = B^T g^T, dB = (h^T g)^T, so the
+long token axis N is the inner, contiguous dimension of each GEMM. With N as the reduction axis and r as the output
+columns instead (``g.t() @ h``, ``g @ B``), one CPU thread ran SmolLM2's seven projections at N = 2,048 in 61.7 ms
+per layer instead of 37.6 ms (same values up to summation order, 1.5e-6 relative): these skinny GEMMs are bound by
+reading the (N, in) and (N, out) activations, and the (r, N) layout reads them once, in order.
 """
 
 from __future__ import annotations
@@ -35,19 +41,19 @@ def unpack_bits(bits: Tensor, shape: torch.Size) -> Tensor:
     return flat[: shape.numel()].view(shape).bool()
 
 
-def add_up(base_out: Tensor, h: Tensor, B: Tensor, scale: float, inplace: bool) -> Tensor:
-    """``base_out + scale * h B^T`` for h (N, r), base_out (..., out): one ``addmm``, into ``base_out`` itself when
+def add_up(base_out: Tensor, hT: Tensor, B: Tensor, scale: float, inplace: bool) -> Tensor:
+    """``base_out + scale * h B^T`` for h^T (r, N), base_out (..., out): one ``addmm``, into ``base_out`` itself when
     ``inplace`` (the caller then marks it dirty)."""
     if inplace:
-        base_out.view(-1, base_out.shape[-1]).addmm_(h, B.t(), alpha=scale)
+        base_out.view(-1, base_out.shape[-1]).addmm_(hT.t(), B.t(), alpha=scale)
         return base_out
-    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B.t(), alpha=scale).view(base_out.shape)
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hT.t(), B.t(), alpha=scale).view(base_out.shape)
 
 
 class _LoRALinear(torch.autograd.Function):
     """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
 
-    Saves x (the base layer saves the same tensor), h = A dropout(x) (N, r) and, with dropout, the kept-mask packed
+    Saves x (the base layer saves the same tensor), h^T = A dropout(x)^T (r, N) and, with dropout, the kept-mask packed
     8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept.
     With ``inplace`` the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
     """
@@ -58,15 +64,15 @@ class _LoRALinear(torch.autograd.Function):
         bits = None
         if p > 0.0:
             mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            h = torch.mm(x2 * mask, A.t()).mul_(1.0 / (1.0 - p))
+            hT = torch.mm(A, (x2 * mask).t()).mul_(1.0 / (1.0 - p))
             bits = pack_bits(mask)
         else:
-            h = torch.mm(x2, A.t())
-        out = add_up(base_out, h, B, scale, inplace)
+            hT = torch.mm(A, x2.t())
+        out = add_up(base_out, hT, B, scale, inplace)
         if inplace:
             ctx.mark_dirty(base_out)
         ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, bits, h, A, B)
+        ctx.save_for_backward(x, bits, hT, A, B)
         return out
 
     @staticmethod
@@ -76,7 +82,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor):
-        x, bits, h, A, B = ctx.saved_tensors
+        x, bits, hT, A, B = ctx.saved_tensors
         scale, p = ctx.scale, ctx.p
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         g = grad_out.reshape(-1, grad_out.shape[-1])
@@ -84,16 +90,16 @@ class _LoRALinear(torch.autograd.Function):
         mask = None if bits is None else unpack_bits(bits, x2.shape)
         grad_x = grad_A = grad_B = None
         if need_x or need_A:  # d out / d (A x_kept) = s * g B, times 1/(1-p) for the dropout rescale
-            grad_h = torch.mm(g, B).mul_(scale if mask is None else scale / (1.0 - p))
+            grad_hT = torch.mm(B.t(), g.t()).mul_(scale if mask is None else scale / (1.0 - p))
             if need_A:
-                grad_A = torch.mm(grad_h.t(), x2 if mask is None else x2 * mask)
+                grad_A = torch.mm(grad_hT, x2 if mask is None else x2 * mask)
             if need_x:
-                grad_x = torch.mm(grad_h, A)
+                grad_x = torch.mm(grad_hT.t(), A)
                 if mask is not None:
                     grad_x.mul_(mask)
                 grad_x = grad_x.view(x.shape).to(x.dtype)
         if need_B:
-            grad_B = torch.mm(g.t(), h).mul_(scale)
+            grad_B = torch.mm(hT, g).mul_(scale).t().contiguous()
         return grad_x, (grad_out if need_base else None), grad_A, grad_B, None, None, None
 
 
@@ -113,7 +119,7 @@ def lora_linear(
     if p == 0.0 and not (
         torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or A.requires_grad or B.requires_grad)
     ):
-        out = add_up(base_out, torch.mm(x.reshape(-1, n_in).to(A.dtype), A.t()), B, scale, inplace)
+        out = add_up(base_out, torch.mm(A, x.reshape(-1, n_in).to(A.dtype).t()), B, scale, inplace)
     else:
         inplace = inplace and base_out._base is None  # autograd cannot rebase an in-place custom op on a view (GPT-2)
         out = _LoRALinear.apply(x, base_out, A, B, scale, p, inplace)  # casts x inside: the saved x is the layer's
