@@ -30,6 +30,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_lora.core.heap import release_host_memory
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.core.verbs import adapter_names
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
@@ -157,6 +158,9 @@ class AdapterCallback(Callback):
         if originals is not None:
             for hook in originals:
                 vars(pl_module).pop(hook, None)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        release_host_memory(pl_module)  # the checkpoint file's pages and the heap's free ones (core/heap.py)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
         check_finite_loss(trainer, loss)  # NaN/inf: stop before it updates the adapter, naming the step

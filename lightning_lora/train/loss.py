@@ -107,10 +107,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            dz = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            # -log softmax(z)_y = log sum_j e^(z_j - m) - (z_y - m), m = max_j z_j: one chunk-sized tensor, one exp pass
+            z = F.linear(h, weight, bias).float()
+            z.sub_(z.amax(1, keepdim=True))
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            sums = z.exp_().sum(1)
+            total += (sums.log() - picked).sum()
+            dz = z.div_(sums[:, None])  # softmax, in place of the logits
             dz[torch.arange(len(y), device=dz.device), y] -= 1.0
             if need_h:
                 grad_h[start : start + chunk_size] = dz.to(weight.dtype) @ weight

@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_lora.core.dtypes import dtype_name
+from lightning_lora.core.heap import release_host_memory
 from lightning_lora.core.layer import AdapterConfig
 from lightning_lora.io.checkpoint import keep_adapter_only, write_facts
 from lightning_lora.io.export import check_export_dir
@@ -246,6 +247,9 @@ class LoRAModule(LightningModule):
         if self.trainer.is_global_zero:
             optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
             memory_report(self.model, optimizer)
+
+    def on_train_start(self) -> None:
+        release_host_memory(self.model)  # the checkpoint file's pages and the heap's free ones (core/heap.py)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
