@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-dtype", default=None, help="default: --dtype")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--overhead-gb", type=float, default=0.5)
-    p.add_argument("--loss-chunk-size", type=int, default=512,
+    p.add_argument("--loss-chunk-size", type=int, default=256,
                    help="rows per chunk of the labeled-only loss (LoRAModule); 0: Hugging Face's loss over every position")
     p.add_argument("--packing", action="store_true", help="examples packed end to end (adds sdpa's block mask)")
     p.add_argument("--no-lean-activations", dest="lean_activations", action="store_false",

@@ -84,7 +84,10 @@ def own_file_mapped_tensors(model: nn.Module) -> list[str]:
                 if t is None or id(t) in seen or t.device.type != "cpu" or t.is_meta:
                     continue
                 seen.add(id(t))
-                ptr = t.untyped_storage().data_ptr()
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except RuntimeError:  # a wrapper without storage of its own (FSDP2's DTensor): not a mapped file
+                    continue
                 span = next(((start, end) for start, end, _ in mappings if start <= ptr < end), None)
                 if span is not None:
                     full = f"{module_name}.{name}" if module_name else name

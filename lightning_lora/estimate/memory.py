@@ -42,7 +42,7 @@ Bytes by kind (GB = 1e9 bytes, GiB = 2**30):
   term. Hugging Face's loss (``--loss-chunk-size 0``) holds every position's logits: positions x vocab x 12 bytes,
   the peak of forward (logits at ``--dtype`` + fp32 copy + fp32 log-softmax) and of its backward (saved
   log-softmax + two fp32 gradients). The labeled-only loss of ``LoRAModule`` (``train/loss.py``, the default here)
-  holds one chunk of ``--loss-chunk-size`` rows (512; at most the tokens) at a time, computing its gradient in
+  holds one chunk of ``--loss-chunk-size`` rows (256; at most the tokens) at a time, computing its gradient in
   forward: chunk x vocab x (4 + a) bytes (fp32 logits turned into their gradient in place, plus the ``--dtype``
   copy the matmul reads; 4 in fp32), plus the gathered labeled hidden states (a h per token, an upper bound: every
   token labeled), plus their gradient, kept until backward (a h per token). The loss runs after the last layer and
@@ -204,7 +204,7 @@ def estimate(model: str = "llama-2-70b", adapter: str | AdapterConfig = "lora", 
              quantize: str | None = None, double_quant: bool = True, batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, gpu_memory: float | None = None, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", overhead_gb: float = 0.5,
-             loss_chunk_size: int = 512, packing: bool = False, offload_activations: bool = False,
+             loss_chunk_size: int = 256, packing: bool = False, offload_activations: bool = False,
              lean_activations: bool = True) -> dict:
     """Parameter counts and bytes by kind (see the module docstring); ``fits`` is None without ``gpu_memory`` (GB).
 

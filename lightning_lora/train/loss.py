@@ -59,7 +59,7 @@ from lightning_lora.train.probe import model_type
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-CHUNK_SIZE = 512
+CHUNK_SIZE = 256  # 256 x vocab fp32 logits at a time: SmolLM2 QLoRA 4 x 512 peak RSS 3.95 -> 3.85 GiB vs 512
 
 
 class _LossHead(nn.Module):
