@@ -1,12 +1,13 @@
 """One process, ours against the floor step for step: where the time of a dense QLoRA step goes.
 
     python benchmarks/floor_step.py                  # 4 alternating rounds, CPU time per step and the ratio
-    python benchmarks/floor_step.py --profile        # then one profiled step each: aten::mm time by shape
+    python benchmarks/floor_step.py --profile        # then one profiled step each: top ops, GEMM time by shape
+    python benchmarks/floor_step.py --setting quickstart   # the 4 x 64 chat batches instead of 4 x 512 dense
 
 **Ours** is ``LoRAModule``'s model (NF4 SmolLM2-135M-Instruct, LoRA r 8 on all linear layers, lean activations) with
 its labeled-only loss and AdamW, in a plain loop (no Trainer). **The floor** is ``benchmarks/e2e.py``'s: the same NF4
 model with every parameter frozen and no adapter, forward + the same loss + backward to the inputs. Both run the
-same two packed 4 x 512 dense batches (``e2e.py``'s ``dense`` setting), 1 thread, in alternating order, so the ratio
+same two packed batches (``e2e.py``'s ``dense`` setting, 4 x 512; ``--setting quickstart``: 4 x 64), 1 thread, in alternating order, so the ratio
 is measured side by side; e2e.py's ratio adds the Trainer and separate processes.
 """
 
@@ -29,6 +30,7 @@ import e2e  # noqa: E402  (the settings, data and floor of the end-to-end benchm
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--setting", default="dense", choices=list(e2e.SETTINGS), help="e2e.py's batches (default dense)")
     p.add_argument("--profile", action="store_true", help="one profiled step each: aten::mm time by input shape")
     args = p.parse_args(argv)
     from lightning_lora import NF4, LoRA
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     floor.requires_grad_(False).train()
     floor.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_())
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "dense.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in e2e.conversations("dense", 8)))
-        dm = e2e._our_batches(data, "dense", tokenizer)
+        data = Path(tmp) / f"{args.setting}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in e2e.conversations(args.setting, 8)))
+        dm = e2e._our_batches(data, args.setting, tokenizer)
         dm.setup("fit")
         batches = [b for _, b in zip(range(2), dm.train_dataloader())]
     optimizer = torch.optim.AdamW([q for q in ours.parameters() if q.requires_grad], lr=e2e.LR)
@@ -88,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
             mm = sorted((e for e in events if e.key in ("aten::mm", "aten::addmm_")),
                         key=lambda e: -e.self_cpu_time_total)
             total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
-            print(f"== {name}: {total:.2f} s CPU in the profiled step; GEMMs by shape:")
+            print(f"== {name}: {total:.2f} s CPU in the profiled step; the ops with the most own time:")
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]:
+                print(f"  {e.key[:40]:40s} {e.self_cpu_time_total / 1e6:7.3f} s {e.count:5d} calls")
+            print("  GEMMs by shape:")
             for e in mm:
                 print(f"  {e.key:13s} {e.self_cpu_time_total / 1e6:7.3f} s {e.count:5d} calls  {e.input_shapes}")
     return res
