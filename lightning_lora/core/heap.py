@@ -18,6 +18,7 @@ Linux only (``/proc/self/maps``; ``malloc_trim`` with glibc); elsewhere both do 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import functools
@@ -51,19 +52,19 @@ def release_free_heap() -> bool:
     return True
 
 
-def _file_mappings() -> list[tuple[int, int, str]]:
-    """(start, end, path) of this process's file-backed memory mappings (Linux), else []."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings, sorted (Linux), else []."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []
-    out = []
+    spans = []
     for line in lines:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5].startswith("/"):
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end, parts[5]))
-    return out
+            spans.append((start, end))
+    return sorted(spans)
 
 
 def own_file_mapped_tensors(model: nn.Module) -> list[str]:
@@ -76,6 +77,7 @@ def own_file_mapped_tensors(model: nn.Module) -> list[str]:
     mappings = _file_mappings()
     if not mappings:
         return []
+    starts = [start for start, _ in mappings]
     by_mapping: dict[tuple[int, int], list[tuple[str, nn.Module, str, str, torch.Tensor]]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -88,7 +90,8 @@ def own_file_mapped_tensors(model: nn.Module) -> list[str]:
                     ptr = t.untyped_storage().data_ptr()
                 except RuntimeError:  # a wrapper without storage of its own (FSDP2's DTensor): not a mapped file
                     continue
-                span = next(((start, end) for start, end, _ in mappings if start <= ptr < end), None)
+                i = bisect.bisect_right(starts, ptr) - 1  # the mapping that starts at or before ptr, if any
+                span = mappings[i] if i >= 0 and ptr < mappings[i][1] else None
                 if span is not None:
                     full = f"{module_name}.{name}" if module_name else name
                     by_mapping.setdefault(span, []).append((full, module, kind, name, t))

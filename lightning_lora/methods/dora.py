@@ -16,9 +16,10 @@ so the base output is reused and no (out x in) matrix is ever built: n comes fro
     <W, B A>_row = rowsum((W A^T) * B),   ||B A||^2_row = rowsum((B (A A^T)) * B),
 
 with ||W||^2_row cached for dense bases (recomputed when the weight changes). One autograd function computes y and
-saves only the input x (the base layer saves it too), the r-wide h = A dropout(x), a 1-byte dropout mask, and its own
-output y; the magnitude's gradient sum_tokens(g * (y0 + s B h)) / n equals sum_tokens(g * (y - bias)) / m, so no
-(tokens, out) activation is kept besides y, which the next op (activation, attention) often saves anyway.
+saves only the input x (a recipe under lean activations, ``train/lean.py``), the r-wide h = A dropout(x), a 1-byte
+dropout mask, and its own output y; the magnitude's gradient sum_tokens(g * (y0 + s B h)) / n equals
+sum_tokens(g * (y - bias)) / m, so no (tokens, out) activation is kept besides y, which the next op (activation,
+attention) often saves anyway.
 
 Deviation from PEFT: with dropout PEFT recomputes W dropout(x) for the magnitude term; here the (undropped) base
 output is reused, as the formula above states. Without dropout (and in eval) both are identical.
@@ -111,13 +112,13 @@ class _DoRALinear(torch.autograd.Function):
             mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
             x_in = x * mask * (1.0 / (1.0 - p))
             bits = pack_bits(mask)
-        h = (A @ x_in.t()).t()  # r-wide products with N as the contiguous axis (see lora_fused.py)
+        hT = A @ x_in.t()  # r-wide products with r as rows, N the contiguous axis (see lora_fused.py)
         factor = magnitude / norm
         if bias is None:
-            out = torch.addmm(base_out, h, B.t(), alpha=scale).mul_(factor)
+            out = torch.addmm(base_out, hT.t(), B.t(), alpha=scale).mul_(factor)
         else:  # f * (y0 + s B h) - y0 + base_out: bit-exact base_out when f = 1 and B = 0 (init)
             y0 = base_out - bias
-            out = torch.addmm(y0, h, B.t(), alpha=scale).mul_(factor).sub_(y0).add_(base_out)
+            out = torch.addmm(y0, hT.t(), B.t(), alpha=scale).mul_(factor).sub_(y0).add_(base_out)
         # Rows whose direction cannot be read back from out accurately keep their own columns: m = 0 (out is the
         # bias alone) and, with a bias, |f| < 1/16 (out - bias would cancel digits). Rare in training: f starts at 1.
         hard = magnitude == 0 if bias is None else factor.abs() < 0.0625
@@ -125,9 +126,9 @@ class _DoRALinear(torch.autograd.Function):
         kept = None
         if rows is not None:
             y0 = base_out[:, rows] if bias is None else base_out[:, rows] - bias[rows]
-            kept = torch.addmm(y0, h, B[rows].t(), alpha=scale) / norm[rows]
+            kept = torch.addmm(y0, hT.t(), B[rows].t(), alpha=scale) / norm[rows]
         ctx.scale, ctx.p = scale, p
-        ctx.save_for_backward(x, bits, h.t(), A, B, magnitude, factor, bias, out, rows, kept)
+        ctx.save_for_backward(x, bits, hT, A, B, magnitude, factor, bias, out, rows, kept)
         return out
 
     @staticmethod

@@ -8,10 +8,11 @@ A starts Kaiming-uniform (a = sqrt(5)), B at zero, so the model is unchanged at 
 arXiv:2312.03732) uses s = alpha / sqrt(r), which keeps the update's scale stable as r grows.
 On an embedding the roles flip (as in PEFT): y = E[ids] + s * (A^T[ids]) B^T with A: (r, vocab) zeros, B: (dim, r) normal.
 
-The linear branch is one autograd function that saves only what backward needs: the input x (the base layer saves
-the same tensor, so it costs nothing), the r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed
-8 per byte instead of a dropped copy of x. It adds into the base output in place (one ``addmm_``, no (N, out)
-temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs.
+The linear branch is one autograd function that saves only what backward needs: the input x (a frozen base does not keep
+it; under lean activations a norm or SwiGLU output is kept as its recipe, ``train/lean.py``), the r-wide activation h =
+A dropout(x), and, with dropout, the kept-mask packed 8 per byte instead of a dropped copy of x. It adds into the base
+output in place (one ``addmm_``, no (N, out) temporaries); without autograd (eval, ``torch.no_grad``) it is two plain
+GEMMs.
 """
 
 from __future__ import annotations

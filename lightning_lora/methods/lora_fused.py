@@ -1,9 +1,10 @@
 """LoRA's fused linear branch: one autograd function for out = base_out + s * B A dropout(x) (``lora.py``).
 
-It saves only what backward needs: the input x (the base layer saves the same tensor, so it costs nothing), the
-r-wide activation h = A dropout(x), and, with dropout, the kept-mask packed 8 per byte instead of a dropped copy of x.
-It adds into the base output in place (one ``addmm_``, no (N, out) temporaries); without autograd (eval,
-``torch.no_grad``) it is two plain GEMMs. Its backward keeps the adapter's dtype inside an autocast block too.
+It saves only what backward needs: the input x (a frozen base does not keep it; under lean activations a norm or SwiGLU
+output is kept as its recipe, ``train/lean.py``), the r-wide activation h^T, and, with dropout, the kept-mask packed 8
+per byte instead of a dropped copy of x. It adds into the base output in place (one ``addmm_``, no (N, out)
+temporaries); without autograd (eval, ``torch.no_grad``) it is two plain GEMMs. Its backward keeps the adapter's dtype
+inside an autocast block too.
 
 Every r-wide product is formed with r as its *rows*: h^T = A x^T (r, N), g_h^T = B^T g^T, dB = (h^T g)^T, so the
 long token axis N is the inner, contiguous dimension of each GEMM. With N as the reduction axis and r as the output
@@ -53,8 +54,8 @@ def add_up(base_out: Tensor, hT: Tensor, B: Tensor, scale: float, inplace: bool)
 class _LoRALinear(torch.autograd.Function):
     """out = base_out + s * (dropout(x) A^T) B^T for x (..., in), base_out (..., out).
 
-    Saves x (the base layer saves the same tensor), h^T = A dropout(x)^T (r, N) and, with dropout, the kept-mask packed
-    8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept.
+    Saves x (a recipe under lean activations), h^T = A dropout(x)^T (r, N) and, with dropout, the kept-mask
+    packed 8 per byte (1/32 of x in fp32); 1/(1-p) is applied to r-wide tensors, so no dropped copy of x is ever kept.
     With ``inplace`` the sum is written into ``base_out`` (marked dirty), which saves an (N, out) allocation.
     """
 
