@@ -8,8 +8,8 @@ QLoRA (arXiv:2305.14314, section 3) promises 4.127 bits per quantized parameter 
 The table counts tensors only. The process holds more (its resident set, RSS, is printed under the table): the
 Python, torch and transformers runtime (several hundred MiB by themselves), the tokenizer and data, the gradients of
 the adapters (as many bytes as the adapters), activations during a step, and allocator caches. The total row has no
-bits/param: it mixes 4-bit and 32-bit tensors. The unquantized base names its largest tensors (e.g. the embeddings,
-kept in high precision like ``lm_head``).
+bits/param: it mixes 4-bit and 32-bit tensors. The unquantized base names its largest tensor (e.g. the embeddings,
+kept in high precision), and a second one of at least a quarter its size (an untied ``lm_head``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         if report["unquantized base"]["bytes"] > before:
             largest.append((report["unquantized base"]["bytes"] - before, name))
     if largest:
-        top = [t for t in sorted(largest, reverse=True)[:2] if t[0] >= 2**20] or sorted(largest, reverse=True)[:1]
+        ranked = sorted(largest, reverse=True)
+        top = [t for t in ranked[:2] if 4 * t[0] >= ranked[0][0]]  # a second one only if comparable (untied lm_head)
         report["unquantized base"]["source"] = "largest: " + ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for b, n in top)
 
     opt = report["optimizer state"]
