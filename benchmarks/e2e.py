@@ -9,8 +9,9 @@
 ``get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``, and a plain PyTorch loop over
 batches padded to the longest, minimising ``model(..., labels=...).loss`` with AdamW; labels on the reply and its
 end-of-turn token, as ours (``recipe_tokenize``).
-**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss, lean activations) +
-``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml`` sets it up.
+**Ours** is ``LoRAModule`` (NF4 base, LoRA r 8 on all linear layers, chunked labeled-only loss, lean activations,
+fused AdamW) + ``InstructionDataModule(packing=True, share_prefix=True)`` + ``Trainer``, as ``configs/quickstart.yaml``
+sets it up.
 Variants of ours change one thing (``OURS``): ``ours+ckpt mlp`` / ``ours+ckpt layers`` (gradient checkpointing),
 ``ours-lean`` (``lean_activations=False``).
 **The floor** (REFERENCE.md section 3) is the same NF4 model and the same packed batches as ours, every parameter
@@ -128,7 +129,8 @@ def _peak_rss() -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_recipe(data: Path, setting: str, steps: int) -> dict:
+def recipe_model():
+    """The recipe's model and optimizer, as PEFT's QLoRA docs set them up (transformers loads the 4-bit base)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -143,23 +145,42 @@ def run_recipe(data: Path, setting: str, steps: int) -> dict:
                                              task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return model, optimizer, tokenizer
+
+
+def recipe_batches(tokenizer, data: Path, setting: str, steps: int) -> list[dict]:
+    """The recipe's batches: ``batch_size`` examples of the file in order, padded to the longest."""
     spec = SETTINGS[setting]
     examples = recipe_tokenize(tokenizer, [json.loads(x) for x in data.read_text().splitlines()], spec["max_length"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses, start, rss_before = [], None, None
+    batches = []
     for step in range(steps):
         batch = examples[step * spec["batch_size"] : (step + 1) * spec["batch_size"]]
         width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.tensor([b["input_ids"] + [pad] * (width - len(b["input_ids"])) for b in batch])
-        mask = torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch])
-        labels = torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])
+        batches.append({
+            "input_ids": torch.tensor([b["input_ids"] + [pad] * (width - len(b["input_ids"])) for b in batch]),
+            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"]))
+                                            for b in batch]),
+            "labels": torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])})
+    return batches
+
+
+def recipe_step(model, optimizer, batch: dict) -> float:
+    """One step of the recipe's plain loop."""
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run_recipe(data: Path, setting: str, steps: int) -> dict:
+    model, optimizer, tokenizer = recipe_model()
+    losses, start, rss_before = [], None, None
+    for step, batch in enumerate(recipe_batches(tokenizer, data, setting, steps)):
         if step == 0:
             rss_before = _reset_peak_rss()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(recipe_step(model, optimizer, batch))
         if step == 0:
             start = time.process_time()
     return {"cpu_s": time.process_time() - start, "losses": losses, "rss_before": rss_before}
@@ -210,7 +231,8 @@ def run_ours(data: Path, setting: str, steps: int, **module_args) -> dict:
     seed_everything(0, verbose=False)
     module = LoRAModule(MODEL, adapter=LoRA(r=R, alpha=ALPHA, target_modules="all-linear"),
                         quantize=NF4(blocksize=64, double_quant=True),
-                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR), **module_args)
+                        optimizer=lambda params: torch.optim.AdamW(params, lr=LR, fused=True),  # as configs/*.yaml
+                        **module_args)
     probe = Probe()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
                       enable_checkpointing=False, logger=False, enable_progress_bar=False,
@@ -219,14 +241,13 @@ def run_ours(data: Path, setting: str, steps: int, **module_args) -> dict:
     return {"cpu_s": time.process_time() - probe.start, "losses": probe.losses, "rss_before": probe.rss_before}
 
 
-def run_floor(data: Path, setting: str, steps: int) -> dict:
-    """The same NF4 model and packed batches as ours, every parameter frozen, no adapter: forward + our loss +
-    backward to the inputs (the embedding output requires grad, so backward runs through every layer), no optimizer."""
+def floor_model():
+    """The floor's model: the same NF4 model as ours with every parameter frozen and no adapter; the embedding output
+    requires grad, so backward runs through every layer to the inputs."""
     from lightning_lora import NF4
     from lightning_lora.io.models import load_causal_lm
     from lightning_lora.quant.nf4 import quantize
     from lightning_lora.train.attention import use_packed_attention
-    from lightning_lora.train.loss import causal_lm_loss
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(MODEL)
@@ -234,6 +255,20 @@ def run_floor(data: Path, setting: str, steps: int) -> dict:
     use_packed_attention(model)
     model.requires_grad_(False).train()
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    return model, tokenizer
+
+
+def packed_loss(model, batch: dict):
+    """Our labeled-only loss of a packed batch (the floor's step is this and its backward)."""
+    from lightning_lora.train.loss import causal_lm_loss
+
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                          position_ids=batch.get("position_ids"))
+
+
+def run_floor(data: Path, setting: str, steps: int) -> dict:
+    """The floor (``floor_model``) on ours' packed batches: forward + our loss + backward, no optimizer."""
+    model, tokenizer = floor_model()
     dm = _our_batches(data, setting, tokenizer)
     dm.setup("fit")
     losses, start, rss_before = [], None, None
@@ -242,8 +277,7 @@ def run_floor(data: Path, setting: str, steps: int) -> dict:
             break
         if step == 0:
             rss_before = _reset_peak_rss()
-        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                              position_ids=batch.get("position_ids"))
+        loss = packed_loss(model, batch)
         loss.backward()
         losses.append(loss.item())
         if step == 0:

@@ -115,3 +115,39 @@ def test_lora_b_moves_ratio_times_faster_with_sgd():
         if p.requires_grad:
             lr = 0.8 if n.endswith("lora_B") else 0.1
             assert torch.allclose(before[n] - p.detach(), lr * p.grad, rtol=1e-3, atol=5e-7), n
+
+
+def test_default_adamw_is_fused_on_cpu_and_follows_the_adamw_formula():
+    """The default optimizer takes torch's fused step on CPU; three steps over LoRA+ groups (two learning rates,
+    one with weight decay) give AdamW's update (Loshchilov & Hutter 2019), written out here, within 1e-6."""
+    from lightning_lora.train.module import AdamW
+
+    torch.manual_seed(0)
+    model = inject(tiny_llama(), LoRA(r=4, target_modules=["q_proj", "v_proj"]))
+    groups = param_groups(model, lr=1e-2, lr_ratio=4, weight_decay=0.1)
+    optimizer = AdamW(groups)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    expected = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            expected[p] = (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p), g["lr"], g["weight_decay"])
+    for t in range(1, 4):
+        grads = {p: torch.randn_like(p) for p in expected}
+        for p, (w, m, v, lr, wd) in expected.items():
+            p.grad = grads[p].clone()
+            g = grads[p]
+            w.mul_(1 - lr * wd)
+            m.mul_(b1).add_((1 - b1) * g)
+            v.mul_(b2).add_((1 - b2) * g * g)
+            w.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
+        optimizer.step()
+    for p, (w, *_rest) in expected.items():
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-6)
+
+
+def test_default_adamw_leaves_an_unsupported_tensor_to_torch():
+    from lightning_lora.train.module import AdamW
+
+    optimizer = AdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    assert not optimizer.param_groups[0]["fused"]

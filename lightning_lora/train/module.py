@@ -70,11 +70,23 @@ enable_adapter_subclass_mode()
 
 
 class AdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` with the usual LoRA learning rate (2e-4) as its default; the default ``optimizer``."""
+    """``torch.optim.AdamW`` with the usual LoRA learning rate (2e-4) as its default; the default ``optimizer``.
+
+    ``fused=None`` (default) takes torch's fused step (one kernel over all tensors, the same update up to rounding)
+    when every parameter is a floating tensor on a CPU, CUDA or XPU device, else torch's own choice. A LoRA of
+    SmolLM2 has 420 small tensors: its step takes ~4 ms fused on one CPU thread, ~17 ms in the per-tensor loop.
+    """
 
     def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):  # fmt: skip
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 0.0, fused: bool | None = None):  # fmt: skip
+        params = list(params)
+        if fused is None:
+            tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+            fused = all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors) or None
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+_FUSED_DEVICES = ("cpu", "cuda", "xpu")  # where torch's fused AdamW runs
 
 
 def optimizer_defaults(optimizer: Any) -> dict[str, Any]:
