@@ -65,3 +65,19 @@ def test_peak_bytes_sees_a_temporary(bench):
         del tmp
 
     assert bench.peak_bytes(model, None, step) >= 4000 + 1_000_000
+
+
+def test_side_by_side_pairs_each_round_with_its_own_steps():
+    """benchmarks/side_by_side.py: a ratio is the median over rounds of that round's pair (slow drift cancels), here
+    on times whose ratios are known: ours is 2x the floor in every round though all three slow down 4x."""
+    spec = importlib.util.spec_from_file_location("side_by_side", BENCH.with_name("side_by_side.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = {"ours": [2.0, 4.0, 6.0, 8.0], "floor": [1.0, 2.0, 3.0, 4.0], "recipe": [4.0, 4.0, 4.0, 4.0]}
+    res = module.summarize(times, "quickstart", 4)
+    assert res["ours_vs_floor"]["per_round_median"] == pytest.approx(2.0)
+    assert res["ours_vs_floor"]["per_round_quartiles"] == pytest.approx([2.0, 2.0])
+    assert res["ours_vs_recipe"]["per_round_median"] == pytest.approx((1.0 + 1.5) / 2)
+    assert res["ours_vs_recipe"]["fastest"] == pytest.approx(2.0 / 4.0)
+    assert res["floor_vs_recipe"]["medians"] == pytest.approx(2.5 / 4.0)
+    assert res["cpu_s_per_example"]["ours"] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # batch_size 4
