@@ -64,7 +64,8 @@ def conversations(setting: str, n: int) -> list[dict]:
 
         pairs = chatterbot_pairs()
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
-        return [{"prompt": pairs[i][0]["content"], "response": pairs[i][1]["content"]} for i in order[:n]]
+        rows = ({"prompt": pairs[i][0]["content"], "response": pairs[i][1]["content"]} for i in order)
+        return [r for r in rows if r["prompt"].strip() and r["response"].strip()][:n]  # both sides dropped otherwise
     from pydoc_data.topics import topics
 
     if setting == "dense":  # examples longer than max_length (cut at 512 tokens): full rows, no padding
