@@ -77,13 +77,19 @@ def run_layer(layer, hidden, cos_sin, position_ids):
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)
-def test_a_decoder_layer_compiles_as_one_graph_with_the_same_gradients(kind):
+def test_a_decoder_layer_compiles_as_one_graph_with_the_same_gradients(kind, request):
     """fullgraph=True raises at the first graph break: adapters, NF4, packed attention with a shared prefix, layer
     or MLP checkpointing, lean functions, saved tensors offloaded (save_on_cpu's hooks). Run by AOTAutograd (the
     joint graph, partitioned), output equals the eager layer's within 1e-5, gradients within 1e-6 of their
     largest entry."""
     model = trained_model(**ADAPTERS[kind])
     layer = decoder_layers(model)[0]
+    if ADAPTERS[kind].get("checkpointing") is True and "_kernel_funcs" in vars(layer.self_attn):
+        # transformers >= 5.25 with the `kernels` package (its dependency) wraps the attention's forward with
+        # kernels' use_kernelized_func, which sets a ContextVar inside it: under whole-layer checkpointing dynamo
+        # refuses that side effect (gb0067). Upstream, not ours; strict, so a fixed release shows up here.
+        request.applymarker(pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
+                                              reason="kernels' attention wrapper under layer checkpointing"))
     position_ids = torch.tensor([[0, 1, 2, 3, 2, 3, 4, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4, 5]])  # a shared prefix in row 0
     hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     cos_sin = model.model.rotary_emb(hidden, position_ids)

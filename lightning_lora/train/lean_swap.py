@@ -119,6 +119,13 @@ def _inputs_of(model: nn.Module, modules: list[nn.Module], rope_modules: list) -
     return seen
 
 
+def _function_of(rope):
+    """The function behind ``apply_rotary_pos_emb``: with the ``kernels`` package installed (transformers >= 5.25
+    depends on it), transformers makes it a module (``use_kernel_forward_from_hub``) whose ``forward`` is the
+    function; the attention layer's own call routes through its per-instance copy."""
+    return rope.forward if isinstance(rope, nn.Module) and hasattr(rope, "kernel_layer_name") else rope
+
+
 def _same_rope(original, args: tuple, kwargs: dict) -> bool:
     """``lean.rotary`` equals ``original`` on the arguments it really gets: outputs bitwise, gradients within 1e-6."""
     q, k, cos, sin, *rest = args
@@ -175,8 +182,8 @@ def _swap(model: nn.Module) -> tuple[list[str], list[str]]:
     done = sorted(swapped)
     for modeling in rope_modules:
         original = getattr(modeling, "apply_rotary_pos_emb", None)
-        params = list(inspect.signature(original).parameters) if callable(original) else []
         original = getattr(original, "lean_original", original)
+        params = list(inspect.signature(_function_of(original)).parameters) if callable(original) else []
         if params != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
             refused.append(f"{modeling.__name__}.apply_rotary_pos_emb: another signature ({params})")
             continue
