@@ -151,3 +151,14 @@ def test_default_adamw_leaves_an_unsupported_tensor_to_torch():
 
     optimizer = AdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))])
     assert not optimizer.param_groups[0]["fused"]
+
+
+def test_default_adamw_reads_a_group_given_as_a_generator_once():
+    """Deciding on the fused step must not use up a group's parameters (``{"params": model.parameters()}``)."""
+    from lightning_lora.train.module import AdamW
+
+    model = inject(tiny_llama(), LoRA(r=4, target_modules=["q_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW([{"params": (p for p in trainable)}, {"params": torch.nn.Parameter(torch.zeros(2))}])
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(trainable), 1] and len(trainable) > 0
+    assert all(g["fused"] for g in optimizer.param_groups)

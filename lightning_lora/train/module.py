@@ -79,7 +79,8 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, fused: bool | None = None):  # fmt: skip
-        params = list(params)
+        # a group's params may be any iterable or one tensor (as torch allows): read each once, pass on the list
+        params = [{**g, "params": _listed(g["params"])} if isinstance(g, dict) else g for g in params]
         if fused is None:
             tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
             fused = all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in tensors) or None
@@ -87,6 +88,10 @@ class AdamW(torch.optim.AdamW):
 
 
 _FUSED_DEVICES = ("cpu", "cuda", "xpu")  # where torch's fused AdamW runs
+
+
+def _listed(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
 def optimizer_defaults(optimizer: Any) -> dict[str, Any]:
