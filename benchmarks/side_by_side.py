@@ -17,7 +17,9 @@ in it. **The floor** is ``e2e.py``'s: the same NF4 model, every parameter frozen
 loss + backward to the inputs, on ours' packed batch. **The recipe** is ``e2e.py``'s, as PEFT's QLoRA docs write it:
 transformers' 4-bit loading, ``get_peft_model``, ``model(**batch).loss`` on the same examples padded to the longest,
 AdamW. After each of ours' steps the floor and the recipe take theirs, in alternating order. 1 thread; CPU time;
-per-example time is a step's time over ``batch_size``, the same divisor for all three. The first round is a warm-up.
+per-example time is a step's time over ``batch_size``, the same divisor for all three. The first round is a warm-up
+(``--warmup``). ``--compile`` runs ours with ``LoRAModule(compile=True)`` (regional torch.compile, opt-in): its step
+time after warm-up; take ``--warmup 3``, so the first steps, which trace the graphs, are not counted.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ VARIANTS = ("ours", "floor", "recipe")
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=4, help="measured rounds, after one warm-up round")
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds, after the warm-up rounds")
     p.add_argument("--setting", default="dense", choices=list(e2e.SETTINGS), help="e2e.py's batches (default dense)")
     p.add_argument("--profile", action="store_true", help="one profiled step each: top ops, aten::mm time by shape")
+    p.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
+    p.add_argument("--compile", action="store_true", help="ours with LoRAModule(compile=True) (take --warmup 3)")
     args = p.parse_args(argv)
     from lightning.pytorch import Callback, Trainer, seed_everything
 
@@ -50,13 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_lora.train.module import LoRAModule
 
     torch.set_num_threads(1)
-    steps = args.rounds + 1
+    steps = args.rounds + args.warmup
     floor, _ = e2e.floor_model()
     recipe, recipe_optimizer, recipe_tokenizer = e2e.recipe_model()
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
 
     class Turns(Callback):
-        """Times ours' steps and runs the floor's and the recipe's between them (round 0 warms up)."""
+        """Times ours' steps and runs the floor's and the recipe's between them (``--warmup`` rounds first)."""
 
         def __init__(self, padded: list[dict]):
             self.padded, self.first = padded, None
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                 start = time.process_time()
                 run()
                 self.others += time.process_time() - start
-                if batch_idx > 0:
+                if batch_idx >= args.warmup:
                     times[name].append(time.process_time() - start)
             self.first = batch if self.first is None else self.first
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def _close(self, now: float) -> None:
             """Ours' step: from its batch's start to now (the next batch's start), less the others' turns."""
-            if self.start is not None and self.index > 0:
+            if self.start is not None and self.index >= args.warmup:
                 times["ours"].append(now - self.start - self.others)
 
     def floor_step(batch: dict) -> None:
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         seed_everything(0, verbose=False)
         module = LoRAModule(e2e.MODEL, adapter=LoRA(r=e2e.R, alpha=e2e.ALPHA, target_modules="all-linear"),
                             quantize=NF4(blocksize=64, double_quant=True),
-                            optimizer=lambda params: torch.optim.AdamW(params, lr=e2e.LR, fused=True))
+                            optimizer=lambda params: torch.optim.AdamW(params, lr=e2e.LR, fused=True),
+                            compile=args.compile)
         trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
                           enable_checkpointing=False, logger=False, enable_progress_bar=False,
                           enable_model_summary=False, callbacks=[turns])
